@@ -1,0 +1,20 @@
+"""The pfs_sglang SGLang plugin: entry point ``sglang.srt.plugins`` -> :func:`load`.
+
+SGLang calls :func:`load` early in every one of its processes (main, scheduler,
+detokenizer, DP controller); registrations made in a parent process are lost across
+``spawn``, so everything pfs_sglang adds to SGLang is registered from here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def load() -> None:
+    from pfs_kernels import install_import_stand_ins
+
+    installed = install_import_stand_ins()
+    if installed:
+        logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
