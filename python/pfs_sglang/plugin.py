@@ -2,7 +2,10 @@
 
 SGLang calls :func:`load` early in every one of its processes (main, scheduler,
 detokenizer, DP controller); registrations made in a parent process are lost across
-``spawn``, so everything pfs_sglang adds to SGLang is registered from here.
+``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
+
+* CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
+* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ logger = logging.getLogger(__name__)
 
 def load() -> None:
     from pfs_kernels import install_import_stand_ins
+    from pfs_sglang.transfer.registration import register_zmq_transfer_backend
 
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
+    register_zmq_transfer_backend()

@@ -1,0 +1,99 @@
+"""The ``zmq`` PD transfer backend: SGLang's Mooncake protocol over our ZMQ engine.
+
+SGLang's Mooncake backend already does everything a KV hand-off needs (bootstrap
+registration, page-run grouping per layer, aux metadata rows, status messages,
+aborts, heartbeats) and talks to its transport through a small engine interface.
+These subclasses keep all of that and swap the engine for
+:class:`~pfs_sglang.transfer.zmq_engine.ZmqTransferEngine`, so PD works on any host
+with no RDMA and no CUDA-only calls:
+
+* ``ZmqKVSender.supports_host_tensor_indices = False`` keeps the prefill scheduler on
+  its plain path (no ``pin_memory``, no ``torch.cuda.Event``).
+* the engine's handshake carries the prefill-module fingerprint (invariant 4): a
+  decode server refuses KV from a prefill module its model was not trained against,
+  and the request fails with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from sglang.srt.disaggregation.mooncake.conn import (
+    MooncakeKVBootstrapServer,
+    MooncakeKVManager,
+    MooncakeKVReceiver,
+    MooncakeKVSender,
+)
+from sglang.srt.disaggregation.utils import DisaggregationMode
+
+from pfs_sglang.transfer.zmq_engine import EngineIdentity, ZmqTransferEngine
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRANSFER_TIMEOUT_S = 30.0
+
+
+def expected_prefill_fingerprint(model_path: str, mode: DisaggregationMode) -> str:
+    """The prefill-module digest this server produces (prefill) or expects (decode)."""
+    from pfs_sglang.identity import DecodeModuleRecord, fingerprint_of
+    from pfs_sglang.identity.compat import DECODE_MODULE_RECORD
+
+    if mode == DisaggregationMode.DECODE and (Path(model_path) / DECODE_MODULE_RECORD).is_file():
+        return DecodeModuleRecord.load(model_path).trained_against.digest
+    # A prefill module, or a plain model decoding its own prefill: the model itself.
+    return fingerprint_of(model_path).digest
+
+
+def _bind_host(server_host: str) -> str:
+    if server_host and server_host not in ("0.0.0.0", "::"):
+        return server_host
+    from sglang.srt.utils.network import get_local_ip_auto
+
+    return get_local_ip_auto()
+
+
+class ZmqKVManager(MooncakeKVManager):
+    """Mooncake's KV manager with the ZMQ engine as its transport."""
+
+    def init_engine(self) -> None:
+        import os
+
+        mode = self.disaggregation_mode
+        identity = EngineIdentity(
+            role=mode.value,
+            prefill_fingerprint=expected_prefill_fingerprint(self.server_args.model_path, mode),
+            page_size=self.kv_args.page_size,
+            kv_dtype=str(self.kv_args.kv_cache_dtype_str),
+            kv_layout=str(self.kv_args.kv_layout),
+        )
+        timeout_s = float(os.environ.get("PFS_KV_TRANSFER_TIMEOUT_S", DEFAULT_TRANSFER_TIMEOUT_S))
+        self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s)
+        logger.info("pfs zmq KV engine (%s) at %s", mode.value, self.engine.session_id)
+
+    def conclude_failure(self, *, bootstrap_room: int, failure_reason: str, targets=None):
+        """Append the engine's reason (e.g. a refused fingerprint) to Mooncake's message."""
+        detail: Optional[str] = self.engine.last_error()
+        if detail:
+            failure_reason = f"{failure_reason}: {detail}"
+        return super().conclude_failure(
+            bootstrap_room=bootstrap_room, failure_reason=failure_reason, targets=targets
+        )
+
+    def teardown(self) -> None:
+        super().teardown()
+        self.engine.close()
+
+
+class ZmqKVSender(MooncakeKVSender):
+    # Host-tensor indices make the prefill scheduler pin memory and record CUDA events.
+    supports_host_tensor_indices = False
+
+
+class ZmqKVReceiver(MooncakeKVReceiver):
+    pass
+
+
+class ZmqKVBootstrapServer(MooncakeKVBootstrapServer):
+    pass
