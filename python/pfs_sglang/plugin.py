@@ -5,7 +5,9 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 ``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
 
 * CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
-* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``).
+* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``);
+* the decode-side hooks that make the decode module compute ``prompt[-1]``
+  (``pfs_sglang.decode``, invariant 2).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ logger = logging.getLogger(__name__)
 
 def load() -> None:
     from pfs_kernels import install_import_stand_ins
+    from pfs_sglang.decode.last_prompt_token import register_last_prompt_token_hooks
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
 
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     register_zmq_transfer_backend()
+    register_last_prompt_token_hooks()

@@ -7,7 +7,8 @@ These subclasses keep all of that and swap the engine for
 :class:`~pfs_sglang.transfer.zmq_engine.ZmqTransferEngine`, so PD works on any host
 with no RDMA and no CUDA-only calls:
 
-* ``ZmqKVSender.supports_host_tensor_indices = False`` keeps the prefill scheduler on
+* ``ZmqKVSender`` sends the KV of ``prompt[:-1]`` only (invariant 2), and its
+  ``supports_host_tensor_indices = False`` keeps the prefill scheduler on
   its plain path (no ``pin_memory``, no ``torch.cuda.Event``).
 * the engine's handshake carries the prefill-module fingerprint (invariant 4): a
   decode server refuses KV from a prefill module its model was not trained against,
@@ -87,8 +88,21 @@ class ZmqKVManager(MooncakeKVManager):
 
 
 class ZmqKVSender(MooncakeKVSender):
+    """Sends the KV of ``prompt[:-1]``: the decode module computes ``prompt[-1]`` (invariant 2)."""
+
     # Host-tensor indices make the prefill scheduler pin memory and record CUDA events.
     supports_host_tensor_indices = False
+
+    def _prepare_send_indices(self, kv_indices, state_indices=None):
+        kv_indices, index_slice, is_last_chunk, should_skip = super()._prepare_send_indices(
+            kv_indices, state_indices
+        )
+        # With one token per page the last prompt token's page is left out; with larger
+        # pages the final page travels whole and the decode module overwrites that slot.
+        if is_last_chunk and not should_skip and self.kv_mgr.kv_args.page_size == 1 and len(kv_indices):
+            kv_indices = kv_indices[:-1]
+            index_slice = slice(index_slice.start, index_slice.stop - 1)
+        return kv_indices, index_slice, is_last_chunk, should_skip
 
 
 class ZmqKVReceiver(MooncakeKVReceiver):
