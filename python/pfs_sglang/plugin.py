@@ -6,6 +6,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 
 * CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
 * the ``zmq`` KV transfer backend (``pfs_sglang.transfer``);
+* the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
+  invariant 3);
 * the decode-side hooks that make the decode module compute ``prompt[-1]``
   (``pfs_sglang.decode``, invariant 2).
 """
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 def load() -> None:
     from pfs_kernels import install_import_stand_ins
+    from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.last_prompt_token import register_last_prompt_token_hooks
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
 
@@ -27,3 +30,4 @@ def load() -> None:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     register_zmq_transfer_backend()
     register_last_prompt_token_hooks()
+    register_prefill_module_cache()

@@ -1,0 +1,76 @@
+"""The prefill pool's prefix tree, keyed on the prefill module (invariant 3).
+
+Registered with SGLang's radix-cache backend registry as ``pfs`` and selected with
+``--radix-cache-backend pfs`` on the prefill server. It is SGLang's own
+``UnifiedRadixCache``; only the request namespace changes. Stock SGLang namespaces a
+request by ``extra_key + lora_id``, so per-model adapters would split the tree. Here
+every request's namespace becomes ``pfs:<prefill-module digest>`` plus the user's own
+``extra_key`` (LoRA id removed), while ``cache_salt`` keeps isolating as usual: every
+decode model that shares a prompt prefix hits the same nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+RADIX_CACHE_BACKEND = "pfs"
+_NAMESPACED = "pfs_namespaced"
+
+
+def prefill_module_namespace(prefill_digest: str, extra_key: str | None, lora_id: str | None) -> str:
+    """The tree namespace of a request: the prefill module, then the user's extra key."""
+    user_key = extra_key or ""
+    if lora_id and user_key.endswith(lora_id):
+        user_key = user_key[: -len(lora_id)]
+    return f"pfs:{prefill_digest}" + (f"|{user_key}" if user_key else "")
+
+
+class PrefillModuleRadixCache(UnifiedRadixCache):
+    """SGLang's radix cache with requests namespaced by the prefill module."""
+
+    prefill_digest: str = ""
+
+    def _adopt_namespace(self, req) -> None:
+        if getattr(req, _NAMESPACED, False):
+            return
+        req.extra_key = prefill_module_namespace(self.prefill_digest, req.extra_key, req.lora_id)
+        setattr(req, _NAMESPACED, True)
+
+    def match_prefix(self, params: MatchPrefixParams):
+        if params.req is not None:
+            self._adopt_namespace(params.req)
+            key = params.key
+            params = dataclasses.replace(
+                params,
+                key=RadixKey(key.token_ids, params.req.extra_key, key.is_bigram, key.limit, key.cache_salt),
+            )
+        return super().match_prefix(params)
+
+    def checkpoint(self, req, *, up_to: int, **kwargs) -> None:
+        self._adopt_namespace(req)
+        super().checkpoint(req, up_to=up_to, **kwargs)
+
+
+def build_prefill_module_cache(ctx):
+    """Factory for ``register_radix_cache_backend``: a tree named by the model's fingerprint."""
+    from sglang.srt.mem_cache.registry import create_unified_radix_cache
+
+    from pfs_sglang.identity import fingerprint_of
+
+    cache = create_unified_radix_cache(ctx, cache_class=PrefillModuleRadixCache)
+    cache.prefill_digest = fingerprint_of(ctx.server_args.model_path).digest
+    return cache
+
+
+def register_prefill_module_cache() -> None:
+    from sglang.srt.mem_cache.registry import (
+        register_radix_cache_backend,
+        registered_radix_cache_backends,
+    )
+
+    if RADIX_CACHE_BACKEND not in registered_radix_cache_backends():
+        register_radix_cache_backend(RADIX_CACHE_BACKEND, build_prefill_module_cache)
