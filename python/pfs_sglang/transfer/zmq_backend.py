@@ -58,6 +58,9 @@ def _bind_host(server_host: str) -> str:
 class ZmqKVManager(MooncakeKVManager):
     """Mooncake's KV manager with the ZMQ engine as its transport."""
 
+    # Both ends run this class, so the prefill's failure reason can travel to decode.
+    kv_status_msg_carries_reason = True
+
     def init_engine(self) -> None:
         import os
 
