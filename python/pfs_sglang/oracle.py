@@ -67,3 +67,25 @@ def prefillshare_greedy(
             break
         next_input = torch.tensor([[token]])
     return GreedyReference(output_ids=output_ids, top2_margins=margins)
+
+
+# Logit gaps below this are near-ties: float reordering between batched serving and the
+# single-sequence reference may flip them (seen on random-weight models, margin ~5e-4).
+NEAR_TIE_MARGIN = 1e-3
+
+
+def first_real_divergence(
+    served_ids: list[int], reference: GreedyReference, near_tie_margin: float = NEAR_TIE_MARGIN
+) -> int | None:
+    """Index where served output departs from the reference at a clear margin, else None.
+
+    Tokens are compared in order; the first difference ends the comparison (the two
+    continuations are then conditioned on different text). A first difference where the
+    reference's top-2 gap is below ``near_tie_margin`` is a near-tie, not a divergence.
+    """
+    for index, (served, expected) in enumerate(zip(served_ids, reference.output_ids)):
+        if served != expected:
+            return None if reference.top2_margins[index] < near_tie_margin else index
+    if len(served_ids) != len(reference.output_ids):
+        return min(len(served_ids), len(reference.output_ids))
+    return None
