@@ -1,0 +1,210 @@
+"""End to end: one prefill module, three decode models, one OpenAI endpoint (issue 3).
+
+A real deployment (``python -m pfs_sglang.launch_server``: router, prefill server with
+the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer) runs
+on 127.0.0.1 for the whole module. Checks: the greedy oracle of invariant 5 for every
+decode model (single turn, two turns whose second prompt holds the first answer, and a
+cache hit), cross-model prefix sharing (invariant 3), streaming, and 3 models x 20
+concurrent requests leaving every KV pool idle.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
+from sglang_process import free_port
+
+MAX_NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def deployment(demo_models, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("deployment") / "launch_server.log"
+    command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
+               "--host", "127.0.0.1", "--port", str(port), "--log-dir", str(log_path.parent)]
+    for name, path in demo_models.decode.items():
+        command += ["--decode-model", f"{name}={path}"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"launch_server exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/v1/models", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"deployment not up after 300 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def generate(url: str, model: str, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    reply = requests.post(f"{url}/generate", json={
+        "model": model, "input_ids": prompt_ids,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+    }, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def chat(url: str, model: str, messages: list[dict], **extra) -> dict:
+    reply = requests.post(f"{url}/v1/chat/completions", json={
+        "model": model, "messages": messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0, **extra,
+    }, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def chat_prompt_ids(model_path, messages) -> list[int]:
+    tokenizer = load_tokenizer(str(model_path))
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def assert_matches_oracle(served_ids, demo_models, model, prompt_ids):
+    reference = prefillshare_greedy(demo_models.base, demo_models.decode[model], prompt_ids, len(served_ids) or 1)
+    divergence = first_real_divergence(served_ids, reference)
+    assert divergence is None, (
+        f"{model}: served {served_ids} != reference {reference.output_ids} at {divergence} "
+        f"(margin {reference.top2_margins[divergence]:.4f})"
+    )
+
+
+def assert_chat_matches_oracle(content, demo_models, model, messages, max_tokens=MAX_NEW_TOKENS):
+    prompt_ids = chat_prompt_ids(demo_models.base, messages)
+    reference = prefillshare_greedy(
+        demo_models.base, demo_models.decode[model], prompt_ids, max_tokens,
+        stop_token_ids=(load_tokenizer(str(demo_models.base)).eos_token_id,),
+    )
+    tokenizer = load_tokenizer(str(demo_models.base))
+    if content != tokenizer.decode(reference.output_ids, skip_special_tokens=True):
+        assert min(reference.top2_margins) < 1e-3, f"{model}: {content!r} != {tokenizer.decode(reference.output_ids)!r}"
+
+
+def test_lists_every_decode_model(deployment, demo_models):
+    served = {entry["id"] for entry in requests.get(f"{deployment}/v1/models", timeout=10).json()["data"]}
+    assert served == set(demo_models.decode)
+
+
+def test_greedy_oracle_for_every_decode_model(deployment, demo_models):
+    rng = random.Random(0)
+    for model in demo_models.decode:
+        for length in (1, 2, 17, 60):
+            prompt_ids = [rng.randrange(8, 500) for _ in range(length)]
+            served = generate(deployment, model, prompt_ids)
+            assert_matches_oracle(served["output_ids"], demo_models, model, prompt_ids)
+
+
+def test_two_turn_conversation_prefills_the_first_answer_with_the_base(deployment, demo_models):
+    first = [{"role": "user", "content": "record 7: city Oslo, price 120. what is the city of record 7?"}]
+    answer = chat(deployment, "extract", first)["choices"][0]["message"]["content"]
+    assert_chat_matches_oracle(answer, demo_models, "extract", first)
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and its price?"}]
+    for model in ("extract", "compute"):
+        reply = chat(deployment, model, second)
+        assert_chat_matches_oracle(reply["choices"][0]["message"]["content"], demo_models, model, second)
+        # the first turn's prompt is a cache hit in the shared tree
+        assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(chat_prompt_ids(demo_models.base, first)) - 2
+
+
+def test_cache_hit_gives_the_same_greedy_output(deployment, demo_models):
+    prompt_ids = list(range(100, 180))
+    cold = generate(deployment, "transform", prompt_ids)
+    warm = generate(deployment, "transform", prompt_ids)
+    assert warm["meta_info"]["cached_tokens"] >= len(prompt_ids) - 2
+    assert warm["output_ids"] == cold["output_ids"]
+    assert_matches_oracle(warm["output_ids"], demo_models, "transform", prompt_ids)
+
+
+def _prometheus_value(text: str, name: str, model: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_context_prefilled_once_is_shared_across_models(deployment, demo_models):
+    context = "\n".join(f"record {i}: city C{i}, price {i * 7}, status open" for i in range(40))
+    metrics_before = requests.get(f"{deployment}/metrics", timeout=10).text
+    first = chat(deployment, "extract", [{"role": "user", "content": context + "\nwhat is the city of record 3?"}])
+    second = chat(deployment, "compute", [{"role": "user", "content": context + "\nwhat is the total price?"}])
+    metrics_after = requests.get(f"{deployment}/metrics", timeout=10).text
+    context_tokens = len(chat_prompt_ids(demo_models.base, [{"role": "user", "content": context}])) - 4
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    prefilled = second["usage"]["prompt_tokens"] - cached
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < context_tokens
+    assert cached >= context_tokens, (cached, context_tokens)
+    assert prefilled <= second["usage"]["prompt_tokens"] - context_tokens
+    counted = (_prometheus_value(metrics_after, "pfs_router_prefilled_tokens_total", "compute")
+               - _prometheus_value(metrics_before, "pfs_router_prefilled_tokens_total", "compute"))
+    assert counted == prefilled
+    print(f"\nsharing: compute prompt {second['usage']['prompt_tokens']} tokens, "
+          f"{cached} served from the shared cache, {prefilled} prefilled")
+
+
+def test_streaming_equals_non_streaming(deployment):
+    messages = [{"role": "user", "content": "transform: blue small item 42"}]
+    whole = chat(deployment, "transform", messages)["choices"][0]["message"]["content"]
+    with requests.post(f"{deployment}/v1/chat/completions", json={
+        "model": "transform", "messages": messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        events = [line[len(b"data: "):] for line in reply.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert streamed == whole
+
+
+def test_unknown_model_is_404_with_openai_error(deployment):
+    reply = requests.post(f"{deployment}/v1/chat/completions", json={
+        "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "model_not_found"
+
+
+def test_three_models_twenty_concurrent_requests_each(deployment, demo_models):
+    rng = random.Random(1)
+    jobs = [(model, [rng.randrange(8, 500) for _ in range(rng.randint(1, 50))])
+            for model in demo_models.decode for _ in range(20)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        replies = list(pool.map(lambda job: generate(deployment, *job, max_new_tokens=6), jobs))
+    assert all(len(reply["output_ids"]) == 6 for reply in replies)
+    for (model, prompt_ids), reply in list(zip(jobs, replies))[::10]:
+        assert_matches_oracle(reply["output_ids"], demo_models, model, prompt_ids)
+    deadline = time.monotonic() + 30
+    while True:  # every server's KV pool returns to idle: no slot held by a request
+        workers = requests.get(f"{deployment}/workers", timeout=10).json()["workers"]
+        busy = {w["url"]: _used_tokens(w["url"]) for w in workers}
+        if not any(busy.values()):
+            break
+        assert time.monotonic() < deadline, f"KV slots still held: {busy}"
+        time.sleep(1)
+
+
+def _used_tokens(server_url: str) -> float:
+    text = requests.get(f"{server_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
