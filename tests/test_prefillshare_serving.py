@@ -33,7 +33,7 @@ def deployment(demo_models, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("deployment") / "launch_server.log"
     command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
-               "--host", "127.0.0.1", "--port", str(port), "--log-dir", str(log_path.parent)]
+               "--host", "127.0.0.1", "--port", str(port), "--log-dir", str(log_path.parent / "servers")]
     for name, path in demo_models.decode.items():
         command += ["--decode-model", f"{name}={path}"]
     with open(log_path, "w") as log:
