@@ -1,45 +1,50 @@
-"""The demo: serve the embedded demo models and show them answering.
+"""The demo: one shared context, three task models, one prefill.
 
-Writes the demo models (once) under ``.demo_models/``, starts stock SGLang on CPU for
-the base model, asks it a chat question through the OpenAI API, and stops it.
+Starts a PrefillShare deployment on the embedded demo models (the same thing
+``python -m pfs_sglang.launch_server`` does with no arguments), sends one shared
+context to every decode model through the OpenAI client, and shows each answer with
+how much of its prompt the shared prefill cache served. Then stops everything.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from pathlib import Path
+import openai
 
-import requests
+from pfs_sglang.launch import Deployment, Topology
+from pfs_sglang.launch.topology import default_device, with_demo_models
+from pfs_sglang.launch.processes import free_port
 
-from pfs_sglang.models import load_demo_models, write_demo_models
-
-ROOT = Path(__file__).resolve().parent.parent / ".demo_models"
-PORT = 30100
+CONTEXT = "\n".join(
+    f"record {i}: city {city}, price {price}, status {status}"
+    for i, (city, price, status) in enumerate(
+        [("Oslo", 120, "open"), ("Lima", 75, "closed"), ("Kyiv", 310, "open"), ("Pune", 42, "open")]
+    )
+)
+QUESTIONS = {
+    "extract": "what is the city of record 2?",
+    "compute": "what is the total price of all records?",
+    "transform": "write the city of record 1 in upper case.",
+}
 
 
 def main() -> None:
-    models = load_demo_models(ROOT) if (ROOT / "demo_models.json").exists() else write_demo_models(ROOT)
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(models.base),
-               "--device", "cpu", "--attention-backend", "torch_native", "--max-total-tokens", "4096",
-               "--skip-server-warmup", "--host", "127.0.0.1", "--port", str(PORT)]
-    server = subprocess.Popen(command)
-    try:
-        for _ in range(240):
-            try:
-                if requests.get(f"http://127.0.0.1:{PORT}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        reply = requests.post(f"http://127.0.0.1:{PORT}/v1/chat/completions", json={
-            "model": "base", "messages": [{"role": "user", "content": "name the city of record 7"}],
-            "max_tokens": 16, "temperature": 0,
-        }, timeout=60).json()
-        print("\nbase model answered:", repr(reply["choices"][0]["message"]["content"]))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    topology = with_demo_models(Topology(base_model=None, port=free_port(), device=default_device()))
+    print(f"starting: prefill module {topology.base_model}, decode models "
+          f"{[spec.name for spec in topology.decode_models]} ...", flush=True)
+    with Deployment(topology) as deployment:
+        client = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="unused")
+        print(f"serving on {deployment.url}; models: {[m.id for m in client.models.list().data]}\n")
+        print(f"shared context:\n{CONTEXT}\n")
+        for model, question in QUESTIONS.items():
+            reply = client.chat.completions.create(
+                model=model, temperature=0, max_tokens=24,
+                messages=[{"role": "user", "content": f"{CONTEXT}\n{question}"}],
+            )
+            usage = reply.usage
+            print(f"[{model}] {question}\n  -> {reply.choices[0].message.content!r}\n"
+                  f"  prompt {usage.prompt_tokens} tokens, {usage.prompt_tokens_details.cached_tokens} "
+                  "served from the shared prefill cache")
+    print("\nstopped.")
 
 
 if __name__ == "__main__":
