@@ -208,3 +208,19 @@ def test_three_models_twenty_concurrent_requests_each(deployment, demo_models):
 def _used_tokens(server_url: str) -> float:
     text = requests.get(f"{server_url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
+
+
+def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_models):
+    import sglang as sgl
+
+    @sgl.function
+    def answer(s, question):
+        s += question
+        s += sgl.gen("answer", max_tokens=MAX_NEW_TOKENS, temperature=0, ignore_eos=True)
+
+    state = answer.run(question="record 1: city Oslo. city of record 1?", backend=sgl.RuntimeEndpoint(deployment))
+    prompt_ids = load_tokenizer(str(demo_models.base)).encode("record 1: city Oslo. city of record 1?",
+                                                              add_special_tokens=False)
+    reference = prefillshare_greedy(demo_models.base, demo_models.decode["extract"], prompt_ids, MAX_NEW_TOKENS)
+    expected = load_tokenizer(str(demo_models.base)).decode(reference.output_ids)
+    assert state["answer"] == expected or min(reference.top2_margins) < 1e-3
