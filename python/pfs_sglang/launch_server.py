@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-args", help="extra SGLang arguments for decode servers (one string)")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes")
     parser.add_argument("--startup-timeout", type=float, dest="startup_timeout_s")
+    parser.add_argument("--transfer-timeout", type=float, dest="transfer_timeout_s",
+                        help="deadline in seconds of one KV hand-off (default 120)")
     return parser
 
 
@@ -66,6 +68,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "decode_args": tuple(shlex.split(args.decode_args)) if args.decode_args else None,
         "log_dir": args.log_dir,
         "startup_timeout_s": args.startup_timeout_s,
+        "transfer_timeout_s": args.transfer_timeout_s,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
     settings.setdefault("device", default_device())

@@ -52,13 +52,21 @@ def kv_bytes_per_token(fingerprint: Fingerprint) -> int:
     )
 
 
-def _child_env(host: str) -> dict[str, str]:
+def child_env(host: str, transfer_timeout_s: float) -> dict[str, str]:
+    """Environment of every SGLang child: transfer deadlines, and loopback side channels."""
+    seconds = str(max(1, int(transfer_timeout_s)))
+    env = {
+        "PFS_KV_TRANSFER_TIMEOUT_S": str(transfer_timeout_s),  # one batch of KV writes
+        "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": seconds,  # prefill waiting for its decode half
+        "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": seconds,  # decode waiting for the KV to land
+    }
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    # Keep SGLang's own PD side channels on the address the deployment serves on.
-    return {"SGLANG_HOST_IP": "127.0.0.1"} if loopback else {}
+    if loopback:  # keep SGLang's own PD side channels on the address the deployment serves on
+        env["SGLANG_HOST_IP"] = "127.0.0.1"
+    return env
 
 
 class Deployment:
@@ -77,7 +85,8 @@ class Deployment:
     def _server(self, name: str, command: list[str], port: int) -> ManagedProcess:
         host = self.topology.host
         return ManagedProcess(name=name, command=command, log_path=self.log_dir / f"{name}.log",
-                              url=f"http://{host}:{port}", env=_child_env(host))
+                              url=f"http://{host}:{port}",
+                              env=child_env(host, self.topology.transfer_timeout_s))
 
     def _plan(self, base: Fingerprint) -> RouterConfig:
         t = self.topology

@@ -38,6 +38,7 @@ class Topology:
     decode_args: tuple[str, ...] = ()
     log_dir: Path | None = None
     startup_timeout_s: float = 300.0
+    transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
 
     def validate(self) -> None:
         if self.transfer_backend not in TRANSFER_BACKENDS:

@@ -1,0 +1,105 @@
+"""A failed or late KV hand-off fails that request with a clear error and leaks no slot.
+
+Two cases against a real deployment (prefill server + one decode server, zmq backend):
+a decode server whose model was trained against another prefill module is refused at
+the hand-off (invariant 4), and a decode request whose prefill half never arrives
+fails by its deadline. Afterwards every server's KV pool holds no request's slots.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import time
+
+import pytest
+import requests
+
+from pfs_sglang.identity import fingerprint_of, write_decode_module_record
+from pfs_sglang.launch import Deployment, DecodeModelSpec, Topology
+from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
+from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command
+from pfs_sglang.launch.deployment import child_env
+from pfs_sglang.models.demo import write_perturbed_decode_module
+
+TRANSFER_TIMEOUT_S = 8
+
+
+def used_tokens(server_url: str) -> float:
+    text = requests.get(f"{server_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
+
+
+def assert_pools_idle(urls: list[str]) -> None:
+    deadline = time.monotonic() + 30
+    while any(used_tokens(url) for url in urls):
+        assert time.monotonic() < deadline, {url: used_tokens(url) for url in urls}
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def deployment(demo_models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("failure_logs")
+    topology = Topology(
+        base_model=demo_models.base, decode_models=(DecodeModelSpec("extract", demo_models.decode["extract"]),),
+        port=free_port(), log_dir=logs, transfer_timeout_s=TRANSFER_TIMEOUT_S,
+    )
+    with Deployment(topology) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def foreign_decode_server(deployment, demo_models, tmp_path_factory):
+    """A decode server (started by hand: the launcher would refuse it) for a foreign decode module."""
+    root = tmp_path_factory.mktemp("foreign")
+    other_base = write_perturbed_decode_module(demo_models.base, root / "other_base", seed=21)
+    foreign = write_perturbed_decode_module(demo_models.base, root / "foreign", seed=22)
+    write_decode_module_record(foreign, fingerprint_of(other_base))
+    port = free_port()
+    t = deployment.topology
+    server = ManagedProcess(
+        name="foreign-decode", log_path=root / "foreign-decode.log", url=f"http://127.0.0.1:{port}",
+        command=decode_server_command("foreign", foreign, t.host, ServerPorts(http=port), t.transfer_backend,
+                                      t.device, t.max_total_tokens),
+        env=child_env(t.host, TRANSFER_TIMEOUT_S),
+    )
+    server.start()
+    try:
+        wait_until_healthy([server], 300)
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _pd_body(deployment: Deployment) -> dict:
+    prefill = requests.get(f"{deployment.url}/workers", timeout=10).json()["workers"][0]
+    return {"input_ids": list(range(20, 60)), "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+            "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill["bootstrap_port"],
+            "bootstrap_room": random.getrandbits(63)}, prefill["url"]
+
+
+def test_foreign_prefill_module_is_refused_at_the_handoff(deployment, foreign_decode_server):
+    body, prefill_url = _pd_body(deployment)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        prefill = pool.submit(requests.post, f"{prefill_url}/generate", json=body, timeout=120)
+        decode = pool.submit(requests.post, f"{foreign_decode_server}/generate", json=body, timeout=120)
+        decode_reply, prefill_reply = decode.result(), prefill.result()
+    assert decode_reply.status_code >= 400 and prefill_reply.status_code >= 400
+    assert "KV hand-off refused: prefill_fingerprint differs" in decode_reply.text
+    assert_pools_idle([prefill_url, foreign_decode_server])
+
+
+def test_missing_prefill_half_fails_by_the_deadline(deployment):
+    body, prefill_url = _pd_body(deployment)
+    decode_url = next(w["url"] for w in requests.get(f"{deployment.url}/workers", timeout=10).json()["workers"]
+                      if w["role"] == "decode")
+    started = time.monotonic()
+    reply = requests.post(f"{decode_url}/generate", json=body, timeout=120)  # the prefill half is never sent
+    assert reply.status_code >= 400
+    assert time.monotonic() - started < TRANSFER_TIMEOUT_S + 30
+    assert_pools_idle([prefill_url, decode_url])
+    # and the deployment still serves
+    ok = requests.post(f"{deployment.url}/generate", json={
+        "model": "extract", "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}},
+        timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 3
