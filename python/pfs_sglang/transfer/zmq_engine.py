@@ -26,7 +26,6 @@ import ctypes
 import json
 import logging
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -65,9 +64,12 @@ class EngineIdentity:
         return None
 
 
-def ipc_path_for(tcp_port: int) -> Path:
-    """The IPC socket an engine listening on ``tcp_port`` also binds (ports are unique per host)."""
-    return Path(tempfile.gettempdir()) / f"pfs_sglang-kv-{tcp_port}.sock"
+def ipc_endpoint_for(tcp_port: int) -> str:
+    """The IPC endpoint an engine listening on ``tcp_port`` also binds (ports are unique per host).
+
+    A Linux abstract socket (``@`` prefix): no file to leave behind when a server is killed.
+    """
+    return f"ipc://@pfs_sglang-kv-{tcp_port}"
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,9 @@ class SessionAddress:
         return cls(host=host, port=int(port))
 
     def endpoint_from(self, local_hosts: set[str]) -> str:
-        """IPC when the peer is on this host (its socket file is here), else TCP."""
-        ipc = ipc_path_for(self.port)
-        if (self.host in local_hosts or self.host.startswith("127.")) and ipc.exists():
-            return f"ipc://{ipc}"
+        """IPC when the peer listens on this host, else TCP."""
+        if self.host in local_hosts or self.host.startswith("127."):
+            return ipc_endpoint_for(self.port)
         return f"tcp://{self.host}:{self.port}"
 
 
@@ -197,9 +198,7 @@ class ZmqTransferEngine:
         self._server = self._context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
         tcp_port = self._server.bind_to_random_port(f"tcp://{bind_host}")
-        self._ipc_path = ipc_path_for(tcp_port)
-        self._ipc_path.unlink(missing_ok=True)  # left behind by a killed process
-        self._server.bind(f"ipc://{self._ipc_path}")
+        self._server.bind(ipc_endpoint_for(tcp_port))
         self.session_address = SessionAddress(host=bind_host, port=tcp_port)
         self.session_id = self.session_address.encode()
         self._server_thread = threading.Thread(target=self._serve, name="pfs-zmq-kv-engine", daemon=True)
@@ -261,7 +260,6 @@ class ZmqTransferEngine:
         self._stopped.set()
         self._server_thread.join(timeout=2)
         self._server.close(0)
-        self._ipc_path.unlink(missing_ok=True)
 
     # ----- sender side -----
     def _ensure_verified(self, session_id: str) -> None:
