@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 replicate: install
-	$(PY) -m pfs_sglang.train replicate out/replication
+	$(PY) -m pfs_sglang.train replicate out/replication --report-dir docs/replication
 
 clean-venv:
 	rm -rf $(VENV)

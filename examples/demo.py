@@ -14,16 +14,14 @@ from pfs_sglang.launch import Deployment, Topology
 from pfs_sglang.launch.topology import default_device, with_demo_models
 from pfs_sglang.launch.processes import free_port
 
-CONTEXT = "\n".join(
-    f"record {i}: city {city}, price {price}, status {status}"
-    for i, (city, price, status) in enumerate(
-        [("Oslo", 120, "open"), ("Lima", 75, "closed"), ("Kyiv", 310, "open"), ("Pune", 42, "open")]
-    )
-)
+# The demo decode modules were trained on records like this one, each for its own question
+# (see pfs_sglang/train/corpus.py): the context is shared, the tasks differ. `compute` is
+# right on ~60% of held-out records only (docs/replication/results.md); on this one it is.
+CONTEXT = "name: ana; city: oslo; color: green; qty: 3; price: 5; size: 2"
 QUESTIONS = {
-    "extract": "what is the city of record 2?",
-    "compute": "what is the total price of all records?",
-    "transform": "write the city of record 1 in upper case.",
+    "extract": "What is the city?",
+    "compute": "What is qty plus price?",
+    "transform": "Write the name in upper case.",
 }
 
 

@@ -17,6 +17,7 @@ CPU_SERVER_ARGS = [
     "--attention-backend", "torch_native",
     "--max-total-tokens", "4096",
     "--skip-server-warmup",
+    "--dtype", "float32",  # SGLang's auto would serve the float32 demo models in float16
 ]
 
 

@@ -17,7 +17,7 @@ from pfs_sglang.identity import (
     fingerprint_of,
     write_decode_module_record,
 )
-from pfs_sglang.models.demo import write_base_model, write_perturbed_decode_module
+from pfs_sglang.models.demo import write_base_model, write_demo_models, write_perturbed_decode_module
 
 
 def test_fingerprint_stable_across_runs_and_processes(demo_models):
@@ -31,8 +31,11 @@ def test_fingerprint_stable_across_runs_and_processes(demo_models):
 
 
 def test_demo_models_are_deterministic(demo_models, tmp_path):
-    rewritten = write_base_model(tmp_path / "base", seed=0)
-    assert fingerprint_of(rewritten) == fingerprint_of(demo_models.base)
+    rewritten = write_demo_models(tmp_path / "demo")
+    assert fingerprint_of(rewritten.base) == fingerprint_of(demo_models.base)
+    for name, path in rewritten.decode.items():
+        assert fingerprint_of(path) == fingerprint_of(demo_models.decode[name])
+    assert fingerprint_of(write_base_model(tmp_path / "a", seed=3)) == fingerprint_of(write_base_model(tmp_path / "b", seed=3))
 
 
 def test_fingerprint_changes_when_one_weight_changes(demo_models, tmp_path):

@@ -1,10 +1,14 @@
 """The launcher: refuses foreign decode models before starting anything, fails fast when
-a child dies at start-up, and stops every child on SIGTERM."""
+a child dies at start-up, stops every child on SIGTERM; topology and command lines.
+
+The process tests start real SGLang servers on 127.0.0.1 (CPU), one deployment at a time.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +18,14 @@ import pytest
 import requests
 
 from pfs_sglang.identity import fingerprint_of, write_decode_module_record
-from pfs_sglang.launch_server import build_parser, topology_from_args
+from pfs_sglang.launch import DecodeModelSpec, Deployment, LaunchError, Topology
+from pfs_sglang.launch.cli import build_parser, topology_from_args
+from pfs_sglang.launch.server_commands import (
+    RADIX_CACHE_BACKEND,
+    ServerPorts,
+    decode_server_command,
+    prefill_server_command,
+)
 from pfs_sglang.models.demo import write_perturbed_decode_module
 from sglang_process import free_port
 
@@ -24,22 +35,50 @@ def launch(args: list[str], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
-def sglang_processes() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])}
+def sglang_processes_with(argument: str) -> set[int]:
+    """SGLang servers whose command line names ``argument`` (other tests may run servers too)."""
+    return {
+        p.pid for p in psutil.process_iter(["cmdline"])
+        if "sglang.launch_server" in " ".join(p.info["cmdline"] or []) and argument in " ".join(p.info["cmdline"])
+    }
 
 
 def test_foreign_decode_model_is_refused_before_anything_starts(demo_models, tmp_path):
     retrained_base = write_perturbed_decode_module(demo_models.base, tmp_path / "retrained_base", seed=11)
     foreign = write_perturbed_decode_module(demo_models.base, tmp_path / "foreign", seed=12)
     write_decode_module_record(foreign, fingerprint_of(retrained_base))
-    before = sglang_processes()
+    log_dir = tmp_path / "logs"
     process = launch(["--base-model", str(demo_models.base), "--decode-model", f"extract={demo_models.decode['extract']}",
-                      "--decode-model", f"foreign={foreign}", "--port", str(free_port())])
+                      "--decode-model", f"foreign={foreign}", "--port", str(free_port()), "--log-dir", str(log_dir)])
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 1
     assert "decode model 'foreign' refused" in output
     assert "weights_hash differs: prefill module has" in output
-    assert sglang_processes() <= before
+    assert not sglang_processes_with(str(foreign)) and not sglang_processes_with(str(log_dir))
+    assert not log_dir.exists() or not any(log_dir.iterdir())  # no server was started
+
+
+def test_deployment_api_checks_before_it_starts_anything(demo_models, tmp_path):
+    foreign = write_perturbed_decode_module(demo_models.base, tmp_path / "foreign", seed=13)
+    write_decode_module_record(foreign, fingerprint_of(write_perturbed_decode_module(demo_models.base,
+                                                                                     tmp_path / "other", seed=14)))
+    refused = Deployment(Topology(base_model=demo_models.base, decode_models=(DecodeModelSpec("f", foreign),),
+                                  port=free_port(), device="cpu"))
+    with pytest.raises(LaunchError, match="decode model 'f' refused: .*weights_hash differs"):
+        refused.start()
+    assert refused.children == []
+    no_record = Deployment(Topology(base_model=demo_models.base, decode_models=(DecodeModelSpec("b", demo_models.base),),
+                                    port=free_port(), device="cpu"))
+    with pytest.raises(LaunchError, match="decode model 'b' refused: .* is not a decode module"):
+        no_record.start()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = Deployment(Topology(base_model=demo_models.base, port=taken.getsockname()[1], device="cpu",
+                                   decode_models=(DecodeModelSpec("extract", demo_models.decode["extract"]),)))
+        with pytest.raises(LaunchError, match="cannot listen on 127.0.0.1"):
+            busy.start()
+        assert busy.children == []
 
 
 def test_child_that_dies_at_startup_fails_the_launch_with_its_error(demo_models, tmp_path):
@@ -48,8 +87,8 @@ def test_child_that_dies_at_startup_fails_the_launch_with_its_error(demo_models,
                       "--decode-args=--no-such-sglang-flag", "--port", str(free_port()),
                       "--log-dir", str(tmp_path)])
     output, _ = process.communicate(timeout=300)
-    assert process.returncode == 1
-    assert "decode-extract-0 exited with code" in output
+    assert process.returncode == 2  # the child's own exit code (SGLang's argument error)
+    assert "decode-extract-0 exited with code 2 during start-up" in output
     assert "--no-such-sglang-flag" in output  # the child's own error, from its log
     assert time.monotonic() - started < 240
     time.sleep(2)
@@ -73,9 +112,18 @@ def test_sigterm_stops_every_child(demo_models, tmp_path):
     children = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
     assert len(children) >= 2
     os.kill(process.pid, signal.SIGTERM)
-    process.wait(timeout=90)
+    output, _ = process.communicate(timeout=90)
+    assert process.returncode == 0
+    assert f"serving on http://127.0.0.1:{port}" in output and "models: compute" in output
     time.sleep(1)
-    assert not [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [pid for pid in children if alive(pid)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_yaml_topology_and_flags_override(tmp_path, demo_models):
@@ -83,12 +131,46 @@ def test_yaml_topology_and_flags_override(tmp_path, demo_models):
     config.write_text(
         f"base_model: {demo_models.base}\n"
         f"decode_models:\n  extract: {demo_models.decode['extract']}\n  compute: {demo_models.decode['compute']}\n"
-        "port: 8123\ndecode_replicas: 2\nprefill_args: --chunked-prefill-size 256\n"
+        "port: 8123\ndecode_replicas: 2\nprefill_args: --chunked-prefill-size 256\ndefault_model: compute\n"
     )
-    topology = topology_from_args(build_parser().parse_args(["--config", str(config), "--port", "9000"]))
+    args = ["--config", str(config), "--port", "9000", "--decode-args", "--mem-fraction-static 0.5", "--device", "cpu"]
+    topology = topology_from_args(build_parser().parse_args(args))
     assert [spec.name for spec in topology.decode_models] == ["extract", "compute"]
-    assert (topology.port, topology.decode_replicas) == (9000, 2)
+    assert (topology.port, topology.decode_replicas, topology.default_model) == (9000, 2, "compute")
     assert topology.prefill_args == ("--chunked-prefill-size", "256")
+    assert topology.decode_args == ("--mem-fraction-static", "0.5")
+    assert (topology.transfer_backend, topology.host, topology.prefill_replicas) == ("zmq", "127.0.0.1", 1)
     with pytest.raises(ValueError, match="unknown topology keys"):
         config.write_text("base_model: x\nreplicas: 3\n")
         topology_from_args(build_parser().parse_args(["--config", str(config)]))
+
+
+def test_no_model_given_serves_the_demo_models_written_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("PFS_SGLANG_HOME", str(tmp_path))
+    topology = topology_from_args(build_parser().parse_args(["--device", "cpu"]))
+    demo_json = tmp_path / "demo_models" / "demo_models.json"
+    assert demo_json.is_file() and topology.base_model.parent == demo_json.parent
+    assert [spec.name for spec in topology.decode_models] == ["extract", "compute", "transform"]
+    written = demo_json.stat().st_mtime_ns
+    assert topology_from_args(build_parser().parse_args(["--device", "cpu"])) == topology
+    assert demo_json.stat().st_mtime_ns == written  # not rewritten
+
+
+def test_server_command_lines(tmp_path):
+    from pfs_sglang.cache.prefill_module_cache import RADIX_CACHE_BACKEND as REGISTERED
+
+    assert RADIX_CACHE_BACKEND == REGISTERED
+    prefill = prefill_server_command(tmp_path / "base", "127.0.0.1", ServerPorts(http=1, bootstrap=2), "zmq", "cpu",
+                                     4096, ("--chunked-prefill-size", "256"))
+    text = " ".join(prefill)
+    for flags in ("--disaggregation-mode prefill", "--disaggregation-transfer-backend zmq",
+                  "--disaggregation-bootstrap-port 2", "--radix-cache-backend pfs", "--device cpu",
+                  "--attention-backend torch_native", "--max-total-tokens 4096", "--skip-server-warmup",
+                  "--disable-overlap-schedule"):
+        assert flags in text, flags
+    assert prefill[-2:] == ["--chunked-prefill-size", "256"]  # pass-through last, so it wins
+    decode = " ".join(decode_server_command("coder", tmp_path / "coder", "127.0.0.1", ServerPorts(http=3), "nixl",
+                                            "cuda", 4096))
+    assert "--disaggregation-mode decode" in decode and "--served-model-name coder" in decode
+    assert "--disaggregation-transfer-backend nixl" in decode
+    assert "--device" not in decode and "retraction-backup" not in decode  # GPU: SGLang's own defaults

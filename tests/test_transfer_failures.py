@@ -100,6 +100,7 @@ def test_missing_prefill_half_fails_by_the_deadline(deployment):
     assert_pools_idle([prefill_url, decode_url])
     # and the deployment still serves
     ok = requests.post(f"{deployment.url}/generate", json={
-        "model": "extract", "input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 3, "temperature": 0}},
+        "model": "extract", "input_ids": [5, 6, 7],
+        "sampling_params": {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}},
         timeout=60)
     assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 3

@@ -5,7 +5,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 ``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
 
 * CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
-* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``);
+* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), and per-request KV
+  transfer figures in prefill replies;
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
 * the decode-side hooks that make the decode module compute ``prompt[-1]``
@@ -24,10 +25,12 @@ def load() -> None:
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.last_prompt_token import register_last_prompt_token_hooks
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
+    from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
 
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     register_zmq_transfer_backend()
+    register_kv_transfer_report()
     register_last_prompt_token_hooks()
     register_prefill_module_cache()

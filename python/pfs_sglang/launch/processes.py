@@ -1,26 +1,45 @@
-"""Child processes of a deployment: start in their own process group, wait, stop.
+"""Child processes of a deployment: start each in its own process group, wait, stop.
 
 A child that exits during start-up fails the launch with its exit code and the tail of
-its log, never a hang; stopping sends SIGTERM to the whole group, then SIGKILL.
+its log (never a hang: start-up has a deadline). Stopping sends SIGTERM to every
+child's whole process group at once, waits a grace period, then SIGKILLs what is left.
+On Linux each child also gets SIGTERM if the launcher dies without stopping it
+(``PR_SET_PDEATHSIG``; SGLang's own subprocesses follow their parent the same way).
+The death signal is tied to the thread that started the child: start deployments from
+a thread that outlives them (normally the main thread).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
 LOG_TAIL_CHARS = 4000
+_PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(RuntimeError):
     """The deployment could not be started; the message says which part and why."""
+
+    exit_code = 1
+
+
+class ChildExitedError(LaunchError):
+    """A server exited during start-up; ``exit_code`` is its own (128 + signal if killed, 1 if 0)."""
+
+    def __init__(self, message: str, child_code: int):
+        super().__init__(message)
+        self.exit_code = child_code if child_code > 0 else 128 - child_code if child_code < 0 else 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,8 +48,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def ensure_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise LaunchError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class ManagedProcess:
+    """One SGLang server: its command line, log file and HTTP address."""
+
     name: str
     command: list[str]
     log_path: Path
@@ -42,8 +77,8 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **self.env},
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **self.env},
             )
 
     def log_tail(self) -> str:
@@ -52,46 +87,70 @@ class ManagedProcess:
         except OSError:
             return ""
 
-    def exited(self) -> int | None:
+    def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
-    def healthy(self) -> bool:
+    def healthy(self, timeout_s: float = 5.0) -> bool:
         try:
-            return requests.get(f"{self.url}/health", timeout=5).status_code == 200
+            return requests.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
         except requests.RequestException:
             return False
 
+    def signal_group(self, sig: signal.Signals) -> bool:
+        """Send ``sig`` to the child's process group; False if the group is gone."""
+        if self.process is None:
+            return False
+        try:
+            os.killpg(self.process.pid, sig)  # start_new_session: the group id is the child's pid
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
     def stop(self, grace_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        stop_all([self], grace_s)
+
+    def group_alive(self) -> bool:
+        if self.process is not None:
+            self.process.poll()  # reap the leader, so a zombie does not count
+        return self.signal_group(0)
+
+
+def stop_all(processes: Sequence[ManagedProcess], grace_s: float = 20.0) -> None:
+    """SIGTERM every group, wait up to ``grace_s`` for all of them, then SIGKILL the rest."""
+    running = [proc for proc in processes if proc.signal_group(signal.SIGTERM)]
+    deadline = time.monotonic() + grace_s
+    while running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        running = [proc for proc in running if proc.group_alive()]
+    for proc in running:
+        proc.signal_group(signal.SIGKILL)
+    for proc in processes:
+        if proc.process is not None:
             try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait_s)
-                return
+                proc.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                continue
+                pass
 
 
-def wait_until_healthy(processes: list[ManagedProcess], timeout_s: float) -> None:
-    """Block until every process answers /health; raise LaunchError if one dies or time runs out."""
+def wait_until_healthy(processes: Sequence[ManagedProcess], timeout_s: float) -> None:
+    """Block until every process answers /health with 200.
+
+    Raises ``LaunchError`` as soon as one exits (with its exit code and log tail), or
+    when ``timeout_s`` passes (naming the servers still starting).
+    """
     pending = list(processes)
     deadline = time.monotonic() + timeout_s
     while pending:
         for proc in list(pending):
-            code = proc.exited()
+            code = proc.exit_code()
             if code is not None:
-                raise LaunchError(
-                    f"{proc.name} exited with code {code} during start-up; its log ({proc.log_path}) ends:\n"
-                    f"{proc.log_tail()}"
-                )
+                raise ChildExitedError(f"{proc.name} exited with code {code} during start-up; "
+                                       f"its log ({proc.log_path}) ends:\n{proc.log_tail()}", code)
             if proc.healthy():
                 pending.remove(proc)
-        if pending and time.monotonic() > deadline:
-            names = ", ".join(p.name for p in pending)
-            raise LaunchError(f"not healthy after {timeout_s:.0f}s: {names}")
-        if pending:
-            time.sleep(1.0)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise LaunchError(f"not healthy after {timeout_s:.0f} s: {', '.join(p.name for p in pending)} "
+                              f"(logs in {pending[0].log_path.parent})")
+        time.sleep(0.5)

@@ -5,21 +5,36 @@ keyed on the prefill module (invariant 3) and a bootstrap port for the KV hand-o
 Decode: ``--disaggregation-mode decode`` with one decode module, served under its name.
 On CPU both run SGLang's native path (torch_native attention, no overlap scheduling,
 sleep when idle so idle PD loops do not spin a core) with a bounded KV pool.
+Serving flags are adjusted here and nowhere else.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pfs_sglang.cache.prefill_module_cache import RADIX_CACHE_BACKEND
+# The name ``pfs_sglang.cache.prefill_module_cache`` registers its tree under; spelled
+# out here so the launcher does not import SGLang (tests/test_launch.py checks they agree).
+RADIX_CACHE_BACKEND = "pfs"
 
 
 @dataclass(frozen=True)
 class ServerPorts:
     http: int
     bootstrap: int | None = None
+
+
+def _dtype_args(model: Path) -> list[str]:
+    """Serve a float32 checkpoint in float32: SGLang's ``--dtype auto`` would run it (and
+    its KV) in float16, and the greedy oracle of invariant 5 is exact only in float32."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return ["--dtype", "float32"] if dtype == "float32" else []
 
 
 def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: str, max_total_tokens: int) -> list[str]:
@@ -29,6 +44,7 @@ def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: st
         "--host", host, "--port", str(ports.http),
         "--disaggregation-transfer-backend", backend,
         "--enable-metrics", "--enable-cache-report",
+        *_dtype_args(model),
     ]
     if device == "cpu":
         args += [

@@ -1,7 +1,15 @@
 """What a deployment is made of: the typed topology the launcher starts.
 
-Built from command-line flags, a YAML file holding the same keys, or both (flags win).
-With no base model given, the embedded demo models are written (once) and served.
+Built from command-line flags, a YAML file holding the same keys, or both (flags win;
+see ``launch/cli.py``). With no model given, the embedded demo models are written (once,
+under ``$PFS_SGLANG_HOME/demo_models``, default ``~/.cache/pfs_sglang/demo_models``) and
+served. YAML example::
+
+    base_model: /models/base
+    decode_models: {planner: /models/planner, coder: /models/coder}
+    decode_replicas: 2
+    port: 8000
+    decode_args: --mem-fraction-static 0.8
 """
 
 from __future__ import annotations
@@ -19,12 +27,16 @@ TRANSFER_BACKENDS = ("zmq", "mooncake", "nixl")
 
 @dataclass(frozen=True)
 class DecodeModelSpec:
+    """A decode module served under ``name`` (the OpenAI ``model`` field)."""
+
     name: str
     path: Path
 
 
 @dataclass(frozen=True)
 class Topology:
+    """One prefill pool of ``base_model`` and, per decode model, a pool of ``decode_replicas``."""
+
     base_model: Path | None
     decode_models: tuple[DecodeModelSpec, ...] = ()
     prefill_replicas: int = 1
@@ -36,6 +48,7 @@ class Topology:
     max_total_tokens: int = 8192
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
+    default_model: str | None = None
     log_dir: Path | None = None
     startup_timeout_s: float = 300.0
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
@@ -50,6 +63,10 @@ class Topology:
             raise ValueError(f"decode model names must be unique, got {names}")
         if not names:
             raise ValueError("at least one decode model is needed")
+        if self.default_model is not None and self.default_model not in names:
+            raise ValueError(f"default model {self.default_model!r} is not one of the decode models {names}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
 
 
 def parse_decode_model(text: str) -> DecodeModelSpec:
@@ -91,11 +108,14 @@ def load_yaml_topology(path: Path) -> dict[str, Any]:
     if not isinstance(decode, dict):
         raise ValueError(f"{path}: decode_models is a mapping of name to path")
     data["decode_models"] = tuple(DecodeModelSpec(str(name), Path(str(p)).expanduser()) for name, p in decode.items())
-    if "base_model" in data:
-        data["base_model"] = Path(str(data["base_model"])).expanduser()
+    for key in ("base_model", "log_dir"):
+        if data.get(key) is not None:
+            data[key] = Path(str(data[key])).expanduser()
     for key in ("prefill_args", "decode_args"):
         if isinstance(data.get(key), str):
             data[key] = tuple(shlex.split(data[key]))
+        elif isinstance(data.get(key), list):
+            data[key] = tuple(str(arg) for arg in data[key])
     known = set(Topology.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:

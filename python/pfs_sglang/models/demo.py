@@ -1,17 +1,26 @@
-"""The embedded demo models: a tiny Llama base (the prefill module) and decode modules.
+"""The embedded demo models: a tiny trained Llama base (the prefill module) and decode modules.
 
-Everything is made here, deterministically from a seed, with no model hub: the
-tokenizer (see ``tokenizer.py``), a randomly initialised Llama-architecture base
-model, and decode modules of the same architecture whose weights are seeded
-perturbations of the base. Each decode module records the base's fingerprint
-(invariant 4). The models are small enough that the test suite serves several of
-them at once on two CPU cores.
+The demo models are the output of the small-scale replication
+(``python -m pfs_sglang.train replicate OUT --export-demo python/pfs_sglang/models/assets``):
+a tiny float32 Llama pretrained on synthetic records, and three decode modules trained
+by cache-conditioned fine-tuning against it (invariant 2), each recording the base's
+fingerprint (invariant 4). They do different tasks over one shared record (see
+``pfs_sglang.train.corpus`` for the chat format): ``extract`` a field, ``compute`` a sum,
+``transform`` a field to upper case. The trained weights ship as package data under
+``assets/`` (a few MB) and :func:`write_demo_models` copies them, so no model hub and
+no training are needed. The models are small enough that the test suite serves several
+of them at once on two CPU cores.
+
+:func:`write_base_model` writes a randomly initialised model of the same kind (the
+replication starts from it) and :func:`write_perturbed_decode_module` a seeded
+perturbation of a model (an untrained stand-in, e.g. a foreign base in tests).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +31,18 @@ from pfs_sglang.identity import fingerprint_of, write_decode_module_record
 from pfs_sglang.models.tokenizer import BOS, EOS, PAD, build_tokenizer, save_tokenizer
 
 DEMO_DECODE_MODULES = ("extract", "compute", "transform")
+DEMO_SEED = 0
+ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
 class TinyLlamaShape:
-    """Architecture of the demo models (float32: the oracle runs exact on CPU)."""
+    """Architecture of the demo models (float32: the oracle runs exact on CPU).
+
+    ``initializer_range`` is wide for random-weight models (clear, untied greedy
+    logits); the replication trains from a narrow 0.02 init.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -38,7 +53,7 @@ class TinyLlamaShape:
     head_dim: int = 16
     max_positions: int = 2048
     rope_theta: float = 10000.0
-    initializer_range: float = 0.1  # wider than the usual 0.02: clear, untied greedy logits
+    initializer_range: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -47,13 +62,15 @@ class DemoModels:
     decode: dict[str, Path] = field(default_factory=dict)
 
 
-def write_base_model(out_dir: str | Path, shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0) -> Path:
-    """Write a randomly initialised tiny Llama with its tokenizer to ``out_dir``."""
+def write_base_model(
+    out_dir: str | Path, shape: TinyLlamaShape = TinyLlamaShape(), seed: int = 0, tokenizer_text: Sequence[str] = ()
+) -> Path:
+    """Write a randomly initialised tiny Llama with its tokenizer (trained on ``tokenizer_text`` too)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size=shape.vocab_size, seed=seed)
+    tokenizer = build_tokenizer(vocab_size=shape.vocab_size, seed=seed, extra_text=tokenizer_text)
     save_tokenizer(tokenizer, out_dir, max_length=shape.max_positions)
     config = LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -100,24 +117,44 @@ def write_perturbed_decode_module(
 
 
 def write_demo_models(
-    root: str | Path, seed: int = 0, decode_names: tuple[str, ...] = DEMO_DECODE_MODULES
+    root: str | Path, seed: int = DEMO_SEED, decode_names: tuple[str, ...] = DEMO_DECODE_MODULES
 ) -> DemoModels:
-    """Write the base model and one decode module per name under ``root``."""
+    """Copy the embedded base and the named decode modules under ``root``, with a manifest.
+
+    ``seed`` is the replication's fine-tuning seed of the decode modules; the package
+    embeds seed ``DEMO_SEED`` only (train others with ``python -m pfs_sglang.train replicate``).
+    """
+    if seed != DEMO_SEED:
+        raise ValueError(
+            f"the embedded demo models were trained with seed {DEMO_SEED}; for seed {seed} run "
+            f"`python -m pfs_sglang.train replicate OUT --seeds {seed} --export-demo DIR`"
+        )
+    unknown = set(decode_names) - set(DEMO_DECODE_MODULES)
+    if unknown:
+        raise ValueError(f"no embedded decode modules {sorted(unknown)}; there are {DEMO_DECODE_MODULES}")
     root = Path(root)
-    base = write_base_model(root / "base", seed=seed)
-    decode = {
-        name: write_perturbed_decode_module(base, root / name, seed=seed + 1 + index)
-        for index, name in enumerate(decode_names)
-    }
-    manifest = {"base": "base", "decode": {name: name for name in decode}, "seed": seed}
+    root.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name in ("base",) + tuple(decode_names):
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+        models[name] = Path(shutil.copytree(ASSETS / name, root / name))
+    manifest = {"base": "base", "decode": {name: name for name in decode_names}, "seed": seed,
+                "base_digest": fingerprint_of(models["base"]).digest}
     (root / "demo_models.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return DemoModels(base=base, decode=decode)
+    return DemoModels(base=models.pop("base"), decode=models)
 
 
 def load_demo_models(root: str | Path) -> DemoModels:
-    """Read the manifest written by :func:`write_demo_models`."""
+    """Read the manifest written by :func:`write_demo_models`.
+
+    A directory written from other embedded models (an older package) is rewritten
+    from the current ones, so a cached demo directory never serves stale weights.
+    """
     root = Path(root)
     manifest = json.loads((root / "demo_models.json").read_text())
+    if manifest.get("base_digest") != fingerprint_of(ASSETS / "base").digest:
+        return write_demo_models(root, seed=manifest.get("seed", DEMO_SEED), decode_names=tuple(manifest["decode"]))
     return DemoModels(
         base=root / manifest["base"],
         decode={name: root / rel for name, rel in manifest["decode"].items()},

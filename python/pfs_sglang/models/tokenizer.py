@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,7 +49,8 @@ def training_corpus(seed: int, lines: int = 4000) -> list[str]:
     return corpus
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, extra_text: Sequence[str] = ()) -> Tokenizer:
+    """Train the BPE merges on the generic corpus plus ``extra_text`` (e.g. a task corpus)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -58,7 +60,7 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(training_corpus(seed), trainer=trainer)
+    tokenizer.train_from_iterator(training_corpus(seed) + list(extra_text), trainer=trainer)
     return tokenizer
 
 

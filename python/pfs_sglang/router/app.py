@@ -1,313 +1,242 @@
 """The PrefillShare router: one OpenAI/SGLang endpoint over a shared prefill pool.
 
-Why our own router: sglang-router and smg (PyPI) keep one prefix tree *per model* and
-cannot share one prefill worker across model ids, the opposite of invariant 3 (see
-SGLANG_NOTES). This router is thin: it speaks SGLang's PD protocol (the same JSON goes
-to a prefill and a decode server with ``bootstrap_host/port/room`` added; the decode
-server's reply is the answer) and adds model routing, prefix locality across models,
-OpenAI-style errors and per-model metrics.
+Why our own router: the PyPI routers (sglang-router, smg) keep one prefix tree *per
+model* and cannot share one prefill worker across model ids (smg keeps only a worker's
+first model; static PD wants prefill and decode to report the same model). PrefillShare
+needs the opposite (invariant 3): one prefill pool and one prefix map for every model.
+This router is thin: it speaks SGLang's PD protocol (``pd.py``) and adds model routing,
+prefix locality across models (``pools.py``), OpenAI-style errors and per-model
+metrics (``metrics.py``).
 
-Endpoints: ``/v1/chat/completions``, ``/v1/completions`` (streaming or not),
+Endpoints: ``POST /v1/chat/completions``, ``/v1/completions`` (streaming or not),
 ``/generate`` (with a ``model`` field, or the default model for SGLang frontend
-programs), ``/v1/models``, ``/get_model_info``, ``/get_server_info``, ``/health``,
-``/metrics`` (Prometheus), ``/workers`` (the deployment's servers).
+programs), ``/flush_cache`` (every server); ``GET /v1/models``, ``/v1/models/{id}``,
+``/get_model_info``, ``/get_server_info``, ``/server_info`` (the default model's decode
+server), ``/health`` (200 when every server is), ``/metrics`` (Prometheus), ``/workers``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
-from pfs_sglang.router.openai_errors import error_response, from_upstream
+from pfs_sglang.router.openai_errors import error_response
+from pfs_sglang.router.pd import PrefillDecodeClient, UpstreamError, pd_body
 from pfs_sglang.router.pools import DecodePool, PrefillWorker, PrefixLocality, Worker
-
-PREFILL_REPLY_WAIT_S = 10.0
+from pfs_sglang.router.request_body import (
+    CHAT,
+    COMPLETIONS,
+    GENERATE,
+    RequestRejected,
+    RoutedRequest,
+    parse_request,
+)
+from pfs_sglang.router.usage import Usage, ensure_cached_tokens, kv_transfer_of, usage_of
 
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """The servers a router fronts. ``default_model`` answers requests that name none (``/generate``)."""
+
     prefill_workers: list[PrefillWorker]
     decode_pools: dict[str, DecodePool]
-    default_model: str
-    kv_bytes_per_token: int
+    default_model: str | None = None
     request_timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    health_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        if not self.prefill_workers or not self.decode_pools:
+            raise ValueError("a router needs at least one prefill worker and one decode pool")
+        if self.default_model is not None and self.default_model not in self.decode_pools:
+            raise ValueError(f"default model {self.default_model!r} is not served: {sorted(self.decode_pools)}")
 
-@dataclass(frozen=True)
-class UsageRecord:
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-def prompt_text(body: dict[str, Any]) -> str:
-    """The request's prompt as text, for prefix locality (the exact tokens do not matter)."""
-    if "messages" in body:
-        parts = []
-        for message in body["messages"] or []:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-            parts.append(f"{message.get('role', '') if isinstance(message, dict) else ''}:{content or ''}\n")
-        return "".join(parts)
-    for key in ("prompt", "text", "input_ids"):
-        if key in body:
-            return body[key] if isinstance(body[key], str) else json.dumps(body[key])
-    return ""
-
-
-def _is_batch(body: dict[str, Any]) -> bool:
-    prompt = body.get("prompt", body.get("text"))
-    ids = body.get("input_ids")
-    return (isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)) or (
-        isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-    )
-
-
-def usage_of(payload: dict[str, Any]) -> UsageRecord | None:
-    """Token counts from an OpenAI ``usage`` block or an SGLang ``meta_info``."""
-    if isinstance(payload.get("usage"), dict):
-        usage = payload["usage"]
-        details = usage.get("prompt_tokens_details") or {}
-        return UsageRecord(usage.get("prompt_tokens", 0), details.get("cached_tokens") or 0,
-                           usage.get("completion_tokens", 0))
-    meta = payload.get("meta_info")
-    if isinstance(meta, dict) and "prompt_tokens" in meta:
-        return UsageRecord(meta["prompt_tokens"], meta.get("cached_tokens") or 0, meta.get("completion_tokens", 0))
-    return None
-
-
-def ensure_cached_tokens(payload: dict[str, Any]) -> None:
-    """OpenAI replies always carry ``usage.prompt_tokens_details.cached_tokens``."""
-    usage = payload.get("usage")
-    if isinstance(usage, dict):
-        details = usage.get("prompt_tokens_details") or {}
-        details.setdefault("cached_tokens", 0)
-        usage["prompt_tokens_details"] = details
+    @property
+    def fallback_model(self) -> str:
+        return self.default_model or next(iter(self.decode_pools))
 
 
 class PrefillShareRouter:
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, client: httpx.AsyncClient):
         self.config = config
+        self.client = client
         self.metrics = RouterMetrics()
         self.locality = PrefixLocality(config.prefill_workers)
-        self.client: httpx.AsyncClient | None = None
+        self.pd = PrefillDecodeClient(client)
 
-    # ----- helpers -----
-    def _record(self, model: str, endpoint: str, status: int, payload: dict | None) -> None:
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
-        usage = usage_of(payload) if payload else None
-        if usage is not None:
-            self.metrics.record_usage(model, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens,
-                                      self.config.kv_bytes_per_token)
+    def all_workers(self) -> list[Worker]:
+        return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
 
-    def _record_transfer_time(self, model: str, prefill_payload: dict | None, decode_payload: dict) -> None:
-        prefill_meta = (prefill_payload or {}).get("meta_info") or {}
-        decode_meta = decode_payload.get("meta_info") or {}
-        started, landed = prefill_meta.get("prefill_finished_time"), decode_meta.get("prefill_finished_time")
-        if started and landed and landed >= started:
-            self.metrics.kv_seconds.labels(model).inc(landed - started)
-
-    async def _post_prefill(self, worker: PrefillWorker, endpoint: str, body: dict) -> dict | None:
-        worker.in_flight += 1
-        try:
-            reply = await self.client.post(worker.url + endpoint, json=body)
-            if reply.status_code != 200 or body.get("stream"):
-                return None
-            return reply.json()
-        except (httpx.HTTPError, ValueError):
-            return None
-        finally:
-            worker.in_flight -= 1
-
-    async def _prefill_reply(self, task: asyncio.Task) -> dict | None:
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), PREFILL_REPLY_WAIT_S)
-        except asyncio.TimeoutError:
-            return None
-
-    # ----- the PD hand-off -----
     async def route(self, request: Request, endpoint: str) -> Response:
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return error_response(400, "request body is not valid JSON")
-        if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object")
-        model = body.get("model") if endpoint != "/generate" else (body.get("model") or self.config.default_model)
-        if not model:
-            return error_response(400, "the 'model' field is required", param="model")
-        pool = self.config.decode_pools.get(model)
-        if pool is None:
-            self.metrics.requests.labels(str(model), endpoint, "404").inc()
-            return error_response(404, f"The model '{model}' does not exist. Served models: "
-                                  f"{sorted(self.config.decode_pools)}", code="model_not_found", param="model")
-        if _is_batch(body) or (body.get("n") or 1) > 1:
-            return error_response(400, "batched prompts and n > 1 are not supported; send one request per prompt")
-
-        prefill = self.locality.choose(prompt_text(body))
-        decode = pool.least_loaded()
-        pd_body = {**body, "bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
-                   "bootstrap_room": secrets.randbits(63)}
-        if endpoint == "/generate":
-            pd_body.pop("model", None)
-        prefill_task = asyncio.create_task(self._post_prefill(prefill, endpoint, pd_body))
-        if body.get("stream"):
-            return await self._stream(model, endpoint, decode, pd_body, prefill_task)
-
-        decode.in_flight += 1
+            routed = parse_request(endpoint, await request.body(), self.config.decode_pools,
+                                   self.config.fallback_model)
+        except RequestRejected as rejected:
+            return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)
+        prefill = self.locality.acquire(routed.prompt_text)
+        decode = self.config.decode_pools[routed.model].acquire()
+        body = pd_body(routed, prefill.worker)
         try:
-            reply = await self.client.post(decode.url + endpoint, json=pd_body)
-        except httpx.TimeoutException:
-            return error_response(504, f"decode server for '{model}' did not answer in time")
-        except httpx.TransportError as error:
-            return error_response(503, f"decode server for '{model}' is unreachable: {error}")
+            if routed.stream:
+                lines = await self.pd.stream(prefill, decode, endpoint, body)
+                return StreamingResponse(self._relay(routed, lines), media_type="text/event-stream")
+            reply, prefill_reply = await self.pd.complete(prefill, decode, endpoint, body)
+        except UpstreamError as error:
+            self.metrics.record_request(routed.model, endpoint, error.status)
+            return error_response(error.status, error.message)
+        ensure_cached_tokens(reply)
+        self._record_reply(routed, reply)
+        transfer = kv_transfer_of(reply) or kv_transfer_of(prefill_reply)
+        if transfer is not None:
+            self.metrics.record_kv_transfer(routed.model, transfer)
+        return JSONResponse(reply)
+
+    def _record_reply(self, routed: RoutedRequest, reply: dict | None, status: int = 200) -> None:
+        self.metrics.record_request(routed.model, routed.endpoint, status)
+        usage: Usage | None = usage_of(reply) if reply else None
+        if usage is not None:
+            self.metrics.record_usage(routed.model, usage)
+
+    async def _relay(self, routed: RoutedRequest, lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
+        """Pass the decode server's SSE lines through, filling in ``cached_tokens`` where usage comes."""
+        last_with_usage: dict | None = None
+        status = 200
+        try:
+            async for line in lines:
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    try:
+                        event = json.loads(line[len("data: "):])
+                    except ValueError:
+                        event = None
+                    if isinstance(event, dict) and usage_of(event) is not None:
+                        last_with_usage = event
+                        if ensure_cached_tokens(event):
+                            line = "data: " + json.dumps(event)
+                yield (line + "\n").encode()
+        except UpstreamError as error:  # the decode server broke off mid-stream: say so in the stream
+            status = error.status
+            payload = {"error": {"message": error.message, "type": "server_error", "code": str(error.status)}}
+            yield f"data: {json.dumps(payload)}\n\n".encode()
         finally:
-            decode.in_flight -= 1
-        if reply.status_code != 200:
-            self._record(model, endpoint, reply.status_code, None)
-            return from_upstream(reply.status_code, reply.content)
-        payload = reply.json()
-        ensure_cached_tokens(payload)
-        self._record(model, endpoint, 200, payload)
-        if endpoint == "/generate":
-            self._record_transfer_time(model, await self._prefill_reply(prefill_task), payload)
-        return JSONResponse(payload)
+            await lines.aclose()
+            self._record_reply(routed, last_with_usage, status)
 
-    async def _stream(self, model: str, endpoint: str, decode: Worker, pd_body: dict,
-                      prefill_task: asyncio.Task) -> Response:
-        decode.in_flight += 1
-        try:
-            upstream = await self.client.send(
-                self.client.build_request("POST", decode.url + endpoint, json=pd_body), stream=True
-            )
-        except httpx.TransportError as error:
-            decode.in_flight -= 1
-            return error_response(503, f"decode server for '{model}' is unreachable: {error}")
-        if upstream.status_code != 200:
-            content = await upstream.aread()
-            await upstream.aclose()
-            decode.in_flight -= 1
-            self._record(model, endpoint, upstream.status_code, None)
-            return from_upstream(upstream.status_code, content)
-
-        async def relay() -> AsyncIterator[bytes]:
-            last_payload: dict | None = None
-            try:
-                async for line in upstream.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        try:
-                            event = json.loads(line[len("data: "):])
-                            if usage_of(event) is not None:
-                                ensure_cached_tokens(event)
-                                last_payload = event
-                                line = "data: " + json.dumps(event)
-                        except ValueError:
-                            pass
-                    yield (line + "\n").encode()
-            finally:
-                await upstream.aclose()
-                decode.in_flight -= 1
-                self._record(model, endpoint, 200, last_payload)
-
-        return StreamingResponse(relay(), media_type=upstream.headers.get("content-type", "text/event-stream"))
-
-    # ----- plain endpoints -----
     def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "pfs_sglang", "root": name}
-            for name in self.config.decode_pools
-        ]}
+        return {"object": "list", "data": [self.model_card(name) for name in self.config.decode_pools]}
+
+    def model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "pfs_sglang",
+                "root": name}
 
     def workers(self) -> dict:
-        rows = [{"url": w.url, "role": "prefill", "bootstrap_port": w.bootstrap_port}
+        rows = [{"url": w.url, "role": "prefill", "bootstrap_port": w.bootstrap_port, "in_flight": w.in_flight}
                 for w in self.config.prefill_workers]
-        rows += [{"url": w.url, "role": "decode", "model": name}
+        rows += [{"url": w.url, "role": "decode", "model": name, "in_flight": w.in_flight}
                  for name, pool in self.config.decode_pools.items() for w in pool.workers]
         return {"workers": rows}
 
-    async def health(self) -> Response:
-        urls = [row["url"] for row in self.workers()["workers"]]
+    async def _on_every_worker(self, method: str, path: str) -> Response:
+        """Send ``method path`` to every server; 200 when all answer 200, else 503 naming the others."""
 
-        async def ok(url: str) -> bool:
+        async def ok(worker: Worker) -> bool:
             try:
-                return (await self.client.get(url + "/health", timeout=10)).status_code == 200
+                reply = await self.client.request(method, worker.url + path, timeout=self.config.health_timeout_s)
+                return reply.status_code == 200
             except httpx.HTTPError:
                 return False
 
-        results = await asyncio.gather(*(ok(url) for url in urls))
-        down = [url for url, good in zip(urls, results) if not good]
-        if down:
-            return error_response(503, f"unhealthy servers: {down}")
+        workers = self.all_workers()
+        results = await asyncio.gather(*(ok(worker) for worker in workers))
+        failed = [worker.url for worker, good in zip(workers, results) if not good]
+        if failed:
+            return error_response(503, f"{path} failed on: {failed}")
         return Response(status_code=200)
 
-    async def proxy_get(self, path: str) -> Response:
-        worker = self.config.decode_pools[self.config.default_model].least_loaded()
+    async def health(self) -> Response:
+        return await self._on_every_worker("GET", "/health")
+
+    async def flush_cache(self) -> Response:
+        return await self._on_every_worker("POST", "/flush_cache")
+
+    async def default_model_get(self, path: str) -> Response:
+        """A GET answered by a decode server of the default model (what frontend programs read)."""
+        worker = self.config.decode_pools[self.config.fallback_model].workers[0]
         try:
-            reply = await self.client.get(worker.url + path, timeout=30)
+            reply = await self.client.get(worker.url + path, timeout=self.config.health_timeout_s)
         except httpx.HTTPError as error:
-            return error_response(503, f"decode server unreachable: {error}")
-        return Response(reply.content, status_code=reply.status_code, media_type="application/json")
+            return error_response(503, f"decode server {worker.url} is unreachable: {error!r}")
+        return Response(reply.content, status_code=reply.status_code,
+                        media_type=reply.headers.get("content-type", "application/json"))
 
 
 def build_router_app(config: RouterConfig) -> FastAPI:
-    router = PrefillShareRouter(config)
+    """The router as an ASGI app; it owns one ``httpx.AsyncClient`` for the app's lifetime."""
+    state: dict[str, PrefillShareRouter] = {}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        router.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.request_timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-        )
-        yield
-        await router.client.aclose()
+        timeout = httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            state["router"] = PrefillShareRouter(config, client)
+            _app.state.router = state["router"]
+            yield
 
     app = FastAPI(title="pfs_sglang router", lifespan=lifespan)
-    app.state.router = router
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await router.route(request, "/v1/chat/completions")
+    def router() -> PrefillShareRouter:
+        return state["router"]
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await router.route(request, "/v1/completions")
+    def routed(endpoint: str):
+        async def handler(request: Request) -> Response:
+            return await router().route(request, endpoint)
 
-    @app.post("/generate")
-    async def generate(request: Request):
-        return await router.route(request, "/generate")
+        return handler
+
+    for endpoint in (CHAT, COMPLETIONS, GENERATE):
+        app.add_api_route(endpoint, routed(endpoint), methods=["POST"])
 
     @app.get("/v1/models")
     async def models():
-        return router.models()
+        return router().models()
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model not in config.decode_pools:
+            return error_response(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        return router().model_card(model)
 
     @app.get("/workers")
     async def workers():
-        return router.workers()
+        return router().workers()
 
     @app.get("/health")
     async def health():
-        return await router.health()
+        return await router().health()
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        return await router().flush_cache()
 
     @app.get("/metrics")
     async def metrics():
-        return Response(router.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(router().metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/get_model_info")
-    async def get_model_info():
-        return await router.proxy_get("/get_model_info")
+    def proxied(path: str):
+        async def handler() -> Response:
+            return await router().default_model_get(path)
 
-    @app.get("/get_server_info")
-    async def get_server_info():
-        return await router.proxy_get("/get_server_info")
+        return handler
+
+    for path in ("/get_model_info", "/get_server_info", "/server_info"):
+        app.add_api_route(path, proxied(path), methods=["GET"])
 
     return app

@@ -1,13 +1,16 @@
-"""OpenAI-style error responses: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI-style error bodies: ``{"error": {"message", "type", "param", "code"}}``."""
 
 from __future__ import annotations
 
+import json
+
 from fastapi.responses import JSONResponse
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 422: "invalid_request_error",
+          502: "upstream_error", 503: "service_unavailable", 504: "timeout"}
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(
         status_code=status,
         content={"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
@@ -15,13 +18,15 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     )
 
 
-def from_upstream(status: int, body: bytes) -> JSONResponse:
-    """Re-shape an SGLang error body (``{"object": "error", "message": ...}``) the OpenAI way."""
-    import json
-
+def upstream_message(body: bytes) -> str:
+    """The message of an SGLang error body (``{"object": "error", "message": ...}`` or OpenAI-shaped)."""
     try:
         payload = json.loads(body)
-        message = payload.get("message") or payload.get("error", {}).get("message") or body.decode()
-    except (ValueError, AttributeError):
-        message = body.decode(errors="replace")
-    return error_response(status, message)
+    except (ValueError, UnicodeDecodeError):
+        return body.decode(errors="replace")
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        message = payload.get("message") or (error.get("message") if isinstance(error, dict) else error)
+        if message:
+            return str(message)
+    return body.decode(errors="replace")

@@ -1,71 +1,127 @@
 """Worker choice: prefix locality across models for prefill, least-loaded for decode.
 
-Every request goes to the shared prefill pool and to the decode pool of the model it
-names. Prompts that share a prefix should meet the same prefill replica whichever
-model they name (invariant 3: one tree per prefill module, not per model), so the
-prefill choice looks up the prompt's leading blocks in one map shared by all models
-and falls back to the least-loaded replica. Within a pool, the replica with the fewest
-requests in flight wins.
+Upholds invariant 3 on the routing side: every request goes to the one shared prefill
+pool, whichever decode model it names, and prompts that share a prefix meet the same
+prefill replica, so they hit the same nodes of its prefix tree. ``PrefixLocality``
+keeps one map from hashes of a prompt's leading text blocks to the replica that last
+prefilled them, shared by all models (an approximation of the replicas' trees: text,
+not tokens). A prompt with no known prefix, or whose owner is overloaded, goes to the
+least-loaded replica. Within a decode pool the replica with the fewest requests in
+flight wins.
+
+Load is counted with a ``Lease``: the count goes up in the same step as the choice and
+down when the request is over, so concurrent choices see each other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Generic, Sequence, TypeVar
 
 
-@dataclass
+@dataclass(eq=False)
 class Worker:
+    """One SGLang HTTP server and the requests the router has in flight on it."""
+
     url: str
     in_flight: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class PrefillWorker(Worker):
+    """A prefill server and the bootstrap address decode servers fetch its KV from."""
+
     bootstrap_host: str = "127.0.0.1"
     bootstrap_port: int = 0
 
 
-@dataclass
-class DecodePool:
-    model: str
-    workers: list[Worker] = field(default_factory=list)
+W = TypeVar("W", bound=Worker)
 
-    def least_loaded(self) -> Worker:
-        return min(self.workers, key=lambda worker: worker.in_flight)
+
+class Lease(Generic[W]):
+    """One request in flight on ``worker``: counted from the choice until ``release()`` (idempotent)."""
+
+    def __init__(self, worker: W):
+        self.worker = worker
+        self._held = True
+        worker.in_flight += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.worker.in_flight -= 1
+
+
+class LeastLoaded(Generic[W]):
+    """The worker with the fewest requests in flight; ties rotate so idle replicas share work."""
+
+    def __init__(self, workers: Sequence[W]):
+        if not workers:
+            raise ValueError("a pool needs at least one worker")
+        self.workers = list(workers)
+        self._turn = itertools.count()
+
+    def choose(self) -> W:
+        fewest = min(worker.in_flight for worker in self.workers)
+        idle = [worker for worker in self.workers if worker.in_flight == fewest]
+        return idle[next(self._turn) % len(idle)]
+
+
+class DecodePool:
+    """The decode replicas serving one model name."""
+
+    def __init__(self, model: str, workers: Sequence[Worker]):
+        self.model = model
+        self.workers = list(workers)
+        self._balance: LeastLoaded[Worker] = LeastLoaded(self.workers)
+
+    def acquire(self) -> Lease[Worker]:
+        return Lease(self._balance.choose())
 
 
 class PrefixLocality:
-    """Maps hashes of a prompt's leading text blocks to the prefill replica that saw them."""
+    """Chooses a prefill replica: the owner of the prompt's longest known prefix, else least-loaded.
 
-    def __init__(self, workers: list[PrefillWorker], block_chars: int = 128, capacity: int = 100_000):
-        self.workers = workers
+    ``max_imbalance``: an owner with this many more requests in flight than the
+    least-loaded replica loses the prompt to it (the prefix is then recomputed there).
+    """
+
+    def __init__(self, workers: Sequence[PrefillWorker], block_chars: int = 64, capacity: int = 100_000,
+                 max_imbalance: int = 32):
+        self.workers = list(workers)
         self.block_chars = block_chars
         self.capacity = capacity
-        self._owner: OrderedDict[str, int] = OrderedDict()
+        self.max_imbalance = max_imbalance
+        self._balance: LeastLoaded[PrefillWorker] = LeastLoaded(self.workers)
+        self._owner: OrderedDict[str, PrefillWorker] = OrderedDict()
 
     def _block_hashes(self, text: str) -> list[str]:
+        """Hashes of each whole leading block: the hash of block i covers text[: (i+1)*block_chars]."""
         hashes, running = [], hashlib.sha1()
-        for start in range(0, len(text) - len(text) % self.block_chars, self.block_chars):
+        whole = len(text) - len(text) % self.block_chars
+        for start in range(0, whole, self.block_chars):
             running.update(text[start : start + self.block_chars].encode("utf-8", "surrogatepass"))
             hashes.append(running.copy().hexdigest())
         return hashes
 
-    def choose(self, text: str) -> PrefillWorker:
-        if len(self.workers) == 1:
-            return self.workers[0]
+    def _owner_of(self, hashes: list[str]) -> PrefillWorker | None:
+        for block_hash in reversed(hashes):  # longest known prefix first
+            owner = self._owner.get(block_hash)
+            if owner is not None:
+                return owner
+        return None
+
+    def acquire(self, text: str) -> Lease[PrefillWorker]:
         hashes = self._block_hashes(text)
-        chosen = None
-        for block_hash in reversed(hashes):  # longest cached prefix first
-            if block_hash in self._owner:
-                chosen = self._owner[block_hash]
-                break
-        if chosen is None:
-            chosen = min(range(len(self.workers)), key=lambda i: self.workers[i].in_flight)
+        least_loaded = self._balance.choose()
+        owner = self._owner_of(hashes)
+        chosen = least_loaded if owner is None or owner.in_flight - least_loaded.in_flight > self.max_imbalance else owner
         for block_hash in hashes:
             self._owner[block_hash] = chosen
             self._owner.move_to_end(block_hash)
         while len(self._owner) > self.capacity:
             self._owner.popitem(last=False)
-        return self.workers[chosen]
+        return Lease(chosen)

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.mooncake.conn import (
     MooncakeKVBootstrapServer,
     MooncakeKVManager,
@@ -75,6 +76,19 @@ class ZmqKVManager(MooncakeKVManager):
         timeout_s = float(os.environ.get("PFS_KV_TRANSFER_TIMEOUT_S", DEFAULT_TRANSFER_TIMEOUT_S))
         self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s)
         logger.info("pfs zmq KV engine (%s) at %s", mode.value, self.engine.session_id)
+
+    def check_status(self, bootstrap_room: int) -> KVPoll:
+        """As SGLang's, but on the prefill side a room that is gone has concluded.
+
+        Mooncake's transfer worker checks ``room in request_status`` and then reads it,
+        while the scheduler thread may clear the finished room in between; the KeyError
+        killed the transfer thread (seen on CPU with short answers), and every later
+        hand-off hung. A prefill room is registered before its first chunk, so a missing
+        one was cleared after it concluded.
+        """
+        if self.disaggregation_mode == DisaggregationMode.PREFILL:
+            return self.request_status.get(bootstrap_room, KVPoll.Success)
+        return super().check_status(bootstrap_room)
 
     def conclude_failure(self, *, bootstrap_room: int, failure_reason: str, targets=None):
         """Append the engine's reason (e.g. a refused fingerprint) to Mooncake's message."""

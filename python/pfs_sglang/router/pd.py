@@ -1,0 +1,171 @@
+"""The PD hand-off of one request, as SGLang's own router does it.
+
+The same JSON body, with ``bootstrap_host``/``bootstrap_port`` (the prefill server's
+KV bootstrap address) and a random 63-bit ``bootstrap_room`` added, is POSTed to a
+prefill server and to a decode server at once. The decode server fetches the prompt KV
+from the prefill server and its reply is the answer; for streaming, its SSE lines pass
+through. The prefill reply is read and dropped, except that a prefill failure that
+comes before the decode server has answered (non-200, unreachable, timed out) cancels
+the decode request and becomes the answer, so a broken prefill never leaves a client
+waiting. A decode failure cancels the prefill request. Every upstream call has a
+timeout (the client's ``httpx.Timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Any, Awaitable, TypeVar
+
+import httpx
+
+from pfs_sglang.router.openai_errors import upstream_message
+from pfs_sglang.router.pools import Lease, PrefillWorker, Worker
+from pfs_sglang.router.request_body import GENERATE, RoutedRequest
+
+T = TypeVar("T")
+
+
+class UpstreamError(Exception):
+    """A prefill or decode server failed the request; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def pd_body(request: RoutedRequest, prefill: PrefillWorker) -> dict[str, Any]:
+    """The body both servers receive: the client's, plus the bootstrap fields.
+
+    ``/generate`` loses ``model``: SGLang's ``GenerateReqInput`` has no such field.
+    """
+    body = {**request.body, "bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
+            "bootstrap_room": secrets.randbits(63)}
+    if request.endpoint == GENERATE:
+        body.pop("model", None)
+    return body
+
+
+def _transport_error(role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
+    if isinstance(error, httpx.TimeoutException):
+        return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
+    return UpstreamError(503, f"{role} server {worker.url} is unreachable: {error!r}")
+
+
+class PrefillDecodeClient:
+    """Runs PD hand-offs over one shared ``httpx.AsyncClient``."""
+
+    def __init__(self, client: httpx.AsyncClient):
+        self.client = client
+        self._background: set[asyncio.Task] = set()
+
+    async def _post_json(self, role: str, lease: Lease, endpoint: str, body: dict) -> dict | None:
+        try:
+            reply = await self.client.post(lease.worker.url + endpoint, json=body)
+        except httpx.HTTPError as error:
+            raise _transport_error(role, lease.worker, error) from error
+        finally:
+            lease.release()
+        if reply.status_code != 200:
+            raise UpstreamError(reply.status_code, f"{role} server: {upstream_message(reply.content)}")
+        try:
+            return reply.json()
+        except ValueError:
+            if role == "decode":
+                raise UpstreamError(502, f"decode server {lease.worker.url} sent a reply that is not JSON")
+            return None  # a streamed prefill reply: read, not needed
+
+    def _start(self, coroutine: Awaitable[T], lease: Lease) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(coroutine)
+        task.add_done_callback(lambda _: lease.release())  # also when cancelled before it ran
+        return task
+
+    def _finish_in_background(self, prefill: asyncio.Task) -> None:
+        """Let the prefill reply be read to its end without holding the client's answer."""
+        if prefill.done():
+            self._forget(prefill)
+        else:
+            self._background.add(prefill)
+            prefill.add_done_callback(self._forget)
+
+    def _forget(self, prefill: asyncio.Task) -> None:
+        self._background.discard(prefill)
+        if not prefill.cancelled():
+            prefill.exception()  # a late prefill failure: the decode server has answered already
+
+    async def _unless_prefill_fails(self, prefill: asyncio.Task, answer: asyncio.Task[T]) -> T:
+        """``answer``'s result, or the prefill's error if the prefill fails before it."""
+        try:
+            done, _ = await asyncio.wait({prefill, answer}, return_when=asyncio.FIRST_COMPLETED)
+            if answer not in done and prefill.exception() is not None:
+                raise prefill.exception()
+            return await answer
+        except BaseException:
+            for task in (prefill, answer):
+                task.cancel()
+            with suppress(BaseException):
+                await asyncio.gather(prefill, answer, return_exceptions=True)
+            raise
+
+    async def complete(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
+                       body: dict) -> tuple[dict, dict | None]:
+        """The decode server's JSON reply, and the prefill server's if it has already come."""
+        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill)
+        decode_task = self._start(self._post_json("decode", decode, endpoint, body), decode)
+        reply = await self._unless_prefill_fails(prefill_task, decode_task)
+        finished = prefill_task.done() and prefill_task.exception() is None
+        self._finish_in_background(prefill_task)
+        return reply, prefill_task.result() if finished else None
+
+    async def stream(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
+                     body: dict) -> AsyncIterator[str]:
+        """The decode server's SSE lines; opening it fails with the prefill's error if that comes first.
+
+        The decode lease is released when the lines end (or fail, or are closed).
+        """
+        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill)
+        lines = self._decode_lines(decode, endpoint, body)
+        first_task = asyncio.ensure_future(self._first_line(decode.worker, lines))
+        try:
+            first = await self._unless_prefill_fails(prefill_task, first_task)
+        except BaseException:
+            await lines.aclose()
+            decode.release()
+            raise
+        self._finish_in_background(prefill_task)
+        return self._chain(first, lines)
+
+    @staticmethod
+    async def _first_line(worker: Worker, lines: AsyncIterator[str]) -> str:
+        try:
+            return await anext(lines)
+        except StopAsyncIteration:
+            raise UpstreamError(502, f"decode server {worker.url} closed the stream without sending anything")
+
+    async def _decode_lines(self, decode: Lease[Worker], endpoint: str, body: dict) -> AsyncIterator[str]:
+        request = self.client.build_request("POST", decode.worker.url + endpoint, json=body)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as error:
+            raise _transport_error("decode", decode.worker, error) from error
+        try:
+            if response.status_code != 200:
+                raise UpstreamError(response.status_code, f"decode server: {upstream_message(await response.aread())}")
+            async for line in response.aiter_lines():
+                yield line
+        except httpx.HTTPError as error:
+            raise _transport_error("decode", decode.worker, error) from error
+        finally:
+            await response.aclose()
+            decode.release()
+
+    @staticmethod
+    async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            yield first
+            async for line in rest:
+                yield line
+        finally:
+            await rest.aclose()

@@ -1,0 +1,91 @@
+"""What the router reads from a client's request body, and the checks that answer 4xx.
+
+A request names a decode model (``model``; ``/generate`` may leave it out and get the
+default model, as SGLang frontend programs do), carries one prompt (batches and
+``n > 1`` are refused: one request is one KV hand-off with one bootstrap room), and
+may stream. The prompt text is only used for prefix locality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+GENERATE = "/generate"
+
+_PROMPT_FIELDS = {CHAT: ("messages",), COMPLETIONS: ("prompt",), GENERATE: ("text", "input_ids")}
+
+
+class RequestRejected(Exception):
+    """A request the router answers itself with an OpenAI-style error."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    endpoint: str
+    model: str
+    body: dict[str, Any]
+    stream: bool
+    prompt_text: str
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    """The request's prompt as text, for prefix locality (the exact tokens do not matter)."""
+    if "messages" in body:
+        return "".join(f"{message.get('role', '')}:{_content_text(message.get('content'))}\n"
+                       for message in body["messages"])
+    value = body.get("prompt", body.get("text", body.get("input_ids", "")))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)
+
+
+def _is_batch(body: dict[str, Any]) -> bool:
+    prompt = body.get("prompt", body.get("text"))
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return True
+    ids = body.get("input_ids")
+    return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+
+
+def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str) -> RoutedRequest:
+    """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestRejected(400, f"request body is not valid JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise RequestRejected(400, "request body must be a JSON object")
+
+    model = body.get("model")
+    if model is None and endpoint == GENERATE:
+        model = default_model
+    if not isinstance(model, str) or not model:
+        raise RequestRejected(400, "the 'model' field is required (a model name from /v1/models)", param="model")
+    if model not in served_models:
+        raise RequestRejected(404, f"The model '{model}' does not exist. Served models: {sorted(served_models)}",
+                              param="model", code="model_not_found")
+
+    fields = _PROMPT_FIELDS[endpoint]
+    if not any(body.get(name) for name in fields):
+        raise RequestRejected(400, f"the request needs a non-empty {' or '.join(repr(f) for f in fields)} field",
+                              param=fields[0])
+    if endpoint == CHAT and not (isinstance(body["messages"], list)
+                                 and all(isinstance(message, dict) for message in body["messages"])):
+        raise RequestRejected(400, "'messages' must be a list of message objects", param="messages")
+    if _is_batch(body) or (body.get("n") or 1) != 1:
+        raise RequestRejected(400, "batched prompts and n > 1 are not supported; send one request per prompt")
+    return RoutedRequest(endpoint=endpoint, model=model, body=body, stream=bool(body.get("stream")),
+                         prompt_text=prompt_text(body))

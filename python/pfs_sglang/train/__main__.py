@@ -1,0 +1,131 @@
+"""CLI of cache-conditioned fine-tuning (see ``pfs_sglang.train``).
+
+    python -m pfs_sglang.train [finetune] --base BASE --data DATA.jsonl --out OUT [--mode full|lora] ...
+    python -m pfs_sglang.train eval DATA.jsonl --model M [--prefill BASE]
+    python -m pfs_sglang.train eval DATA.jsonl --base BASE --full-ft F --decode-module D
+    python -m pfs_sglang.train replicate OUT_DIR [--seeds 0 1] [--report-dir DIR] [--export-demo DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+COMMANDS = ("finetune", "eval", "replicate")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="the base model (prefill module) dir")
+    parser.add_argument("--data", required=True, type=Path, help="JSONL: chat 'messages' or 'prompt'/'completion'")
+    parser.add_argument("--out", required=True, type=Path, help="where the trained model is written")
+    parser.add_argument("--mode", choices=("full", "lora"), default="full")
+    parser.add_argument("--objective", choices=("prefillshare", "own-kv"), default="prefillshare",
+                        help="prefillshare: cache-conditioned on the frozen base (a decode module); "
+                             "own-kv: ordinary fine-tuning (baselines, pretraining)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--max-length", type=int, default=512, help="longer rows are dropped")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay float32)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps under OUT/checkpoints")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from pfs_sglang.train.trainer import FinetuneConfig, finetune
+
+    result = finetune(FinetuneConfig(
+        base=args.base, data=args.data, out_dir=args.out, mode=args.mode, objective=args.objective,
+        learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed, bf16=args.bf16,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, save_steps=args.save_steps, logging_steps=args.logging_steps,
+        resume=args.resume,
+    ))
+    print(f"wrote {result.out_dir} ({result.steps} steps, mean loss {result.final_loss:.4f})")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pfs_sglang.train.evaluate import exact_match, three_ways
+
+    if args.model is not None:
+        results = {"model": exact_match(args.model, args.data, args.prefill, args.batch_size, args.max_new_tokens)}
+    elif None not in (args.base, args.full_ft, args.decode_module):
+        results = three_ways(args.base, args.full_ft, args.decode_module, args.data,
+                             args.batch_size, args.max_new_tokens)
+    else:
+        print("eval needs --model, or all of --base, --full-ft and --decode-module", file=sys.stderr)
+        return 2
+    for setting, result in results.items():
+        print(json.dumps({"setting": setting, "accuracy": result.accuracy, "correct": result.correct,
+                          "total": result.total, "model": result.model, "prompt_kv_from": result.prefill,
+                          "mistakes": result.mistakes[:3]}))
+    return 0
+
+
+def run_replicate(args: argparse.Namespace) -> int:
+    from pfs_sglang.train.replicate import ReplicationConfig, export_demo_models, replicate
+
+    config = ReplicationConfig(out_dir=args.out_dir)
+    config = replace(config, seeds=tuple(args.seeds or config.seeds), threads=args.threads or config.threads,
+                     pretrain_steps=args.pretrain_steps or config.pretrain_steps,
+                     task_steps=args.task_steps or config.task_steps, report_dir=args.report_dir)
+    result = replicate(config)
+    print((args.out_dir / "results.md").read_text())
+    if args.export_demo is not None:
+        print(f"demo models exported to {export_demo_models(result, args.export_demo)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "finetune")
+    parser = argparse.ArgumentParser(prog="python -m pfs_sglang.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_finetune_arguments(commands.add_parser("finetune", help="train a decode module (the default command)"))
+
+    evaluate = commands.add_parser("eval", help="held-out exact-match accuracy")
+    evaluate.add_argument("data", type=Path)
+    evaluate.add_argument("--model", type=Path, help="the model to evaluate (full checkpoint or LoRA adapter)")
+    evaluate.add_argument("--prefill", type=Path, help="compute prompt[:-1] KV with this model (default: --model)")
+    evaluate.add_argument("--base", type=Path, help="three-way evaluation: the base (prefill module)")
+    evaluate.add_argument("--full-ft", type=Path, help="three-way evaluation: the fully fine-tuned model")
+    evaluate.add_argument("--decode-module", type=Path, help="three-way evaluation: the PrefillShare decode module")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--max-new-tokens", type=int, default=16)
+    evaluate.add_argument("--threads", type=int, default=None)
+
+    rep = commands.add_parser("replicate", help="the small-scale replication (corpus, base, tasks, table)")
+    rep.add_argument("out_dir", type=Path)
+    rep.add_argument("--seeds", type=int, nargs="+")
+    rep.add_argument("--pretrain-steps", type=int)
+    rep.add_argument("--task-steps", type=int)
+    rep.add_argument("--threads", type=int)
+    rep.add_argument("--report-dir", type=Path, help="also write results.md and results.png here")
+    rep.add_argument("--export-demo", type=Path, help="copy base + first-seed decode modules here (demo assets)")
+
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return {"finetune": run_finetune, "eval": run_eval, "replicate": run_replicate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

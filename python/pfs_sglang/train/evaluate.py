@@ -1,0 +1,124 @@
+"""Exact-match evaluation of a model on held-out JSONL, with the prompt KV from a chosen model.
+
+Greedy generation with transformers' ``generate``. With ``prefill`` given, that model
+computes the KV of ``prompt[:-1]`` and ``generate`` continues from it with the
+evaluated model, which runs ``prompt[-1]`` and every generated token: the serving split
+of invariant 2, and the greedy oracle of invariant 5 (``pfs_sglang.oracle``) batched.
+Without ``prefill`` the model reads its own KV. The three settings of the replication:
+
+- (i) full fine-tuning, own KV:           ``model=full_ft``
+- (ii) PrefillShare, base KV:             ``model=decode_module, prefill=base``
+- (iii) naive reuse, base KV, no training: ``model=full_ft, prefill=base``
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pfs_sglang.train.collate import collate_split
+from pfs_sglang.train.data import Example, load_examples
+from pfs_sglang.train.objective import base_prefix_cache
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    prefill: str  # whose KV the prompt was read from
+    correct: int
+    total: int
+    mistakes: list[dict[str, str]] = field(default_factory=list)  # a few (prompt tail, expected, got)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
+
+
+def load_model(model_dir: str | Path) -> torch.nn.Module:
+    """A full checkpoint, or a PEFT LoRA adapter merged into the base it names."""
+    model_dir = Path(model_dir)
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: list[Example],
+    prefill: torch.nn.Module | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy completions (decoded, special tokens dropped) of every example's prompt."""
+    answers = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="eval", leave=False):
+        batch = collate_split(examples[start:start + batch_size], tokenizer.pad_token_id)
+        prompt_ids = torch.cat([batch.prefix_ids, batch.decode_ids[:, :1]], dim=1)
+        prompt_mask = torch.cat([batch.prefix_mask, batch.decode_mask[:, :1]], dim=1)
+        past = base_prefix_cache(prefill, batch) if prefill is not None else None
+        output = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            past_key_values=past,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers.extend(tokenizer.batch_decode(output[:, prompt_ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def exact_match(
+    model_dir: str | Path,
+    data: str | Path,
+    prefill_dir: str | Path | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> EvalResult:
+    """Accuracy of ``model_dir`` on ``data``, reading prompt KV from ``prefill_dir`` if given."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_examples(data, tokenizer)
+    model = load_model(model_dir)
+    prefill = load_model(prefill_dir) if prefill_dir is not None else None
+    answers = greedy_answers(model, tokenizer, examples, prefill, batch_size, max_new_tokens)
+    correct = 0
+    mistakes = []
+    for example, answer in zip(examples, answers):
+        if answer.strip() == example.answer.strip():
+            correct += 1
+        elif len(mistakes) < 5:
+            prompt_tail = tokenizer.decode(example.prompt_ids[-24:])
+            mistakes.append({"prompt_tail": prompt_tail, "expected": example.answer, "got": answer})
+    return EvalResult(model=str(model_dir), prefill=str(prefill_dir or model_dir), correct=correct,
+                      total=len(examples), mistakes=mistakes)
+
+
+SETTINGS = ("full_ft", "prefillshare", "naive_reuse", "base")
+
+
+def three_ways(base_dir: str | Path, full_ft_dir: str | Path, decode_dir: str | Path, data: str | Path,
+               batch_size: int = 64, max_new_tokens: int = 16) -> dict[str, EvalResult]:
+    """Settings (i), (ii), (iii) of the module docstring, plus the untuned base for reference."""
+    runs = {
+        "full_ft": (full_ft_dir, None),
+        "prefillshare": (decode_dir, base_dir),
+        "naive_reuse": (full_ft_dir, base_dir),
+        "base": (base_dir, None),
+    }
+    return {setting: exact_match(model, data, prefill, batch_size, max_new_tokens)
+            for setting, (model, prefill) in runs.items()}

@@ -1,0 +1,54 @@
+"""Per-request KV transfer figures in the prefill server's replies.
+
+SGLang's prefill scheduler measures every hand-off (``KVTransferMetric``: bytes sent,
+latency) but only feeds server-wide Prometheus histograms. This output streamer, a
+subclass of SGLang's ``SchedulerOutputStreamer`` swapped in by the plugin, adds them to
+the request's own reply as ``meta_info["pfs_kv_transfer"] = [{"bytes", "seconds"}]`` (a
+list: SGLang accumulates customized info per request) so the router can count KV bytes
+moved and transfer time per decode model.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.disaggregation.utils import DisaggregationMode
+from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+
+KV_TRANSFER_KEY = "pfs_kv_transfer"
+
+
+def kv_transfer_report(req) -> dict | None:
+    sender = getattr(req, "disagg_kv_sender", None)
+    if sender is None:
+        return None
+    metric = sender.get_transfer_metric()
+    if metric.transfer_total_bytes is None:
+        return None
+    seconds = metric.transfer_latency_s
+    stats = req.time_stats
+    if seconds is None and stats.prefill_transfer_queue_entry_time > 0 and stats.completion_time > 0:
+        seconds = stats.completion_time - stats.prefill_transfer_queue_entry_time
+    return {"bytes": int(metric.transfer_total_bytes), "seconds": float(seconds or 0.0)}
+
+
+class KVTransferReportingStreamer(SchedulerOutputStreamer):
+    has_additional_customized_info = True
+
+    def should_build_additional_customized_info(self) -> bool:
+        return self.disaggregation_mode == DisaggregationMode.PREFILL
+
+    def build_additional_customized_info(self, reqs) -> dict[str, list]:
+        reports = [kv_transfer_report(req) for req in reqs]
+        return {KV_TRANSFER_KEY: [[report] if report else [] for report in reports]}
+
+    def is_request_level_customized_info_key(self, key: str) -> bool:
+        return key == KV_TRANSFER_KEY or super().is_request_level_customized_info_key(key)
+
+
+def register_kv_transfer_report() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer",
+        KVTransferReportingStreamer,
+        HookType.REPLACE,
+    )

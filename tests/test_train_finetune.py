@@ -1,0 +1,94 @@
+"""pfs_sglang.train end to end on tiny runs: loss falls, outputs load, identity checks pass.
+
+Also: a decode module trained here beats the base on its task, and the embedded demo
+decode modules (the replication's) each do their own task over the shared record.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pfs_sglang.identity import DecodeModuleRecord, DecodeModuleRecordError, check_compatible, fingerprint_of
+from pfs_sglang.train.collate import collate_split
+from pfs_sglang.train.corpus import TASKS, CorpusSizes, write_corpus
+from pfs_sglang.train.data import load_examples
+from pfs_sglang.train.evaluate import exact_match, load_model
+from pfs_sglang.train.objective import cache_conditioned_logits, completion_loss
+from pfs_sglang.train.trainer import FinetuneConfig, finetune
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), seed=7, sizes=CorpusSizes(16, 2000, 40))
+
+
+def tiny_config(demo_models, corpus, out_dir, **overrides) -> FinetuneConfig:
+    settings = dict(base=demo_models.base, data=corpus.train["extract"], out_dir=out_dir, max_steps=4,
+                    batch_size=8, learning_rate=1e-3, logging_steps=1, save_steps=100)
+    return FinetuneConfig(**{**settings, **overrides})
+
+
+def held_out_loss(base_dir, model_dir, data) -> float:
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    batch = collate_split(load_examples(data, tokenizer)[:32], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return completion_loss(cache_conditioned_logits(load_model(base_dir), load_model(model_dir), batch),
+                               batch.target_ids).item()
+
+
+def test_loss_falls_and_a_trained_decode_module_beats_the_base(demo_models, corpus, tmp_path):
+    out = tmp_path / "extract"
+    finetune(tiny_config(demo_models, corpus, out, max_steps=300, batch_size=32, learning_rate=3e-3))
+    before = held_out_loss(demo_models.base, demo_models.base, corpus.test["extract"])
+    after = held_out_loss(demo_models.base, out, corpus.test["extract"])
+    assert after < 0.5 * before
+    trained = exact_match(out, corpus.test["extract"], prefill_dir=demo_models.base)
+    untuned = exact_match(demo_models.base, corpus.test["extract"])
+    assert trained.accuracy >= untuned.accuracy + 0.25, trained.mistakes
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_outputs_load_and_pass_the_identity_check(demo_models, corpus, tmp_path, mode):
+    out = tmp_path / mode
+    result = finetune(tiny_config(demo_models, corpus, out, mode=mode, max_steps=2))
+    assert result.steps == 2
+    record = DecodeModuleRecord.load(out)
+    assert check_compatible(fingerprint_of(demo_models.base), record).ok
+    assert json.loads((out / "prefillshare.json").read_text())["mode"] == mode
+    assert (out / ("adapter_config.json" if mode == "lora" else "model.safetensors")).is_file()
+    model = load_model(out)
+    assert model.config.num_key_value_heads == load_model(demo_models.base).config.num_key_value_heads
+    if mode == "lora":
+        base_weight = load_model(demo_models.base).model.layers[0].self_attn.q_proj.weight
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base_weight)
+
+
+def test_own_kv_output_is_not_a_decode_module(demo_models, corpus, tmp_path):
+    out = tmp_path / "full_ft"
+    finetune(tiny_config(demo_models, corpus, out, objective="own-kv", max_steps=1))
+    with pytest.raises(DecodeModuleRecordError, match="not a decode module"):
+        DecodeModuleRecord.load(out)
+
+
+def test_checkpoints_and_resume(demo_models, corpus, tmp_path):
+    out = tmp_path / "resumed"
+    finetune(tiny_config(demo_models, corpus, out, max_steps=4, save_steps=2))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    resumed = finetune(tiny_config(demo_models, corpus, out, max_steps=6, save_steps=2, resume=True))
+    assert resumed.steps == 6
+    assert check_compatible(fingerprint_of(demo_models.base), DecodeModuleRecord.load(out)).ok
+
+
+def test_embedded_demo_decode_modules_do_their_own_tasks(demo_models, corpus):
+    for task in TASKS:
+        own = exact_match(demo_models.decode[task], corpus.test[task], prefill_dir=demo_models.base)
+        assert own.accuracy >= 0.5, (task, own.mistakes)
+        for other in set(TASKS) - {task}:
+            assert exact_match(demo_models.decode[other], corpus.test[task],
+                               prefill_dir=demo_models.base).accuracy < 0.2
