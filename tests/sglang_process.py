@@ -44,7 +44,7 @@ def sglang_server(model_path: Path, log_path: Path, extra_args: list[str] = (), 
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or too busy to answer in time
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"sglang not healthy after {timeout_s}s:\n{log_path.read_text()[-3000:]}")

@@ -47,7 +47,7 @@ def deployment(demo_models, tmp_path_factory):
             try:
                 if requests.get(f"{url}/v1/models", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or too busy to answer in time
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"deployment not up after 300 s:\n{log_path.read_text()[-4000:]}")

@@ -14,6 +14,7 @@ the launch with its log; start-up has a deadline), and serves the router in a th
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import uvicorn
 
 from pfs_sglang.identity import DecodeModuleRecord, DecodeModuleRecordError, check_compatible, fingerprint_of
-from pfs_sglang.launch.processes import LaunchError, ManagedProcess, ensure_port_free, free_port, stop_all, wait_until_healthy
+from pfs_sglang.launch.processes import LaunchError, ManagedProcess, free_port, listening_socket, stop_all, wait_until_healthy
 from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command, prefill_server_command
 from pfs_sglang.launch.topology import Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
@@ -124,23 +125,25 @@ class Deployment:
     def start(self) -> str:
         """Check identities, start every server and the router; return the router URL."""
         check_decode_models(self.topology)
-        ensure_port_free(self.topology.host, self.topology.port)
+        # Held from now on: the servers' free ports can then never be the router's.
+        router_socket = listening_socket(self.topology.host, self.topology.port)
         router_config = self._plan()
         try:
             for child in self.children:
                 child.start()
             wait_until_healthy(self.children, self.topology.startup_timeout_s)
-            self._start_router(router_config)
+            self._start_router(router_config, router_socket)
         except BaseException:
+            router_socket.close()
             self.stop()
             raise
         return self.url
 
-    def _start_router(self, config: RouterConfig) -> None:
-        uvicorn_config = uvicorn.Config(build_router_app(config), host=self.topology.host,
-                                        port=self.topology.port, log_level="warning")
+    def _start_router(self, config: RouterConfig, sock: socket.socket) -> None:
+        uvicorn_config = uvicorn.Config(build_router_app(config), log_level="warning")
         self._router_server = uvicorn.Server(uvicorn_config)
-        self._router_thread = threading.Thread(target=self._router_server.run, name="pfs-router", daemon=True)
+        self._router_thread = threading.Thread(target=self._router_server.run, kwargs={"sockets": [sock]},
+                                               name="pfs-router", daemon=True)
         self._router_thread.start()
         deadline = time.monotonic() + ROUTER_START_TIMEOUT_S
         while not self._router_server.started:

@@ -48,13 +48,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def ensure_port_free(host: str, port: int) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            raise LaunchError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port`` now, so no server started later can take the port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise LaunchError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    return sock
 
 
 def _die_with_parent() -> None:
