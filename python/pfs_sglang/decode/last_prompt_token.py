@@ -23,11 +23,7 @@ extend continues inside the already-allocated last page.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 _NEEDS_EXTEND = "pfs_needs_last_token_extend"
 
@@ -56,8 +52,8 @@ def commit_transfer_without_prefill_token(original, transfer_queue, decode_req) 
         if logprob.token_ids_logprob is not None:
             _drop_last_appended(logprob.output_token_ids_logprobs_val)
             _drop_last_appended(logprob.output_token_ids_logprobs_idx)
-    if req.return_sampling_mask:
-        _drop_last_appended(req.sampling_mask_rows)
+    if req.return_sampling_mask and req.sampling_mask_rows is not None:
+        req.sampling_mask_rows.take()  # a fresh request's only queued row is the prefill's
     setattr(req, _NEEDS_EXTEND, True)
 
 
