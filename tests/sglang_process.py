@@ -1,16 +1,17 @@
-"""Test helper: run one stock ``sglang.launch_server`` process on CPU for a test."""
+"""Test helpers: run one stock ``sglang.launch_server`` on CPU, read a server's KV usage.
+
+The process handling is the launcher's own (``pfs_sglang.launch.processes``).
+"""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import requests
+
+from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
 
 CPU_SERVER_ARGS = [
     "--device", "cpu",
@@ -21,38 +22,22 @@ CPU_SERVER_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def sglang_server(model_path: Path, log_path: Path, extra_args: list[str] = (), timeout_s: float = 180):
     """Start stock SGLang on CPU, wait for /health, yield its base URL, stop it."""
     port = free_port()
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
                "--host", "127.0.0.1", "--port", str(port), *CPU_SERVER_ARGS, *extra_args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = ManagedProcess(name="sglang", command=command, log_path=log_path, url=f"http://127.0.0.1:{port}")
+    server.start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"sglang exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not up yet, or too busy to answer in time
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sglang not healthy after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        wait_until_healthy([server], timeout_s)
+        yield server.url
     finally:
-        try:
-            os.killpg(process.pid, 15)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, 9)
+        server.stop()
+
+
+def used_kv_tokens(server_url: str) -> float:
+    """KV slots held by requests on an SGLang server (``sglang:num_used_tokens``; cache excluded)."""
+    text = requests.get(f"{server_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))

@@ -27,7 +27,7 @@ from pfs_sglang.launch.server_commands import (
     prefill_server_command,
 )
 from pfs_sglang.models.demo import write_perturbed_decode_module
-from sglang_process import free_port
+from pfs_sglang.launch.processes import free_port
 
 
 def launch(args: list[str], **kwargs) -> subprocess.Popen:

@@ -23,7 +23,8 @@ import pytest
 import requests
 
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
-from sglang_process import free_port
+from pfs_sglang.launch.processes import free_port
+from sglang_process import used_kv_tokens
 
 MAX_NEW_TOKENS = 10
 
@@ -198,16 +199,11 @@ def test_three_models_twenty_concurrent_requests_each(deployment, demo_models):
     deadline = time.monotonic() + 30
     while True:  # every server's KV pool returns to idle: no slot held by a request
         workers = requests.get(f"{deployment}/workers", timeout=10).json()["workers"]
-        busy = {w["url"]: _used_tokens(w["url"]) for w in workers}
+        busy = {w["url"]: used_kv_tokens(w["url"]) for w in workers}
         if not any(busy.values()):
             break
         assert time.monotonic() < deadline, f"KV slots still held: {busy}"
         time.sleep(1)
-
-
-def _used_tokens(server_url: str) -> float:
-    text = requests.get(f"{server_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
 
 
 def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_models):

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 from pfs_sglang.router.pools import PrefixLocality
-from sglang_process import free_port
+from pfs_sglang.launch.processes import free_port
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
 

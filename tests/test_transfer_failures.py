@@ -21,19 +21,15 @@ from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_he
 from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command
 from pfs_sglang.launch.deployment import child_env
 from pfs_sglang.models.demo import write_perturbed_decode_module
+from sglang_process import used_kv_tokens
 
 TRANSFER_TIMEOUT_S = 8
 
 
-def used_tokens(server_url: str) -> float:
-    text = requests.get(f"{server_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
-
-
 def assert_pools_idle(urls: list[str]) -> None:
     deadline = time.monotonic() + 30
-    while any(used_tokens(url) for url in urls):
-        assert time.monotonic() < deadline, {url: used_tokens(url) for url in urls}
+    while any(used_kv_tokens(url) for url in urls):
+        assert time.monotonic() < deadline, {url: used_kv_tokens(url) for url in urls}
         time.sleep(1)
 
 
