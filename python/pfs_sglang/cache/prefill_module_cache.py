@@ -59,10 +59,11 @@ def build_prefill_module_cache(ctx):
     """Factory for ``register_radix_cache_backend``: a tree named by the model's fingerprint."""
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
-    from pfs_sglang.identity import fingerprint_of
+    from pfs_sglang.identity import server_fingerprint
 
     cache = create_unified_radix_cache(ctx, cache_class=PrefillModuleRadixCache)
-    cache.prefill_digest = fingerprint_of(ctx.server_args.model_path).digest
+    # The launcher's fingerprint when it handed one over (no second hash of the weights).
+    cache.prefill_digest = server_fingerprint(ctx.server_args.model_path).digest
     return cache
 
 

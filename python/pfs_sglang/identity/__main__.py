@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from pfs_sglang.identity import DecodeModuleRecord, check_compatible, fingerprint_of
+from pfs_sglang.identity import DecodeModuleRecord, check_compatible, fingerprint_of, token_sequence_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fingerprint":
         print(json.dumps(fingerprint_of(args.model_dir).to_dict(), indent=2, sort_keys=True))
         return 0
-    result = check_compatible(fingerprint_of(args.base_dir), DecodeModuleRecord.load(args.decode_dir))
+    result = check_compatible(fingerprint_of(args.base_dir), DecodeModuleRecord.load(args.decode_dir),
+                              token_sequence_of(args.base_dir))
     print("compatible" if result.ok else f"incompatible: {result.reason}")
     return 0 if result.ok else 1
 

@@ -4,8 +4,11 @@ A decode module is a checkpoint of the base's architecture trained to read the K
 one specific prefill module. It says which one in ``prefillshare.json`` beside its
 weights. ``check_compatible`` compares that record, and the decode module's own KV
 shape, with the prefill module actually being served, and names the first field that
-differs. The launcher calls it before starting anything; the KV hand-off repeats the
-fingerprint comparison so that a mismatch is refused there too.
+differs. Given the prefill module's token-sequence fields (``token_sequence.py``:
+tokenizer, special tokens, chat template, stop ids) it also compares the decode
+module's own, and what its record says it was trained with, so both servers turn a
+request into the same tokens. The launcher calls it before starting anything; the KV
+hand-off repeats the fingerprint comparison so that a mismatch is refused there too.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from pfs_sglang.identity.fingerprint import STRUCTURE_FIELDS, Fingerprint, structure_of
+from pfs_sglang.identity.token_sequence import TOKEN_SEQUENCE_FIELDS, token_sequence_of
 
 DECODE_MODULE_RECORD = "prefillshare.json"
 RECORD_FORMAT_VERSION = 1
+PREFILL_TOKEN_SEQUENCE = "prefill_token_sequence"  # optional record key, written by the trainer
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,8 @@ class DecodeModuleRecord:
     path: Path
     structure: dict[str, Any]  # the decode module's own KV-shaping fields
     trained_against: Fingerprint  # the prefill module it was trained to read
+    token_sequence: dict[str, str]  # the decode module's own tokenizer, template, stop ids
+    trained_token_sequence: dict[str, str] | None = None  # the base's, as recorded by the trainer
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodeModuleRecord":
@@ -47,6 +54,8 @@ class DecodeModuleRecord:
             path=path,
             structure=structure_of(path),
             trained_against=Fingerprint.from_dict(data["prefill_fingerprint"]),
+            token_sequence=token_sequence_of(path),
+            trained_token_sequence=data.get(PREFILL_TOKEN_SEQUENCE),
         )
 
 
@@ -81,13 +90,19 @@ def _first_difference(
     prefill: dict[str, Any], other: dict[str, Any], field_names: tuple[str, ...], other_label: str
 ) -> str | None:
     for name in field_names:
-        if prefill[name] != other[name]:
-            return f"{name} differs: prefill module has {prefill[name]!r}, {other_label} {other[name]!r}"
+        if prefill[name] != other.get(name):
+            return f"{name} differs: prefill module has {prefill[name]!r}, {other_label} {other.get(name)!r}"
     return None
 
 
-def check_compatible(prefill: Fingerprint, decode: DecodeModuleRecord) -> Compatibility:
-    """Can ``decode`` consume KV produced by ``prefill``? If not, say exactly why."""
+def check_compatible(
+    prefill: Fingerprint, decode: DecodeModuleRecord, prefill_token_sequence: dict[str, str] | None = None
+) -> Compatibility:
+    """Can ``decode`` consume KV produced by ``prefill``? If not, say exactly why.
+
+    ``prefill_token_sequence`` (``token_sequence_of(base_dir)``) adds the token-sequence
+    comparison; without it only the KV identity is checked (the KV hand-off's case).
+    """
     prefill_fields = prefill.to_dict()
     own_shape = _first_difference(
         prefill_fields, decode.structure, STRUCTURE_FIELDS, "decode module has"
@@ -102,4 +117,13 @@ def check_compatible(prefill: Fingerprint, decode: DecodeModuleRecord) -> Compat
     )
     if recorded:
         return Compatibility(False, f"decode module {decode.path}: {recorded}")
+    if prefill_token_sequence is not None:
+        tokens = _first_difference(prefill_token_sequence, decode.token_sequence, TOKEN_SEQUENCE_FIELDS,
+                                   "decode module has")
+        if tokens is None and decode.trained_token_sequence is not None:
+            tokens = _first_difference(prefill_token_sequence, decode.trained_token_sequence, TOKEN_SEQUENCE_FIELDS,
+                                       "decode module was trained with")
+        if tokens:
+            return Compatibility(False, f"decode module {decode.path}: {tokens} (the two servers would tokenize "
+                                        "requests differently)")
     return Compatibility(True)

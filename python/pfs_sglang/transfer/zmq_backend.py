@@ -39,13 +39,14 @@ DEFAULT_TRANSFER_TIMEOUT_S = 30.0
 
 def expected_prefill_fingerprint(model_path: str, mode: DisaggregationMode) -> str:
     """The prefill-module digest this server produces (prefill) or expects (decode)."""
-    from pfs_sglang.identity import DecodeModuleRecord, fingerprint_of
+    from pfs_sglang.identity import DecodeModuleRecord, server_fingerprint
     from pfs_sglang.identity.compat import DECODE_MODULE_RECORD
 
     if mode == DisaggregationMode.DECODE and (Path(model_path) / DECODE_MODULE_RECORD).is_file():
         return DecodeModuleRecord.load(model_path).trained_against.digest
-    # A prefill module, or a plain model decoding its own prefill: the model itself.
-    return fingerprint_of(model_path).digest
+    # A prefill module, or a plain model decoding its own prefill: the model itself
+    # (the launcher's fingerprint when it handed one over, so the weights are not re-hashed).
+    return server_fingerprint(model_path).digest
 
 
 def _bind_host(server_host: str) -> str:
