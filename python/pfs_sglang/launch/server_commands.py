@@ -14,6 +14,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pfs_sglang.launch.placement import ServerPlacement
 
 # The name ``pfs_sglang.cache.prefill_module_cache`` registers its tree under; spelled
 # out here so the launcher does not import SGLang (tests/test_launch.py checks they agree).
@@ -24,6 +28,17 @@ RADIX_CACHE_BACKEND = "pfs"
 class ServerPorts:
     http: int
     bootstrap: int | None = None
+    nccl: int | None = None  # torch.distributed rendezvous of a GPU server (chosen by the launcher)
+
+
+def _placement_args(ports: ServerPorts, placement: ServerPlacement | None) -> list[str]:
+    """TP size and memory fraction from ``launch/placement.py`` (devices go in its env)."""
+    args = ["--nccl-port", str(ports.nccl)] if ports.nccl is not None else []
+    if placement is not None and placement.tp > 1:
+        args += ["--tp-size", str(placement.tp)]
+    if placement is not None and placement.mem_fraction_static is not None:
+        args += ["--mem-fraction-static", f"{placement.mem_fraction_static:g}"]
+    return args
 
 
 def _dtype_args(model: Path) -> list[str]:
@@ -57,10 +72,11 @@ def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: st
 
 def prefill_server_command(
     base_model: Path, host: str, ports: ServerPorts, backend: str, device: str,
-    max_total_tokens: int, extra: tuple[str, ...] = (),
+    max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
 ) -> list[str]:
     return [
         *_common(base_model, host, ports, backend, device, max_total_tokens),
+        *_placement_args(ports, placement),
         "--disaggregation-mode", "prefill",
         "--disaggregation-bootstrap-port", str(ports.bootstrap),
         "--radix-cache-backend", RADIX_CACHE_BACKEND,
@@ -70,10 +86,11 @@ def prefill_server_command(
 
 def decode_server_command(
     name: str, model: Path, host: str, ports: ServerPorts, backend: str, device: str,
-    max_total_tokens: int, extra: tuple[str, ...] = (),
+    max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
 ) -> list[str]:
     args = [
         *_common(model, host, ports, backend, device, max_total_tokens),
+        *_placement_args(ports, placement),
         "--disaggregation-mode", "decode",
         "--served-model-name", name,
     ]

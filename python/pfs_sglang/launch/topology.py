@@ -3,18 +3,24 @@
 Built from command-line flags, a YAML file holding the same keys, or both (flags win;
 see ``launch/cli.py``). With no model given, the embedded demo models are written (once,
 under ``$PFS_SGLANG_HOME/demo_models``, default ``~/.cache/pfs_sglang/demo_models``) and
-served. YAML example::
+served. GPU placement (``gpus``, ``pack``, TP and memory shares per pool) is planned by
+``launch/placement.py``. YAML example::
 
     base_model: /models/base
-    decode_models: {planner: /models/planner, coder: /models/coder}
+    decode_models:
+      planner: /models/planner
+      coder: {path: /models/coder, tp: 2, args: --chunked-prefill-size 4096}
     decode_replicas: 2
+    gpus: 0-7
+    prefill_tp: 2
     port: 8000
-    decode_args: --mem-fraction-static 0.8
+    decode_args: --max-running-requests 64
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,10 +33,14 @@ TRANSFER_BACKENDS = ("zmq", "mooncake", "nixl")
 
 @dataclass(frozen=True)
 class DecodeModelSpec:
-    """A decode module served under ``name`` (the OpenAI ``model`` field)."""
+    """A decode module served under ``name`` (the OpenAI ``model`` field), with the
+    settings of its own pool (``None``/empty: the topology's decode-wide ones)."""
 
     name: str
     path: Path
+    tp: int | None = None
+    mem_fraction: float | None = None
+    args: tuple[str, ...] = ()  # appended after the topology's decode_args
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,21 @@ class Topology:
     log_dir: Path | None = None
     startup_timeout_s: float = 300.0
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
+    gpus: tuple[int, ...] | None = None  # cuda: GPU indices (into CUDA_VISIBLE_DEVICES if set); None = all
+    pack: bool = False  # let servers share GPUs, each with its memory share
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    prefill_mem_fraction: float | None = None  # share of each of its GPUs' memory
+    decode_mem_fraction: float | None = None
+
+    def decode_tp_of(self, spec: DecodeModelSpec) -> int:
+        return spec.tp if spec.tp is not None else self.decode_tp
+
+    def decode_mem_fraction_of(self, spec: DecodeModelSpec) -> float | None:
+        return spec.mem_fraction if spec.mem_fraction is not None else self.decode_mem_fraction
+
+    def decode_args_of(self, spec: DecodeModelSpec) -> tuple[str, ...]:
+        return (*self.decode_args, *spec.args)
 
     def validate(self) -> None:
         if self.transfer_backend not in TRANSFER_BACKENDS:
@@ -67,6 +92,22 @@ class Topology:
             raise ValueError(f"default model {self.default_model!r} is not one of the decode models {names}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cpu" and (self.gpus is not None or self.pack):
+            raise ValueError("--gpus and --pack place servers on GPUs: they need --device cuda")
+        if self.device == "cpu" and any(share is not None for share in (
+                self.prefill_mem_fraction, self.decode_mem_fraction, *(s.mem_fraction for s in self.decode_models))):
+            raise ValueError("memory fractions are shares of GPU memory: they need --device cuda "
+                             "(on CPU, --max-total-tokens sizes each server's KV pool)")
+        if self.gpus is not None and (not self.gpus or len(set(self.gpus)) != len(self.gpus)):
+            raise ValueError(f"gpus must be a non-empty list of distinct indices, got {self.gpus}")
+        for label, tp in [("prefill", self.prefill_tp), ("decode", self.decode_tp),
+                          *((f"decode '{s.name}'", s.tp) for s in self.decode_models if s.tp is not None)]:
+            if tp < 1:
+                raise ValueError(f"{label} TP size must be at least 1, got {tp}")
+        for label, share in [("prefill", self.prefill_mem_fraction), ("decode", self.decode_mem_fraction),
+                             *((f"decode '{s.name}'", s.mem_fraction) for s in self.decode_models)]:
+            if share is not None and not 0 < share < 1:
+                raise ValueError(f"{label} memory fraction must be between 0 and 1, got {share}")
 
 
 def parse_decode_model(text: str) -> DecodeModelSpec:
@@ -74,6 +115,30 @@ def parse_decode_model(text: str) -> DecodeModelSpec:
     if not sep or not name or not path:
         raise ValueError(f"--decode-model takes NAME=PATH, got {text!r}")
     return DecodeModelSpec(name=name, path=Path(path).expanduser())
+
+
+def parse_gpus(text: str | int | list | tuple) -> tuple[int, ...]:
+    """``"0-3,6"`` (or a YAML list or a single index) -> ``(0, 1, 2, 3, 6)``."""
+    if isinstance(text, int):
+        return (text,)
+    if isinstance(text, (list, tuple)):
+        return tuple(int(item) for item in text)
+    gpus: list[int] = []
+    for part in str(text).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ValueError(f"--gpus takes indices and ranges like 0-3,6; got {text!r}")
+        gpus.extend(range(int(match[1]), int(match[2] if match[2] is not None else match[1]) + 1))
+    return tuple(gpus)
+
+
+PER_MODEL = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.:-]*)=(.*)", re.S)
+
+
+def split_per_model(text: str) -> tuple[str | None, str]:
+    """``"coder=--x 1"`` -> ``("coder", "--x 1")``; a value for every model (``"--x 1"``) -> ``(None, text)``."""
+    match = PER_MODEL.fullmatch(text)
+    return (match[1], match[2]) if match else (None, text)
 
 
 def default_device() -> str:
@@ -107,17 +172,40 @@ def load_yaml_topology(path: Path) -> dict[str, Any]:
     decode = data.pop("decode_models", {}) or {}
     if not isinstance(decode, dict):
         raise ValueError(f"{path}: decode_models is a mapping of name to path")
-    data["decode_models"] = tuple(DecodeModelSpec(str(name), Path(str(p)).expanduser()) for name, p in decode.items())
+    data["decode_models"] = tuple(_yaml_decode_model(path, str(name), value) for name, value in decode.items())
     for key in ("base_model", "log_dir"):
         if data.get(key) is not None:
             data[key] = Path(str(data[key])).expanduser()
     for key in ("prefill_args", "decode_args"):
-        if isinstance(data.get(key), str):
-            data[key] = tuple(shlex.split(data[key]))
-        elif isinstance(data.get(key), list):
-            data[key] = tuple(str(arg) for arg in data[key])
+        if key in data:
+            data[key] = _yaml_args(data[key])
+    if data.get("gpus") is not None:
+        data["gpus"] = parse_gpus(data["gpus"])
     known = set(Topology.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
         raise ValueError(f"{path}: unknown topology keys {sorted(unknown)}")
     return data
+
+
+def _yaml_args(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(shlex.split(value))
+    if isinstance(value, (list, tuple)):
+        return tuple(str(arg) for arg in value)
+    raise ValueError(f"server arguments are a string or a list, got {value!r}")
+
+
+def _yaml_decode_model(path: Path, name: str, value: Any) -> DecodeModelSpec:
+    """``name: PATH`` or ``name: {path: PATH, tp: N, mem_fraction: F, args: "..."}``."""
+    if not isinstance(value, dict):
+        return DecodeModelSpec(name, Path(str(value)).expanduser())
+    unknown = set(value) - {"path", "tp", "mem_fraction", "args"}
+    if unknown or "path" not in value:
+        raise ValueError(f"{path}: decode model {name!r} takes path, tp, mem_fraction and args; got {sorted(value)}")
+    return DecodeModelSpec(
+        name, Path(str(value["path"])).expanduser(),
+        tp=int(value["tp"]) if value.get("tp") is not None else None,
+        mem_fraction=float(value["mem_fraction"]) if value.get("mem_fraction") is not None else None,
+        args=_yaml_args(value.get("args") or ()),
+    )
