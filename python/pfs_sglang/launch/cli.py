@@ -1,7 +1,10 @@
 """The command line of ``python -m pfs_sglang.launch_server``: flags, YAML, foreground life.
 
 Flags override the YAML topology (``--config``); with no model given the embedded demo
-models are served. The process stays in the foreground: Ctrl-C or SIGTERM (also during
+models are served. Per-model settings take ``NAME=VALUE`` (``--decode-args coder="..."``,
+``--decode-tp coder=2``, ``--decode-mem-fraction coder=0.3``) beside the decode-wide
+value. ``--dry-run`` runs every check and prints each server's environment and command
+line (and the router's pools) without starting anything. The process stays in the foreground: Ctrl-C or SIGTERM (also during
 start-up) stops every child it started; a server that dies while serving stops the
 deployment with that server's log tail. Exit status: 0 after a requested stop, the
 child's own code when a server dies during start-up, 1 for any other launch failure.
@@ -14,6 +17,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +29,18 @@ from pfs_sglang.launch.topology import (
     default_device,
     load_yaml_topology,
     parse_decode_model,
+    parse_gpus,
+    split_per_model,
     with_demo_models,
 )
 
 EXAMPLES = """examples:
   python -m pfs_sglang.launch_server                      # the embedded demo models
   python -m pfs_sglang.launch_server --base-model BASE --decode-model coder=CODER --decode-model critic=CRITIC
-  python -m pfs_sglang.launch_server --config topology.yaml --port 8000 --decode-args "--mem-fraction-static 0.8"
+  python -m pfs_sglang.launch_server --config topology.yaml --port 8000 --decode-args "--max-running-requests 64"
+  python -m pfs_sglang.launch_server --base-model BASE --decode-model coder=CODER --decode-model critic=CRITIC \
+      --gpus 0-3 --prefill-tp 2 --decode-args critic="--chunked-prefill-size 4096" --dry-run
+  python -m pfs_sglang.launch_server ... --gpus 0 --pack --prefill-mem-fraction 0.4 --decode-mem-fraction 0.2
 """
 
 
@@ -59,14 +68,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--max-total-tokens", type=int, help="KV pool size of each server on CPU")
     parser.add_argument("--prefill-args", help='extra SGLang arguments for prefill servers, e.g. "--chunked-prefill-size 512"')
-    parser.add_argument("--decode-args", help="extra SGLang arguments for decode servers (one string)")
+    parser.add_argument("--decode-args", action="append", metavar="[NAME=]ARGS",
+                        help="extra SGLang arguments for every decode server, or NAME=ARGS for one model's (repeatable)")
+    parser.add_argument("--gpus", help="GPUs to place servers on, e.g. 0-7 or 0,2,4 (default with --device cuda: all "
+                                       "visible); each server gets its own unless --pack")
+    parser.add_argument("--pack", action="store_true", default=None,
+                        help="let servers share GPUs; every pool then needs a memory fraction")
+    parser.add_argument("--prefill-tp", type=int, help="tensor-parallel size of each prefill server (default 1)")
+    parser.add_argument("--decode-tp", action="append", metavar="[NAME=]N",
+                        help="tensor-parallel size of each decode server, or NAME=N for one model's (default 1)")
+    parser.add_argument("--prefill-mem-fraction", type=float, metavar="F",
+                        help="share of each of its GPUs' memory a prefill server may hold (default: SGLang's)")
+    parser.add_argument("--decode-mem-fraction", action="append", metavar="[NAME=]F",
+                        help="the same for decode servers, or NAME=F for one model's")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
     parser.add_argument("--startup-timeout", type=float, dest="startup_timeout_s", help="seconds (default 300)")
     return parser
 
 
+def _split_values(values: list[str] | None, flag: str, parse: Any) -> tuple[Any, dict[str, Any]]:
+    """Repeated ``[NAME=]VALUE`` flags -> (the value for every model, {name: value})."""
+    shared, per_model = None, {}
+    for text in values or ():
+        name, value = split_per_model(text)
+        try:
+            parsed = parse(value)
+        except ValueError as error:
+            raise ValueError(f"{flag} {text!r}: {error}") from error
+        if name is None:
+            shared = parsed if flag != "--decode-args" or shared is None else (*shared, *parsed)
+        else:
+            per_model[name] = (*per_model.get(name, ()), *parsed) if flag == "--decode-args" else parsed
+    return shared, per_model
+
+
+def _with_per_model(topology: Topology, flag: str, field: str, values: dict[str, Any]) -> Topology:
+    names = [spec.name for spec in topology.decode_models]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{flag} names {unknown[0]!r}, which is not one of the decode models {names}")
+    models = tuple(replace(spec, **{field: values[spec.name]}) if spec.name in values else spec
+                   for spec in topology.decode_models)
+    return replace(topology, decode_models=models)
+
+
 def topology_from_args(args: argparse.Namespace) -> Topology:
     settings: dict[str, Any] = load_yaml_topology(args.config) if args.config else {}
+    decode_args, model_args = _split_values(args.decode_args, "--decode-args", lambda text: tuple(shlex.split(text)))
+    decode_tp, model_tp = _split_values(args.decode_tp, "--decode-tp", int)
+    decode_share, model_share = _split_values(args.decode_mem_fraction, "--decode-mem-fraction", float)
     flags = {
         "base_model": args.base_model,
         "decode_models": tuple(parse_decode_model(text) for text in args.decode_model) if args.decode_model else None,
@@ -80,18 +132,27 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "device": args.device,
         "max_total_tokens": args.max_total_tokens,
         "prefill_args": tuple(shlex.split(args.prefill_args)) if args.prefill_args is not None else None,
-        "decode_args": tuple(shlex.split(args.decode_args)) if args.decode_args is not None else None,
+        "decode_args": decode_args,
         "log_dir": args.log_dir,
         "startup_timeout_s": args.startup_timeout_s,
+        "gpus": parse_gpus(args.gpus) if args.gpus is not None else None,
+        "pack": args.pack,
+        "prefill_tp": args.prefill_tp,
+        "decode_tp": decode_tp,
+        "prefill_mem_fraction": args.prefill_mem_fraction,
+        "decode_mem_fraction": decode_share,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
-    if "device" not in settings:
-        settings["device"] = default_device()
+    if "device" not in settings:  # GPUs named: place on them; else cuda where there is one
+        settings["device"] = "cuda" if settings.get("gpus") is not None or settings.get("pack") else default_device()
     topology = Topology(**{"base_model": None, **settings})
     if topology.base_model is None:
         if topology.decode_models:
             raise LaunchError("--decode-model needs --base-model (the prefill module it was trained against)")
         topology = with_demo_models(topology)
+    for flag, field, values in (("--decode-args", "args", model_args), ("--decode-tp", "tp", model_tp),
+                                ("--decode-mem-fraction", "mem_fraction", model_share)):
+        topology = _with_per_model(topology, flag, field, values)
     topology.validate()
     return topology
 
@@ -141,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _say(f"prefill module {topology.base_model}; decode models "
          f"{', '.join(f'{s.name}={s.path}' for s in topology.decode_models)}; logs in {deployment.log_dir}")
+    if args.dry_run:
+        try:
+            print(deployment.dry_run(), flush=True)
+        except LaunchError as error:
+            _say(f"launch failed: {error}", error=True)
+            return 1
+        _say("dry run: nothing was started")
+        return 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     return serve(deployment)
