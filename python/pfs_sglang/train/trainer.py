@@ -31,12 +31,15 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from pfs_sglang.identity import fingerprint_of, write_decode_module_record
+from pfs_sglang.identity import fingerprint_of, token_sequence_of, write_decode_module_record
+from pfs_sglang.identity.compat import PREFILL_TOKEN_SEQUENCE
 from pfs_sglang.train.collate import SplitBatch, collate_split
 from pfs_sglang.train.data import Example, load_examples
 from pfs_sglang.train.objective import cache_conditioned_logits, completion_loss, own_kv_logits
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What else decides the token sequence (pfs_sglang.identity.token_sequence), copied when the base has it.
+TOKEN_SEQUENCE_FILES = ("chat_template.jinja", "chat_template.json", "generation_config.json")
 Objective = Literal["prefillshare", "own-kv"]
 Mode = Literal["full", "lora"]
 
@@ -153,11 +156,19 @@ def training_arguments(config: FinetuneConfig) -> TrainingArguments:
 
 
 def write_outputs(trainer: Trainer, config: FinetuneConfig, result: FinetuneResult) -> None:
-    """Weights (full checkpoint or adapter), the base's tokenizer and config, and the record."""
+    """Weights (full checkpoint or adapter); the base's tokenizer, chat template, generation
+    config and config; and the record. The launcher refuses a decode module whose token
+    sequence differs from the base's, so these are the base's own files, not re-saved ones."""
     out = config.out_dir
     trainer.model.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:
         shutil.copy2(config.base / name, out / name)
+    for name in TOKEN_SEQUENCE_FILES:
+        if (config.base / name).is_file():
+            shutil.copy2(config.base / name, out / name)
+    if (config.base / "additional_chat_templates").is_dir():
+        shutil.copytree(config.base / "additional_chat_templates", out / "additional_chat_templates",
+                        dirs_exist_ok=True)
     if config.mode == "lora":
         # The adapter's dir also carries the base's config: the identity check reads the
         # KV shape from it, and the adapter only ever runs on that architecture.
@@ -169,6 +180,7 @@ def write_outputs(trainer: Trainer, config: FinetuneConfig, result: FinetuneResu
             "dataset": config.data.name,
             "steps": result.steps,
             "seed": config.seed,
+            PREFILL_TOKEN_SEQUENCE: token_sequence_of(config.base),
         }
         write_decode_module_record(out, fingerprint_of(config.base), extra)
 
