@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import uvicorn
@@ -32,13 +32,19 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
 
 @dataclass
 class StandIn:
-    """A stand-in SGLang server; tests change ``delay_s``/``fail_status``/``cached_tokens`` while it runs."""
+    """A stand-in SGLang server; tests change ``delay_s``/``fail_status``/``cached_tokens`` while it runs.
+
+    Replies name the server and echo the prompt (``echo``), so a test can tell which
+    sub-request a reply answers; ``fails(body)`` picks requests that fail with ``fail_status``.
+    """
 
     name: str
     url: str = ""
     bodies: list[tuple[str, dict]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each body
     delay_s: float = 0.0
     fail_status: int | None = None
+    fails: Callable[[dict], bool] | None = None
     cached_tokens: int | None = None  # None: SGLang's null
     stream_gap_s: float = 0.0
 
@@ -55,27 +61,42 @@ class StandIn:
         async def answer(request: Request, path: str) -> Response:
             body = await request.json()
             self.bodies.append((path, body))
+            self.arrivals.append(time.monotonic())
             await asyncio.sleep(self.delay_s)
-            if self.fail_status:
+            if self.fail_status and (self.fails is None or self.fails(body)):
                 return JSONResponse({"object": "error", "message": f"{self.name} failed", "code": self.fail_status},
                                     status_code=self.fail_status)
+            echo = body.get("text", body.get("input_ids", body.get("prompt", body.get("messages"))))
             if path == "/generate":
-                meta = {"prompt_tokens": 8, "cached_tokens": 5, "completion_tokens": 2,
+                meta = {"id": body.get("rid"), "prompt_tokens": 8, "cached_tokens": 5, "completion_tokens": 2,
                         "pfs_kv_transfer": {"bytes": 4096, "seconds": 0.25}}
-                return JSONResponse({"text": self.name, "meta_info": meta})
+                if body.get("stream"):
+                    return StreamingResponse(generate_events(echo, meta), media_type="text/event-stream")
+                return JSONResponse({"text": self.name, "echo": echo, "meta_info": meta})
             if body.get("stream"):
-                return StreamingResponse(events(), media_type="text/event-stream")
+                return StreamingResponse(events(echo), media_type="text/event-stream")
             return JSONResponse({"id": "x", "object": "chat.completion", "model": body.get("model"),
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.name}}],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.name},
+                                              "echo": echo}],
                                  "usage": usage()})
 
-        async def events() -> Any:
+        async def events(echo: Any) -> Any:
             for index, word in enumerate(("one", "two", "three")):
                 if index:
                     await asyncio.sleep(self.stream_gap_s)
-                chunk = {"choices": [{"index": 0, "delta": {"content": word}}], "usage": None}
+                chunk = {"choices": [{"index": 0, "delta": {"content": word}, "echo": echo}], "usage": None}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield f"data: {json.dumps({'choices': [], 'usage': usage()})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        async def generate_events(echo: Any, meta: dict) -> Any:
+            for index, text in enumerate(("one", "one two")):
+                if index:
+                    await asyncio.sleep(self.stream_gap_s)
+                    if self.fail_status:  # SGLang's error event for a request that fails mid-stream
+                        yield f"data: {json.dumps({'error': {'message': f'{self.name} failed mid-stream'}})}\n\n"
+                        break
+                yield f"data: {json.dumps({'text': text, 'echo': echo, 'meta_info': meta})}\n\n"
             yield "data: [DONE]\n\n"
 
         def handler(path: str):
@@ -91,7 +112,13 @@ class StandIn:
         async def health():
             return Response(status_code=200)
 
+        @app.post("/abort_request")
+        async def abort(request: Request):
+            self.bodies.append(("/abort_request", await request.json()))
+            return Response(status_code=200)
+
         @app.get("/get_model_info")
+        @app.get("/model_info")
         async def model_info():
             return {"model_path": f"/models/{self.name}"}
 
@@ -266,8 +293,13 @@ def test_bad_requests_get_openai_error_bodies():
             reply = c.post("/v1/completions", body)
             assert reply.status_code == 400 and reply.json()["error"]["param"] == param
         assert c.post("/v1/chat/completions", {"model": "coder", "messages": "hi"}).status_code == 400
-        assert c.post("/v1/completions", {"model": "coder", "prompt": ["a", "b"]}).status_code == 400
-        assert c.post("/v1/completions", {"model": "coder", "prompt": "a", "n": 2}).status_code == 400
+        for n in (0, -1, "2", 1.5):
+            reply = c.post("/v1/completions", {"model": "coder", "prompt": "a", "n": n})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
+        reply = c.post("/generate", {"model": "coder", "text": ["a", "b"], "sampling_params": [{"n": 2}, {"n": 1}]})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "sampling_params"
+        reply = c.post("/generate", {"model": "coder", "text": ["a", "b"], "return_logprob": [True]})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "return_logprob"
         assert c.post("/generate", {"model": "coder"}).status_code == 400
         assert not c.prefill[0].bodies and not c.decode["coder"][0].bodies  # nothing reached a server
 

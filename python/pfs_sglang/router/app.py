@@ -10,27 +10,36 @@ metrics (``metrics.py``).
 
 Endpoints: ``POST /v1/chat/completions``, ``/v1/completions`` (streaming or not),
 ``/generate`` (with a ``model`` field, or the default model for SGLang frontend
-programs), ``/flush_cache`` (every server); ``GET /v1/models``, ``/v1/models/{id}``,
-``/get_model_info``, ``/get_server_info``, ``/server_info`` (the default model's decode
-server), ``/health`` (200 when every server is), ``/metrics`` (Prometheus), ``/workers``.
+programs); batches and ``n > 1`` become one hand-off per prompt and sample
+(``fanout.py``). ``/flush_cache`` (every server), ``/abort_request`` (SGLang's body, sent
+to every server, for the client's ``rid`` and the sub-request rids derived from it);
+``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
+``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
+(200 when every server is), ``/health_generate`` (a one-token generation through the
+PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers``. Any other
+path is a 404 with an OpenAI error body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
+from pfs_sglang.router.fanout import FanOut, StreamMerger, SubRequest, combine, plan_fan_out, sse
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
-from pfs_sglang.router.pd import PrefillDecodeClient, UpstreamError, pd_body
-from pfs_sglang.router.pools import DecodePool, PrefillWorker, PrefixLocality, Worker
+from pfs_sglang.router.pd import DecodeLines, PrefillDecodeClient, UpstreamError, pd_body
+from pfs_sglang.router.pools import DecodePool, Lease, PrefillWorker, PrefixLocality, Worker
 from pfs_sglang.router.request_body import (
     CHAT,
     COMPLETIONS,
@@ -40,6 +49,11 @@ from pfs_sglang.router.request_body import (
     parse_request,
 )
 from pfs_sglang.router.usage import Usage, ensure_cached_tokens, kv_transfer_of, usage_of
+
+T = TypeVar("T")
+
+# SGLang's own /health_generate waits this long for its one-token generation (HEALTH_CHECK_TIMEOUT).
+HEALTH_GENERATE_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class PrefillShareRouter:
         self.metrics = RouterMetrics()
         self.locality = PrefixLocality(config.prefill_workers)
         self.pd = PrefillDecodeClient(client)
+        self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
 
     def all_workers(self) -> list[Worker]:
         return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
@@ -79,31 +94,52 @@ class PrefillShareRouter:
         try:
             routed = parse_request(endpoint, await request.body(), self.config.decode_pools,
                                    self.config.fallback_model)
+            plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
             return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)
-        prefill = self.locality.acquire(routed.prompt_text)
-        decode = self.config.decode_pools[routed.model].acquire()
-        body = pd_body(routed, prefill.worker)
+        if plan is not None:
+            return await self._route_fan_out(routed, plan)
         try:
             if routed.stream:
-                lines = await self.pd.stream(prefill, decode, endpoint, body)
-                return StreamingResponse(self._relay(routed, lines), media_type="text/event-stream")
-            reply, prefill_reply = await self.pd.complete(prefill, decode, endpoint, body)
+                lines = await self._open_stream(routed.model, endpoint, routed.body, routed.prompt_text)
+                return StreamingResponse(self._relay(routed, lines), media_type="text/event-stream",
+                                         background=BackgroundTask(lines.aclose))
+            reply = await self._hand_off(routed.model, endpoint, routed.body, routed.prompt_text)
         except UpstreamError as error:
             self.metrics.record_request(routed.model, endpoint, error.status)
             return error_response(error.status, error.message)
-        ensure_cached_tokens(reply)
         self._record_reply(routed, reply)
+        return JSONResponse(reply)
+
+    def _leases(self, model: str, prompt: str) -> tuple[Lease[PrefillWorker], Lease[Worker]]:
+        return self.locality.acquire(prompt), self.config.decode_pools[model].acquire()
+
+    async def _hand_off(self, model: str, endpoint: str, body: dict, prompt: str,
+                        on_prefill_done: Callable[[], None] | None = None) -> dict:
+        """One prompt, one sample: the decode server's reply (``cached_tokens`` filled in, transfer counted)."""
+        prefill, decode = self._leases(model, prompt)
+        reply, prefill_reply = await self.pd.complete(prefill, decode, endpoint,
+                                                      pd_body(endpoint, body, prefill.worker), on_prefill_done)
+        ensure_cached_tokens(reply)
         transfer = kv_transfer_of(reply) or kv_transfer_of(prefill_reply)
         if transfer is not None:
-            self.metrics.record_kv_transfer(routed.model, transfer)
-        return JSONResponse(reply)
+            self.metrics.record_kv_transfer(model, transfer)
+        return reply
+
+    async def _open_stream(self, model: str, endpoint: str, body: dict, prompt: str,
+                           on_prefill_done: Callable[[], None] | None = None) -> DecodeLines:
+        prefill, decode = self._leases(model, prompt)
+        return await self.pd.stream(prefill, decode, endpoint, pd_body(endpoint, body, prefill.worker),
+                                    on_prefill_done)
 
     def _record_reply(self, routed: RoutedRequest, reply: dict | None, status: int = 200) -> None:
         self.metrics.record_request(routed.model, routed.endpoint, status)
+        self._record_usage(routed.model, reply)
+
+    def _record_usage(self, model: str, reply: dict | None) -> None:
         usage: Usage | None = usage_of(reply) if reply else None
         if usage is not None:
-            self.metrics.record_usage(routed.model, usage)
+            self.metrics.record_usage(model, usage)
 
     async def _relay(self, routed: RoutedRequest, lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
         """Pass the decode server's SSE lines through, filling in ``cached_tokens`` where usage comes."""
@@ -123,11 +159,138 @@ class PrefillShareRouter:
                 yield (line + "\n").encode()
         except UpstreamError as error:  # the decode server broke off mid-stream: say so in the stream
             status = error.status
-            payload = {"error": {"message": error.message, "type": "server_error", "code": str(error.status)}}
-            yield f"data: {json.dumps(payload)}\n\n".encode()
+            yield sse(_error_event(error))
         finally:
             await lines.aclose()
             self._record_reply(routed, last_with_usage, status)
+
+    # ----- batches and n > 1: one hand-off per prompt and sample (fanout.py) -----
+
+    async def _route_fan_out(self, routed: RoutedRequest, plan: FanOut) -> Response:
+        rids = {sub.body["rid"] for sub in plan.subs if "rid" in sub.body}
+        self._fan_out_rids |= rids  # what an abort by the client's rid must reach
+        merging = False
+        try:
+            if routed.stream:
+                streams = await self._each_sub(plan, lambda sub, done: self._open_stream(
+                    routed.model, routed.endpoint, sub.body, sub.prompt_text, done), close=DecodeLines.aclose)
+                merging = True
+                return StreamingResponse(self._merge(routed, plan, streams, rids), media_type="text/event-stream",
+                                         background=BackgroundTask(_close_all, streams))
+            replies = await self._each_sub(plan, lambda sub, done: self._hand_off(
+                routed.model, routed.endpoint, sub.body, sub.prompt_text, done))
+        except UpstreamError as error:
+            self.metrics.record_request(routed.model, routed.endpoint, error.status)
+            return error_response(error.status, error.message)
+        finally:
+            if not merging:
+                self._fan_out_rids -= rids
+        self.metrics.record_request(routed.model, routed.endpoint, 200)
+        for reply in replies:
+            self._record_usage(routed.model, reply)
+        return JSONResponse(combine(plan, replies))
+
+    async def _each_sub(self, plan: FanOut, start: Callable[[SubRequest, Callable[[], None]], Awaitable[T]],
+                        close: Callable[[T], Awaitable[None]] | None = None) -> list[T]:
+        """``start`` for every sub-request at once; the first failure cancels (and closes) the others.
+
+        The first sub-request of each distinct prompt leads; the others of that prompt
+        start when its prefill server has answered, so they hit the prompt's KV in the
+        prefill tree instead of prefilling it again side by side.
+        """
+        prefilled: dict[str, asyncio.Event] = {}
+        leaders: set[int] = set()
+        for sub in plan.subs:
+            if sub.prompt_text not in prefilled:
+                prefilled[sub.prompt_text] = asyncio.Event()
+                leaders.add(sub.index)
+
+        async def run(sub: SubRequest) -> T:
+            event = prefilled[sub.prompt_text]
+            if sub.index not in leaders:
+                await event.wait()
+            return await start(sub, event.set)
+
+        tasks = [asyncio.ensure_future(run(sub)) for sub in plan.subs]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((task for task in tasks if task.done() and not task.cancelled()
+                           and task.exception() is not None), None)
+            if failed is not None:
+                raise failed.exception()
+            return [task.result() for task in tasks]
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            if close is not None:
+                for result in results:
+                    if not isinstance(result, BaseException):
+                        await close(result)
+            raise
+
+    async def _merge(self, routed: RoutedRequest, plan: FanOut, streams: list[DecodeLines],
+                     rids: set[str]) -> AsyncIterator[bytes]:
+        """One SSE stream from the sub-streams, in arrival order (``fanout.StreamMerger`` shapes it).
+
+        A sub-stream that fails or sends an error event ends the stream with that error
+        (the other sub-streams are closed, which cancels them on their servers).
+        """
+        merger = StreamMerger(plan)
+        queue: asyncio.Queue[tuple[SubRequest, str | UpstreamError | None]] = asyncio.Queue()
+
+        async def pump(sub: SubRequest, lines: DecodeLines) -> None:
+            try:
+                async for line in lines:
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        queue.put_nowait((sub, line[len("data: "):]))
+                queue.put_nowait((sub, None))
+            except UpstreamError as error:
+                queue.put_nowait((sub, error))
+            finally:
+                await lines.aclose()
+
+        pumps = [asyncio.ensure_future(pump(sub, lines)) for sub, lines in zip(plan.subs, streams)]
+        last_usage: dict[int, dict] = {}
+        status, running = 200, len(pumps)
+        try:
+            while running:
+                sub, data = await queue.get()
+                if data is None:
+                    running -= 1
+                    continue
+                if isinstance(data, UpstreamError):
+                    status = data.status
+                    yield sse(_error_event(data))
+                    break
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    yield sse(data)
+                    continue
+                if isinstance(event, dict) and "error" in event:  # a sub-request failed: so does the request
+                    status = 500
+                    yield sse(event)
+                    break
+                if usage_of(event) is not None:
+                    ensure_cached_tokens(event)
+                    last_usage[sub.index] = event
+                merged = merger.event(sub, event)
+                if merged is not None:
+                    yield sse(merged)
+            else:
+                for event in merger.final_events():
+                    yield sse(event)
+            yield sse("[DONE]")
+        finally:
+            for pumped in pumps:
+                pumped.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            await _close_all(streams)  # also the ones whose pump was cancelled before it started
+            self._fan_out_rids -= rids
+            self.metrics.record_request(routed.model, routed.endpoint, status)
+            for event in last_usage.values():
+                self._record_usage(routed.model, event)
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card(name) for name in self.config.decode_pools]}
@@ -162,6 +325,55 @@ class PrefillShareRouter:
 
     async def health(self) -> Response:
         return await self._on_every_worker("GET", "/health")
+
+    async def health_generate(self) -> Response:
+        """A one-token generation through the PD path for every server, like SGLang's ``/health_generate``.
+
+        Hand-off ``i`` pairs prefill server ``i mod P`` with decode server ``i mod D``,
+        so every prefill server, KV hand-off path and decode model is exercised (a
+        server's own ``/health_generate`` uses SGLang's fake transfer and would not).
+        """
+        prefills = self.config.prefill_workers
+        decodes = [(name, worker) for name, pool in self.config.decode_pools.items() for worker in pool.workers]
+        body = {"text": "health", "sampling_params": {"max_new_tokens": 1, "temperature": 0}, "log_metrics": False}
+
+        async def one(index: int) -> str | None:
+            prefill, (model, decode) = prefills[index % len(prefills)], decodes[index % len(decodes)]
+            pair = {**body, "rid": f"pfs-health-{uuid.uuid4().hex}"}
+            try:
+                await asyncio.wait_for(self.pd.complete(Lease(prefill), Lease(decode), GENERATE,
+                                                        pd_body(GENERATE, pair, prefill)), HEALTH_GENERATE_TIMEOUT_S)
+                return None
+            except UpstreamError as error:
+                return f"{prefill.url} -> {decode.url} ({model}): {error.message}"
+            except asyncio.TimeoutError:
+                return f"{prefill.url} -> {decode.url} ({model}): no token in {HEALTH_GENERATE_TIMEOUT_S:.0f} s"
+
+        failures = [f for f in await asyncio.gather(*(one(i) for i in range(max(len(prefills), len(decodes)))))
+                    if f is not None]
+        if failures:
+            return error_response(503, "generation through the PD path failed: " + "; ".join(failures))
+        return Response(status_code=200)
+
+    async def abort_request(self, body: dict[str, Any]) -> Response:
+        """SGLang's ``/abort_request`` on every server, for the rid and the sub-request rids made from it."""
+        rid = body.get("rid") or ""
+        rids = [rid, *sorted(r for r in self._fan_out_rids if rid and r.startswith(f"{rid}_"))]
+        bodies = [body] if body.get("abort_all") else [{**body, "rid": r} for r in rids]
+
+        async def send(worker: Worker, abort: dict) -> str | None:
+            try:
+                reply = await self.client.post(worker.url + "/abort_request", json=abort,
+                                               timeout=self.config.health_timeout_s)
+            except httpx.HTTPError as error:
+                return f"{worker.url}: {error!r}"
+            return None if reply.status_code == 200 else f"{worker.url}: {reply.status_code}"
+
+        failures = [f for f in await asyncio.gather(*(send(w, b) for w in self.all_workers() for b in bodies))
+                    if f is not None]
+        if failures:
+            return error_response(503, f"/abort_request failed on: {failures}")
+        return Response(status_code=200)
 
     async def flush_cache(self) -> Response:
         return await self._on_every_worker("POST", "/flush_cache")
@@ -222,9 +434,23 @@ def build_router_app(config: RouterConfig) -> FastAPI:
     async def health():
         return await router().health()
 
-    @app.post("/flush_cache")
+    @app.get("/health_generate")
+    async def health_generate():
+        return await router().health_generate()
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         return await router().flush_cache()
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as error:
+            return error_response(400, f"request body is not valid JSON: {error}")
+        if not isinstance(body, dict) or not (body.get("rid") or body.get("abort_all")):
+            return error_response(400, "/abort_request needs a 'rid' or \"abort_all\": true", param="rid")
+        return await router().abort_request(body)
 
     @app.get("/metrics")
     async def metrics():
@@ -236,7 +462,19 @@ def build_router_app(config: RouterConfig) -> FastAPI:
 
         return handler
 
-    for path in ("/get_model_info", "/get_server_info", "/server_info"):
+    for path in ("/get_model_info", "/model_info", "/get_server_info", "/server_info"):
         app.add_api_route(path, proxied(path), methods=["GET"])
 
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
+    async def not_served(path: str):
+        return error_response(404, f"the PrefillShare router does not serve /{path}", code="not_found")
+
     return app
+
+
+def _error_event(error: UpstreamError) -> dict:
+    return {"error": {"message": error.message, "type": "server_error", "code": str(error.status)}}
+
+
+async def _close_all(streams: list[DecodeLines]) -> None:
+    await asyncio.gather(*(lines.aclose() for lines in streams), return_exceptions=True)

@@ -8,7 +8,8 @@ through. The prefill reply is read and dropped, except that a prefill failure th
 comes before the decode server has answered (non-200, unreachable, timed out) cancels
 the decode request and becomes the answer, so a broken prefill never leaves a client
 waiting. A decode failure cancels the prefill request. Every upstream call has a
-timeout (the client's ``httpx.Timeout``).
+timeout (the client's ``httpx.Timeout``). A caller may ask to hear when the prefill
+server has answered (``on_prefill_done``): the prompt's KV is then in its prefix tree.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import httpx
 
 from pfs_sglang.router.openai_errors import upstream_message
 from pfs_sglang.router.pools import Lease, PrefillWorker, Worker
-from pfs_sglang.router.request_body import GENERATE, RoutedRequest
+from pfs_sglang.router.request_body import GENERATE
 
 T = TypeVar("T")
 
@@ -36,14 +37,14 @@ class UpstreamError(Exception):
         self.status, self.message = status, message
 
 
-def pd_body(request: RoutedRequest, prefill: PrefillWorker) -> dict[str, Any]:
-    """The body both servers receive: the client's, plus the bootstrap fields.
+def pd_body(endpoint: str, client_body: dict[str, Any], prefill: PrefillWorker) -> dict[str, Any]:
+    """The body both servers receive: the client's (one prompt, one sample), plus the bootstrap fields.
 
     ``/generate`` loses ``model``: SGLang's ``GenerateReqInput`` has no such field.
     """
-    body = {**request.body, "bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
+    body = {**client_body, "bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
             "bootstrap_room": secrets.randbits(63)}
-    if request.endpoint == GENERATE:
+    if endpoint == GENERATE:
         body.pop("model", None)
     return body
 
@@ -77,9 +78,12 @@ class PrefillDecodeClient:
                 raise UpstreamError(502, f"decode server {lease.worker.url} sent a reply that is not JSON")
             return None  # a streamed prefill reply: read, not needed
 
-    def _start(self, coroutine: Awaitable[T], lease: Lease) -> asyncio.Task[T]:
+    def _start(self, coroutine: Awaitable[T], lease: Lease, on_done: Callable[[], None] | None = None
+               ) -> asyncio.Task[T]:
         task = asyncio.ensure_future(coroutine)
         task.add_done_callback(lambda _: lease.release())  # also when cancelled before it ran
+        if on_done is not None:
+            task.add_done_callback(lambda _: on_done())
         return task
 
     def _finish_in_background(self, prefill: asyncio.Task) -> None:
@@ -110,9 +114,9 @@ class PrefillDecodeClient:
             raise
 
     async def complete(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
-                       body: dict) -> tuple[dict, dict | None]:
+                       body: dict, on_prefill_done: Callable[[], None] | None = None) -> tuple[dict, dict | None]:
         """The decode server's JSON reply, and the prefill server's if it has already come."""
-        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill)
+        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill, on_prefill_done)
         decode_task = self._start(self._post_json("decode", decode, endpoint, body), decode)
         reply = await self._unless_prefill_fails(prefill_task, decode_task)
         finished = prefill_task.done() and prefill_task.exception() is None
@@ -120,12 +124,12 @@ class PrefillDecodeClient:
         return reply, prefill_task.result() if finished else None
 
     async def stream(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
-                     body: dict) -> AsyncIterator[str]:
+                     body: dict, on_prefill_done: Callable[[], None] | None = None) -> "DecodeLines":
         """The decode server's SSE lines; opening it fails with the prefill's error if that comes first.
 
         The decode lease is released when the lines end (or fail, or are closed).
         """
-        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill)
+        prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill, on_prefill_done)
         lines = self._decode_lines(decode, endpoint, body)
         first_task = asyncio.ensure_future(self._first_line(decode.worker, lines))
         try:
@@ -135,7 +139,7 @@ class PrefillDecodeClient:
             decode.release()
             raise
         self._finish_in_background(prefill_task)
-        return self._chain(first, lines)
+        return DecodeLines(first, lines)
 
     @staticmethod
     async def _first_line(worker: Worker, lines: AsyncIterator[str]) -> str:
@@ -161,11 +165,27 @@ class PrefillDecodeClient:
             await response.aclose()
             decode.release()
 
-    @staticmethod
-    async def _chain(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            yield first
-            async for line in rest:
-                yield line
-        finally:
-            await rest.aclose()
+
+class DecodeLines:
+    """A decode server's SSE lines whose first line was read already (to see that the stream opened).
+
+    ``aclose()`` ends the decode request and releases its lease, also when the lines
+    were never iterated (closing an unstarted async generator would not).
+    """
+
+    def __init__(self, first: str, rest: AsyncIterator[str]):
+        self._first: str | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> "DecodeLines":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()

@@ -1,9 +1,9 @@
 """What the router reads from a client's request body, and the checks that answer 4xx.
 
 A request names a decode model (``model``; ``/generate`` may leave it out and get the
-default model, as SGLang frontend programs do), carries one prompt (batches and
-``n > 1`` are refused: one request is one KV hand-off with one bootstrap room), and
-may stream. The prompt text is only used for prefix locality.
+default model, as SGLang frontend programs do), carries a prompt (or a batch of them,
+and ``n`` samples each: ``fanout.py`` splits those into one hand-off per prompt and
+sample), and may stream. The prompt text is only used for prefix locality.
 """
 
 from __future__ import annotations
@@ -52,14 +52,6 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def _is_batch(body: dict[str, Any]) -> bool:
-    prompt = body.get("prompt", body.get("text"))
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return True
-    ids = body.get("input_ids")
-    return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
-
-
 def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str) -> RoutedRequest:
     """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed."""
     try:
@@ -85,7 +77,5 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
     if endpoint == CHAT and not (isinstance(body["messages"], list)
                                  and all(isinstance(message, dict) for message in body["messages"])):
         raise RequestRejected(400, "'messages' must be a list of message objects", param="messages")
-    if _is_batch(body) or (body.get("n") or 1) != 1:
-        raise RequestRejected(400, "batched prompts and n > 1 are not supported; send one request per prompt")
     return RoutedRequest(endpoint=endpoint, model=model, body=body, stream=bool(body.get("stream")),
                          prompt_text=prompt_text(body))
