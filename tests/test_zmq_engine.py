@@ -93,3 +93,85 @@ def test_unanswered_transfer_fails_by_its_deadline():
         assert sender.send_probe(f"127.0.0.1:{port}") == -1
     finally:
         sender.close()
+
+
+TRANSPORTS = {"pvm": ("pvm",), "shm": ("shm",), "socket": ()}
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def transport_engines(request):
+    sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5, local_transports=TRANSPORTS[request.param])
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5, local_transports=TRANSPORTS[request.param])
+    yield request.param, sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def _pools(sender, receiver, layers: int, slots: int, item: int):
+    """SGLang-like pools: per layer a K and a V buffer of ``slots`` rows of ``item`` bytes."""
+    rng = np.random.default_rng(1)
+    source = [rng.integers(0, 255, size=(slots, item), dtype=np.uint8) for _ in range(2 * layers)]
+    destination = [np.zeros((slots, item), dtype=np.uint8) for _ in range(2 * layers)]
+    for array in source:
+        _registered(sender, array)
+    for array in destination:
+        _registered(receiver, array)
+    return source, destination
+
+
+def _blocks(source, destination, src_slots, dst_slots, item):
+    """One block per slot per buffer, as SGLang's Mooncake backend sends page size 1 with scattered slots."""
+    src = [a.ctypes.data + int(s) * item for a in source for s in src_slots]
+    dst = [a.ctypes.data + int(d) * item for a in destination for d in dst_slots]
+    return src, dst, [item] * len(src)
+
+
+@pytest.mark.parametrize("item", [16, 2048])
+def test_scattered_slots_land_exactly_over_every_transport(transport_engines, item):
+    name, sender, receiver = transport_engines
+    source, destination = _pools(sender, receiver, layers=3, slots=300, item=item)
+    rng = np.random.default_rng(2)
+    src_slots, dst_slots = rng.choice(300, 200, replace=False), rng.choice(300, 200, replace=False)
+    assert sender.batch_transfer_sync(receiver.get_session_id(), *_blocks(source, destination, src_slots, dst_slots, item)) == 0
+    assert sender.peer_transports(receiver.get_session_id()) == {
+        "pvm": ["pvm", "socket"], "shm": ["shm"], "socket": ["socket"]}[name]
+    untouched = np.setdiff1d(np.arange(300), dst_slots)
+    for src_array, dst_array in zip(source, destination):
+        np.testing.assert_array_equal(dst_array[dst_slots], src_array[src_slots])
+        assert not dst_array[untouched].any()
+
+
+def test_transfers_larger_than_a_chunk_are_pipelined_and_exact(transport_engines, monkeypatch):
+    from pfs_sglang.transfer import zmq_engine
+
+    monkeypatch.setattr(zmq_engine, "CHUNK_BYTES", 4096)
+    _, sender, receiver = transport_engines
+    source, destination = _pools(sender, receiver, layers=2, slots=64, item=512)
+    # one long run per buffer (split into chunk-sized pieces) and scattered single rows
+    src = [source[0].ctypes.data, *(source[1].ctypes.data + s * 512 for s in (5, 9, 1))]
+    dst = [destination[0].ctypes.data, *(destination[1].ctypes.data + d * 512 for d in (0, 63, 7))]
+    assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, [64 * 512, 512, 512, 512]) == 0
+    np.testing.assert_array_equal(destination[0], source[0])
+    np.testing.assert_array_equal(destination[1][[0, 63, 7]], source[1][[5, 9, 1]])
+
+
+def test_writes_outside_registered_memory_are_refused_over_every_transport(transport_engines):
+    _, sender, receiver = transport_engines
+    source, destination = _pools(sender, receiver, layers=1, slots=8, item=2048)
+    inside = destination[0].ctypes.data
+    beyond = inside + 7 * 2048 + 1024  # the last row's second half and 1 KiB past the buffer
+    status = sender.batch_transfer_sync(
+        receiver.get_session_id(), [source[0].ctypes.data, source[0].ctypes.data], [inside, beyond], [2048, 2048]
+    )
+    assert status == -1 and "outside registered KV memory" in sender.last_error()
+    assert not destination[0].any()
+
+
+def test_reads_outside_the_senders_registered_memory_are_refused(engines):
+    sender, receiver = engines
+    unregistered = np.ones(4096, dtype=np.uint8)
+    destination = np.zeros(4096, dtype=np.uint8)
+    dst = _registered(receiver, destination)
+    assert sender.batch_transfer_sync(receiver.get_session_id(), [unregistered.ctypes.data], [dst], [4096]) == -1
+    assert sender.last_error().startswith("read of 4096 bytes at")
+    assert not destination.any()

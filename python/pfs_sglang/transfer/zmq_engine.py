@@ -6,35 +6,55 @@ session id, and a liveness probe. This module gives that interface over ZMQ, so 
 whole Mooncake PD protocol (bootstrap, page grouping, aux rows, aborts, heartbeats)
 runs unchanged on any host: TCP between hosts, IPC when both ends share a host.
 
-Wire format (no pickle): ``[MAGIC, b"W", request_id, header, block_0, block_1, ...]``
-where ``header`` is a little-endian uint64 array of ``(dst_ptr, length)`` pairs and
-each block frame carries that many raw bytes, read straight from the sender's pool
-memory (staged through host memory when the pool is on a GPU). The receiving engine
-checks every destination lies inside memory it registered, writes the bytes, and
+A call moves a request's KV as a few large operations, never block by block in
+Python. Between engines on one host the receiver, once it has checked every destination
+lies in memory it registered, reads the blocks straight out of the sender's pool with
+``process_vm_readv`` (``process_memory``: one copy, no staging) where the kernel allows
+it and blocks are not tiny. Otherwise the sender checks every source block lies in
+memory it registered, gathers the blocks into a staging buffer with one indexed copy per
+region (``memory_regions.CopyPlan``), and sends chunks of at most about
+``CHUNK_BYTES``, gathering the next chunk while the receiver writes the previous one;
+on one host the staging is shared memory the receiver maps (``shared_staging``), so
+only a small message crosses the socket, and between hosts the staged bytes travel as
+one zero-copy ZMQ frame per chunk.
+
+Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, ...]`` where
+``header`` is a little-endian uint64 array of ``(dst_ptr, length)`` pairs (kind ``R``:
+``(src_ptr, dst_ptr, length)`` triples) and ``deadline`` a little-endian float64
+wall-clock time; kind ``W`` carries the staged bytes as one more frame, kind ``S``
+names a shared staging buffer (``StagingRef`` JSON) and a uint64 offset into it, kind
+``R`` the sender's pid. The receiving engine checks every destination lies inside
+memory it registered and that the deadline has not passed, writes the bytes, and
 answers ``[b"OK", request_id]`` or ``[b"ERR", request_id, reason]``.
 
 Before the first write to a peer the sender performs a handshake
-(``[MAGIC, b"H", request_id, identity_json]``): the receiver compares the sender's
-prefill-module fingerprint and KV layout with what it expects and refuses a mismatch
-(invariant 4). Every call has a deadline; a late or failed call returns non-zero and
-the reason is kept for the calling thread (``last_error``).
+(``[MAGIC, b"H", request_id, identity_json, probe]``): the receiver compares the
+sender's prefill-module fingerprint and KV layout with what it expects and refuses a
+mismatch (invariant 4), and says which same-host transports it proved on the sender's
+probe buffer (``shm``: it can map the sender's staging; ``pvm``: it can read the
+sender's memory). Every call has a deadline; a late or failed call returns
+non-zero and the reason is kept for the calling thread (``last_error``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import zmq
+
+from pfs_sglang.transfer.memory_regions import CopyPlan, OutsideRegisteredMemory, RegisteredMemory
+from pfs_sglang.transfer.process_memory import can_read, read_from_process
+from pfs_sglang.transfer.shared_staging import PeerStagings, StagingBuffer, StagingRef
 
 logger = logging.getLogger(__name__)
 
@@ -94,87 +114,21 @@ class SessionAddress:
         return f"tcp://{self.host}:{self.port}"
 
 
-class MemoryAccess:
-    """Reads and writes raw pool memory: host memory directly, device memory staged."""
-
-    def __init__(self) -> None:
-        self._cudart = None
-        import torch
-
-        if torch.cuda.is_available():
-            self._cudart = _load_cudart()
-
-    def _is_device_pointer(self, ptr: int) -> bool:
-        if self._cudart is None:
-            return False
-        attributes = (ctypes.c_int * 8)()  # cudaPointerAttributes: type is the first int
-        if self._cudart.cudaPointerGetAttributes(attributes, ctypes.c_void_p(ptr)) != 0:
-            return False
-        return attributes[0] in (2, 3)  # cudaMemoryTypeDevice, cudaMemoryTypeManaged
-
-    def read(self, ptr: int, length: int) -> memoryview:
-        if self._is_device_pointer(ptr):
-            staging = bytearray(length)
-            host = (ctypes.c_char * length).from_buffer(staging)
-            self._memcpy(ctypes.addressof(host), ptr, length, kind=2)  # DeviceToHost
-            return memoryview(staging)
-        return memoryview((ctypes.c_char * length).from_address(ptr)).cast("B")
-
-    def write(self, ptr: int, data: memoryview) -> None:
-        length = data.nbytes
-        source = np.frombuffer(data, dtype=np.uint8)
-        if self._is_device_pointer(ptr):
-            self._memcpy(ptr, source.ctypes.data, length, kind=1)  # HostToDevice
-        else:
-            ctypes.memmove(ptr, source.ctypes.data, length)
-
-    def _memcpy(self, dst: int, src: int, length: int, kind: int) -> None:
-        status = self._cudart.cudaMemcpy(
-            ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(length), ctypes.c_int(kind)
-        )
-        if status != 0:
-            raise RuntimeError(f"cudaMemcpy failed with status {status}")
+CHUNK_BYTES = 8 << 20  # staged bytes per message; a chunk is at most twice this
+LOCAL_TRANSPORTS = ("pvm", "shm")  # same-host transports, tried at the handshake in this order
+# Direct reads cost the kernel about half a microsecond per block: below this mean block
+# size, two vectorised copies through shared staging are faster.
+DIRECT_READ_MIN_BLOCK = 1024
 
 
-def _load_cudart():
-    import glob
-
-    import torch
-
-    candidates = ["libcudart.so"]
-    torch_lib = Path(torch.__file__).parent / "lib"
-    candidates += glob.glob(str(torch_lib / "libcudart*.so*"))
-    candidates += glob.glob(str(torch_lib.parent.parent / "nvidia" / "*" / "lib" / "libcudart.so*"))
-    for name in candidates:
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    raise RuntimeError("CUDA is available but libcudart could not be loaded for KV staging")
-
-
-class RegisteredMemory:
-    """The regions peers may write into; every incoming write is checked against them."""
-
-    def __init__(self) -> None:
-        self._regions: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def add(self, ptr: int, length: int) -> None:
-        with self._lock:
-            self._regions[ptr] = length
-
-    def remove(self, ptr: int) -> None:
-        with self._lock:
-            self._regions.pop(ptr, None)
-
-    def contains(self, ptr: int, length: int) -> bool:
-        with self._lock:
-            return any(start <= ptr and ptr + length <= start + size for start, size in self._regions.items())
+@dataclass(frozen=True)
+class _Session:
+    shared_staging: bool  # the peer maps this process's staging buffers
+    direct_read: bool  # the peer may read this process's memory (process_vm_readv)
 
 
 class ZmqTransferEngine:
-    """Drop-in for SGLang's ``MooncakeTransferEngine``, moving bytes over ZMQ."""
+    """Drop-in for SGLang's ``MooncakeTransferEngine``, moving bytes over ZMQ (or shared memory)."""
 
     def __init__(
         self,
@@ -182,18 +136,23 @@ class ZmqTransferEngine:
         bind_host: str,
         timeout_s: float,
         check_peer: Optional[Callable[[EngineIdentity], Optional[str]]] = None,
+        local_transports: tuple[str, ...] = LOCAL_TRANSPORTS,
     ) -> None:
         self.identity = identity
         self.timeout_s = timeout_s
         self._check_peer = check_peer or identity.mismatch_with
-        self._memory = MemoryAccess()
+        self._local_transports = tuple(local_transports)
         self._registered = RegisteredMemory()
+        self._peer_stagings = PeerStagings()
+        self._probe = StagingBuffer(0, shared=True) if self._local_transports else None
         self._context = zmq.Context.instance()
         self._local_hosts = {bind_host, "localhost", socket.gethostname()}
         self._thread_state = threading.local()
-        self._verified_sessions: set[str] = set()
-        self._verified_lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._stagings: list[StagingBuffer] = []  # every thread's, to release at close
         self._stopped = threading.Event()
+        self._device = _current_cuda_device()
 
         self._server = self._context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
@@ -230,14 +189,14 @@ class ZmqTransferEngine:
         """Write ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's addresses."""
         self._thread_state.last_error = None
         try:
-            self._ensure_verified(session_id)
-            header = np.array(
-                [value for pair in zip(peer_buffer_addresses, lengths) for value in pair], dtype=_HEADER_DTYPE
+            session = self._session(session_id)
+            self._write(
+                session_id, session,
+                np.asarray(buffers, dtype=np.int64), np.asarray(peer_buffer_addresses, dtype=np.int64),
+                np.asarray(lengths, dtype=np.int64),
             )
-            blocks = [self._memory.read(ptr, length) for ptr, length in zip(buffers, lengths)]
-            self._call(session_id, b"W", [header.tobytes(), *blocks])
             return 0
-        except TransferError as error:
+        except (TransferError, OutsideRegisteredMemory) as error:
             self._thread_state.last_error = str(error)
             logger.error("pfs zmq KV transfer to %s failed: %s", session_id, error)
             return -1
@@ -252,6 +211,11 @@ class ZmqTransferEngine:
         except TransferError:
             return -1
 
+    def peer_transports(self, session_id: str) -> list[str]:
+        """How bytes reach a verified peer: ``pvm`` (direct reads), ``shm`` or ``socket`` staging."""
+        session = self._sessions[session_id]
+        return (["pvm"] if session.direct_read else []) + (["shm"] if session.shared_staging else ["socket"])
+
     def last_error(self) -> Optional[str]:
         """The reason of this thread's last failed transfer, if any."""
         return getattr(self._thread_state, "last_error", None)
@@ -260,15 +224,93 @@ class ZmqTransferEngine:
         self._stopped.set()
         self._server_thread.join(timeout=2)
         self._server.close(0)
+        for staging in [*self._stagings, *([self._probe] if self._probe else [])]:
+            staging.close()
 
     # ----- sender side -----
-    def _ensure_verified(self, session_id: str) -> None:
-        with self._verified_lock:
-            if session_id in self._verified_sessions:
+    def _session(self, session_id: str) -> _Session:
+        with self._sessions_lock:
+            session = self._sessions.get(session_id)
+        if session is not None:
+            return session
+        offer = b""
+        if self._probe is not None and self._is_local(session_id):
+            offer = json.dumps({
+                "staging": asdict(self._probe.ref), "pid": os.getpid(),
+                "token_addr": self._probe.token_view.ctypes.data, "token": self._probe.ref.token,
+                "transports": list(self._local_transports),
+            }).encode()
+        reply = self._call(session_id, b"H", [json.dumps(asdict(self.identity)).encode(), offer])
+        accepted = reply[2].decode().split(",") if len(reply) > 2 else []
+        session = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted)
+        with self._sessions_lock:
+            self._sessions[session_id] = session
+        return session
+
+    def _is_local(self, session_id: str) -> bool:
+        return SessionAddress.decode(session_id).endpoint_from(self._local_hosts).startswith("ipc://")
+
+    def _staging(self, shared: bool) -> StagingBuffer:
+        stagings = getattr(self._thread_state, "stagings", None)
+        if stagings is None:
+            stagings = self._thread_state.stagings = {}
+        staging = stagings.get(shared)
+        if staging is None:
+            staging = stagings[shared] = StagingBuffer(4 * CHUNK_BYTES, shared=shared)
+            self._stagings.append(staging)
+        return staging
+
+    def _drop_staging(self) -> None:
+        """After a failed call the peer may still read the staging: never reuse it."""
+        for staging in getattr(self._thread_state, "stagings", {}).values():
+            staging.close()
+        self._thread_state.stagings = {}
+
+    def _device_copies(self):
+        copies = getattr(self._thread_state, "device_copies", None)
+        if copies is None:
+            from pfs_sglang.transfer.cuda_copies import DeviceCopies
+
+            copies = self._thread_state.device_copies = DeviceCopies()
+        return copies
+
+    def _write(self, session_id: str, session: _Session, src, dst, lengths) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
+        src, dst, lengths = _split_blocks(src, dst, lengths, CHUNK_BYTES)
+        positions = np.cumsum(lengths) - lengths
+        cuts = np.flatnonzero(np.diff(positions // CHUNK_BYTES)) + 1
+        bounds = [0, *cuts.tolist(), len(lengths)]
+        table = self._registered.table()
+        if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
+            regions = table.locate(src, lengths, "read")
+            if all(table.regions[i].device is None for i in np.unique(regions)):
+                header = np.stack([src, dst, lengths], axis=1).astype(_HEADER_DTYPE).tobytes()
+                self._call(session_id, b"R", [header, wall_deadline, struct.pack("<Q", os.getpid())], deadline)
                 return
-        self._call(session_id, b"H", [json.dumps(asdict(self.identity)).encode()])
-        with self._verified_lock:
-            self._verified_sessions.add(session_id)
+        plans = [CopyPlan.build(table, src[lo:hi], lengths[lo:hi], "read") for lo, hi in zip(bounds, bounds[1:])]
+        if not plans:
+            return
+        staging = self._staging(session.shared_staging)
+        sock = self._socket_for(session_id)
+        pending = None
+        try:
+            for number, (plan, lo, hi) in enumerate(zip(plans, bounds, bounds[1:])):
+                offset = (number % 2) * 2 * CHUNK_BYTES
+                slot = staging.array[offset : offset + plan.nbytes]
+                plan.gather(slot, self._device_copies() if plan.uses_device else None)
+                if pending is not None:  # the peer wrote the previous chunk while this one was gathered
+                    self._await(sock, session_id, pending, deadline)
+                header = np.stack([dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
+                if staging.shared:
+                    frames = [b"S", header, wall_deadline, staging.ref.encode(), struct.pack("<Q", offset)]
+                else:
+                    frames = [b"W", header, wall_deadline, slot]
+                pending = self._send(sock, session_id, frames[0], frames[1:])
+            self._await(sock, session_id, pending, deadline)
+        except TransferError:
+            self._drop_staging()
+            raise
 
     def _socket_for(self, session_id: str) -> zmq.Socket:
         sockets = getattr(self._thread_state, "sockets", None)
@@ -287,12 +329,17 @@ class ZmqTransferEngine:
         if sock is not None:
             sock.close(0)
 
-    def _call(self, session_id: str, kind: bytes, frames: list) -> None:
+    def _send(self, sock: zmq.Socket, session_id: str, kind: bytes, frames: list) -> bytes:
         request_id = uuid.uuid4().bytes
-        sock = self._socket_for(session_id)
-        deadline = time.monotonic() + self.timeout_s
         try:
             sock.send_multipart([MAGIC, kind, request_id, *frames], copy=False)
+        except zmq.ZMQError as error:
+            self._drop_socket(session_id)
+            raise TransferError(f"ZMQ error talking to {session_id}: {error}") from error
+        return request_id
+
+    def _await(self, sock: zmq.Socket, session_id: str, request_id: bytes, deadline: float) -> list[bytes]:
+        try:
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0 or not sock.poll(remaining_ms):
@@ -308,9 +355,19 @@ class ZmqTransferEngine:
             raise
         if reply[0] != b"OK":
             raise TransferError(reply[2].decode(errors="replace") if len(reply) > 2 else "peer refused")
+        return reply
+
+    def _call(self, session_id: str, kind: bytes, frames: list, deadline: Optional[float] = None) -> list[bytes]:
+        sock = self._socket_for(session_id)
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout_s
+        return self._await(sock, session_id, self._send(sock, session_id, kind, frames), deadline)
 
     # ----- receiver side -----
     def _serve(self) -> None:
+        if self._device is not None:
+            import torch
+
+            torch.cuda.set_device(self._device)  # this thread's CUDA work runs on the server's device
         poller = zmq.Poller()
         poller.register(self._server, zmq.POLLIN)
         while not self._stopped.is_set():
@@ -323,32 +380,101 @@ class ZmqTransferEngine:
                 continue
             kind, request_id = frames[1].bytes, frames[2].bytes
             try:
-                self._handle(kind, frames[3:])
-                answer = [b"OK", request_id]
+                answer = [b"OK", request_id, *self._handle(kind, frames[3:])]
             except Exception as error:  # every failure is answered, never left hanging
                 answer = [b"ERR", request_id, str(error).encode()]
             self._server.send_multipart([peer, *answer])
 
-    def _handle(self, kind: bytes, frames: list) -> None:
+    def _handle(self, kind: bytes, frames: list) -> list[bytes]:
         if kind == b"P":
-            return
+            return []
         if kind == b"H":
             writer = EngineIdentity(**json.loads(frames[0].bytes))
             reason = self._check_peer(writer)
             if reason:
                 raise TransferError(reason)
-            return
-        if kind != b"W":
-            raise TransferError(f"unknown request kind {kind!r}")
-        pairs = np.frombuffer(frames[0].buffer, dtype=_HEADER_DTYPE).reshape(-1, 2)
-        blocks = frames[1:]
-        if len(blocks) != len(pairs):
-            raise TransferError(f"header names {len(pairs)} blocks, message carries {len(blocks)}")
-        for (dst, length), block in zip(pairs.tolist(), blocks):
-            if block.buffer.nbytes != length or not self._registered.contains(dst, length):
-                raise TransferError(f"write of {length} bytes at {dst:#x} is outside registered KV memory")
-        for (dst, _), block in zip(pairs.tolist(), blocks):
-            self._memory.write(dst, block.buffer)
+            offer = frames[1].bytes if len(frames) > 1 else b""
+            return [",".join(self._accept(json.loads(offer))).encode()] if offer else []
+        if kind == b"R" and len(frames) >= 3:
+            return self._read_from_peer(frames)
+        if kind not in (b"W", b"S") or len(frames) < (3 if kind == b"W" else 4):
+            raise TransferError(f"unknown or malformed request kind {kind!r}")
+        header = frames[0].buffer
+        if header.nbytes % 16:
+            raise TransferError("malformed KV write header")
+        pairs = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 2).view(np.int64)
+        plan = CopyPlan.build(self._registered.table(), pairs[:, 0], pairs[:, 1], "write")
+        (deadline,) = struct.unpack("<d", frames[1].bytes)
+        if kind == b"W":
+            payload = frames[2].buffer
+        else:
+            ref = StagingRef.decode(frames[2].bytes)
+            (offset,) = struct.unpack("<Q", frames[3].bytes)
+            if offset + plan.nbytes > ref.size:
+                raise TransferError("KV write names bytes outside the sender's staging buffer")
+            payload = self._peer_stagings.open(ref)[offset : offset + plan.nbytes]
+        if payload.nbytes != plan.nbytes:
+            raise TransferError(f"header names {plan.nbytes} bytes, message carries {payload.nbytes}")
+        if time.time() > deadline:
+            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        plan.scatter(payload, self._device_copies() if plan.uses_device else None)
+        return []
+
+    def _accept(self, offer: dict) -> list[str]:
+        """Which same-host transports the peer's offer allows (proven on its probe buffer)."""
+        accepted = []
+        offered = offer.get("transports", [])
+        if "pvm" in offered and not self._registered.devices():
+            if can_read(int(offer["pid"]), int(offer["token_addr"]), offer["token"].encode()):
+                accepted.append("pvm")
+        if "shm" in offered:
+            try:
+                self._peer_stagings.open(StagingRef.decode(json.dumps(offer["staging"]).encode()))
+                accepted.append("shm")
+            except (OSError, ValueError, KeyError) as error:
+                logger.info("pfs zmq KV engine: peer's shared staging not usable (%s); using socket frames", error)
+        return accepted
+
+    def _read_from_peer(self, frames: list) -> list[bytes]:
+        """A direct read: the sender named its (checked) sources; the destinations are checked here."""
+        header = frames[0].buffer
+        if header.nbytes % 24:
+            raise TransferError("malformed KV read header")
+        triples = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
+        src, dst, lengths = triples[:, 0], triples[:, 1], triples[:, 2]
+        table = self._registered.table()
+        regions = table.locate(dst, lengths, "write")
+        if any(table.regions[i].device is not None for i in np.unique(regions)):
+            raise TransferError("direct reads into device memory are not supported")
+        (deadline,) = struct.unpack("<d", frames[1].bytes)
+        (pid,) = struct.unpack("<Q", frames[2].bytes)
+        if time.time() > deadline:
+            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        try:
+            read_from_process(pid, src, dst, lengths)
+        except OSError as error:
+            raise TransferError(f"direct read of KV failed: {error}") from error
+        return []
+
+
+def _current_cuda_device() -> Optional[int]:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return None
+
+
+def _split_blocks(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, limit: int):
+    """Blocks longer than ``limit`` cut into pieces of at most ``limit`` bytes."""
+    pieces = np.maximum((lengths + limit - 1) // limit, 1)
+    if (pieces == 1).all():
+        return src, dst, lengths
+    block = np.repeat(np.arange(len(lengths)), pieces)
+    offset = (np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)) * limit
+    return src[block] + offset, dst[block] + offset, np.minimum(lengths[block] - offset, limit)
 
 
 class TransferError(RuntimeError):
