@@ -175,3 +175,93 @@ def test_reads_outside_the_senders_registered_memory_are_refused(engines):
     assert sender.batch_transfer_sync(receiver.get_session_id(), [unregistered.ctypes.data], [dst], [4096]) == -1
     assert sender.last_error().startswith("read of 4096 bytes at")
     assert not destination.any()
+
+
+class _FakeCudart:
+    """cudaPointerGetAttributes answering with a fixed status, memory type and device."""
+
+    def __init__(self, status: int, memory_type: int = 0, device: int = 0):
+        self.status, self.memory_type, self.device = status, memory_type, device
+
+    def cudaPointerGetAttributes(self, attributes, ptr):
+        attributes[0], attributes[1] = self.memory_type, self.device
+        return self.status
+
+    def cudaGetLastError(self):
+        return 0
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA 'in use' in this process, with a cudart whose answers the test chooses."""
+    import torch
+
+    from pfs_sglang.transfer import cuda_copies
+
+    def use(cudart):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(cuda_copies, "_load_cudart", lambda: cudart)
+
+    return use
+
+
+def test_memory_of_unknown_kind_is_refused_at_registration(engines, fake_cuda):
+    _, receiver = engines
+    fake_cuda(_FakeCudart(status=1))  # cudaErrorInvalidValue: the driver cannot say what it is
+    with pytest.raises(RuntimeError, match="cannot be told apart from device memory"):
+        receiver.register(np.zeros(16, dtype=np.uint8).ctypes.data, 16)
+    assert not receiver._registered.table().regions
+
+
+def test_device_memory_is_never_written_as_host_memory(engines, fake_cuda):
+    sender, receiver = engines
+    source = np.ones(4096, dtype=np.uint8)
+    src = _registered(sender, source)
+    fake_cuda(_FakeCudart(status=0, memory_type=2, device=0))  # the receiver's pool "is on a GPU"
+    destination = np.zeros(4096, dtype=np.uint8)
+    dst = _registered(receiver, destination)
+    assert receiver._registered.devices() == {0}
+    # no CUDA here: the device copy fails, and a host memmove must not have happened instead
+    assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [4096]) == -1
+    assert not destination.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transports", [("shm",), ()], ids=["shm", "socket"])
+def test_cuda_pools_round_trip_with_bytes_checked(transports):
+    """GPU pools on both sides (one device), SGLang-like layout: exact bytes, and GB/s printed."""
+    import torch
+
+    torch.cuda.init()
+    torch.cuda.set_device(0)
+    layers, slots, item = 8, 4096, 2048  # 8 layers of a Llama-8B-like pool: 2 KiB per slot per buffer
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    source = [torch.randint(0, 255, (slots, item), dtype=torch.uint8, device="cuda", generator=gen) for _ in range(2 * layers)]
+    destination = [torch.zeros((slots, item), dtype=torch.uint8, device="cuda") for _ in range(2 * layers)]
+    sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=30, local_transports=transports)
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=30, local_transports=transports)
+    try:
+        for tensor in source:
+            sender.register(tensor.data_ptr(), tensor.numel())
+        for tensor in destination:
+            receiver.register(tensor.data_ptr(), tensor.numel())
+        assert receiver._registered.devices() == {0}
+        rng = np.random.default_rng(0)
+        src_slots, dst_slots = rng.choice(slots, 1024, replace=False), rng.choice(slots, 1024, replace=False)
+        src = [t.data_ptr() + int(s) * item for t in source for s in src_slots]
+        dst = [t.data_ptr() + int(d) * item for t in destination for d in dst_slots]
+        lengths = [item] * len(src)
+        assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, lengths) == 0, sender.last_error()
+        torch.cuda.synchronize()
+        index_src, index_dst = torch.from_numpy(src_slots).cuda(), torch.from_numpy(dst_slots).cuda()
+        for s_tensor, d_tensor in zip(source, destination):
+            assert torch.equal(d_tensor[index_dst], s_tensor[index_src])
+        started = time.perf_counter()
+        for _ in range(5):
+            assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, lengths) == 0
+        seconds = (time.perf_counter() - started) / 5
+        print(f"\nGPU KV hand-off ({'+'.join(transports) or 'socket'}): {sum(lengths) / seconds / 1e9:.2f} GB/s "
+              f"({sum(lengths) / 1e6:.0f} MB, {len(lengths)} blocks)")
+    finally:
+        sender.close()
+        receiver.close()

@@ -27,7 +27,6 @@ import json
 import multiprocessing
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -226,3 +225,226 @@ def throughput_table(rows: list[ThroughputRow]) -> str:
             f"{row.percent_of_memcpy:.0f}% |"
         )
     return "\n".join(lines)
+
+
+# ----- one request's latency: pfs deployment vs stock SGLang on the same decode model -----
+
+LATENCY_PROMPTS = (64, 1024)
+MAX_NEW_TOKENS = 8
+TIME_STATS_FLAG = "--enable-request-time-stats-logging"
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    prompt_tokens: int
+    cache: str  # "cold": caches flushed before each request; "warm": the same prompt again
+    pfs_ms: float
+    stock_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.pfs_ms / self.stock_ms
+
+
+def _prompt(rng, tokens: int, vocab: int) -> list[int]:
+    return rng.integers(10, vocab - 10, size=tokens).tolist()
+
+
+def _flush(urls: list[str]) -> None:
+    """Empty every server's prefix cache (SGLang answers 400 until a server is idle: retry)."""
+    import requests
+
+    for url in urls:
+        deadline = time.monotonic() + 30
+        while requests.post(f"{url}/flush_cache", timeout=30).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} would not flush its cache")
+            time.sleep(0.2)
+
+
+def _time_requests(url: str, model: Optional[str], server_urls: list[str], prompt_tokens, repeats: int,
+                   vocab: int, progress: Optional[tqdm]) -> dict[tuple[int, str], float]:
+    """Median milliseconds of one /generate per (prompt length, cold/warm)."""
+    import requests
+
+    rng = np.random.default_rng(7)
+    session = requests.Session()
+
+    def generate(prompt: list[int]) -> float:
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0,
+                                                         "ignore_eos": True}}
+        if model is not None:
+            body["model"] = model
+        started = time.perf_counter()
+        reply = session.post(f"{url}/generate", json=body, timeout=120)
+        elapsed = time.perf_counter() - started
+        reply.raise_for_status()
+        assert len(reply.json()["output_ids"]) == MAX_NEW_TOKENS, reply.text
+        return elapsed * 1000
+
+    generate(_prompt(rng, 16, vocab))  # first request of a server pays one-off set-up
+    medians = {}
+    for tokens in prompt_tokens:
+        cold = []
+        for _ in range(repeats):
+            _flush(server_urls)
+            cold.append(generate(_prompt(rng, tokens, vocab)))
+            progress and progress.update(1)
+        prompt = _prompt(rng, tokens, vocab)
+        generate(prompt)
+        warm = []
+        for _ in range(repeats):
+            warm.append(generate(prompt))
+            progress and progress.update(1)
+        medians[(tokens, "cold")], medians[(tokens, "warm")] = statistics.median(cold), statistics.median(warm)
+    return medians
+
+
+def stock_command(decode_command: list[str], port: int) -> list[str]:
+    """Stock SGLang serving the decode model with the decode server's own flags, PD flags removed."""
+    command, skip = [], False
+    for index, arg in enumerate(decode_command):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--disaggregation-"):
+            skip = index + 1 < len(decode_command) and not decode_command[index + 1].startswith("--")
+            continue
+        command.append(arg)
+    command[command.index("--port") + 1] = str(port)
+    return command
+
+
+def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Optional[Path] = None,
+                    time_stats: bool = False, progress: Optional[tqdm] = None) -> list[LatencyRow]:
+    """One request through a pfs deployment of the demo models, then through stock SGLang."""
+    import tempfile
+
+    from pfs_sglang.launch import Deployment, Topology
+    from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
+    from pfs_sglang.launch.topology import with_demo_models
+
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pfs_bench_handoff-"))
+    demo = with_demo_models(Topology(base_model=None))
+    decode = demo.decode_models[0]
+    extra = (TIME_STATS_FLAG,) if time_stats else ()
+    topology = Topology(base_model=demo.base_model, decode_models=(decode,), port=free_port(), log_dir=log_dir / "pfs",
+                        max_total_tokens=max(8192, 4 * max(prompt_tokens)), prefill_args=extra, decode_args=extra)
+    vocab = json.loads((Path(decode.path) / "config.json").read_text())["vocab_size"]
+    with Deployment(topology) as deployment:
+        pfs = _time_requests(deployment.url, decode.name, [child.url for child in deployment.children],
+                             prompt_tokens, repeats, vocab, progress)
+        decode_child = next(child for child in deployment.children if child.name.startswith("decode-"))
+        decode_cmd, decode_env = decode_child.command, decode_child.env
+    port = free_port()
+    stock = ManagedProcess(name="stock-sglang", command=stock_command(decode_cmd, port),
+                           log_path=log_dir / "stock-sglang.log", url=f"http://127.0.0.1:{port}", env=decode_env)
+    stock.start()
+    try:
+        wait_until_healthy([stock], 300)
+        stock_ms = _time_requests(stock.url, None, [stock.url], prompt_tokens, repeats, vocab, progress)
+    finally:
+        from pfs_sglang.launch.processes import stop_all
+
+        stop_all([stock])
+    return [LatencyRow(tokens, cache, pfs[(tokens, cache)], stock_ms[(tokens, cache)])
+            for tokens in prompt_tokens for cache in ("cold", "warm")]
+
+
+def latency_table(rows: list[LatencyRow]) -> str:
+    lines = ["| prompt | cache | pfs ms | stock SGLang ms | pfs / stock |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.prompt_tokens} | {row.cache} | {row.pfs_ms:.0f} | {row.stock_ms:.0f} | {row.ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+# ----- command line -----
+
+
+def _plot(rows: list[ThroughputRow], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(7, 4))
+    series = sorted({(r.shape, r.layout, r.concurrency) for r in rows})
+    for shape, layout, parallel in series:
+        points = [(r.prompt_tokens, r.handoff_gbps) for r in rows if (r.shape, r.layout, r.concurrency) == (shape, layout, parallel)]
+        axis.plot(*zip(*points), marker="o", label=f"{shape} {layout} x{parallel}")
+    for shape in sorted({r.shape for r in rows}):
+        points = sorted({(r.prompt_tokens, r.memcpy_gbps) for r in rows if r.shape == shape})
+        axis.plot(*zip(*points), linestyle="--", color="grey", label=f"memcpy ({shape} sizes)")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("prompt tokens")
+    axis.set_ylabel("GB/s")
+    axis.set_title("KV hand-off between two ZMQ engines (two processes)")
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pfs_sglang.bench handoff", description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                        help="KV shape(s) for the throughput table (default: demo and small)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(PROMPT_TOKENS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--layout", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--transports", default="pvm,shm",
+                        help="same-host transports the engines may use: pvm,shm (default), shm, or none (socket)")
+    parser.add_argument("--pool-mb", type=int, default=1024, help="KV pool per engine; larger requests are skipped")
+    parser.add_argument("--latency-tokens", type=int, nargs="+", default=list(LATENCY_PROMPTS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true", help="no SGLang servers (throughput only)")
+    parser.add_argument("--time-stats", action="store_true",
+                        help=f"start the pfs servers with {TIME_STATS_FLAG} (per-stage times in their logs)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/handoff"))
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = [SHAPES[name] for name in (args.shape or ["demo", "small"])]
+    transports = tuple(name for name in args.transports.split(",") if name and name != "none")
+    results: dict = {"machine": _machine(), "throughput": [], "latency": []}
+    throughput: list[ThroughputRow] = []
+    if not args.skip_throughput:
+        steps = len(shapes) * len(args.layout) * len(args.tokens) * len(args.concurrency)
+        with tqdm(total=steps, desc="hand-off throughput") as progress:
+            for shape in shapes:
+                throughput += measure_throughput(shape, tuple(args.tokens), tuple(args.concurrency), tuple(args.layout),
+                                                 args.pool_mb, transports, progress=progress)
+        print("\nKV hand-off throughput (two engines, two processes on this host):")
+        print(throughput_table(throughput))
+        results["throughput"] = [{**asdict(row), "percent_of_memcpy": row.percent_of_memcpy} for row in throughput]
+    if not args.skip_latency:
+        steps = 2 * 2 * len(args.latency_tokens) * args.repeats
+        with tqdm(total=steps, desc="lone-request latency") as progress:
+            latency = measure_latency(tuple(args.latency_tokens), args.repeats, args.out / "logs", args.time_stats,
+                                      progress)
+        print(f"\nOne /generate, {MAX_NEW_TOKENS} new tokens, median of {args.repeats} (demo models):")
+        print(latency_table(latency))
+        results["latency"] = [{**asdict(row), "ratio": row.ratio} for row in latency]
+    (args.out / "handoff.json").write_text(json.dumps(results, indent=2))
+    plotted = bool(throughput) and _plot(throughput, args.out / "handoff.png")
+    print(f"\nresults: {args.out / 'handoff.json'}" + (f", {args.out / 'handoff.png'}" if plotted else ""))
+    return 0
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+            "load_average": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -56,12 +57,9 @@ def pointer_device(ptr: int) -> Optional[int]:
 
     Raises when CUDA is in use and the pointer's kind cannot be established.
     """
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None  # no CUDA context in this process: torch allocated nothing on a device
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None  # no CUDA context in this process: nothing was allocated on a device
     cudart = _load_cudart()
     attributes = (ctypes.c_int * 16)()  # cudaPointerAttributes: int type, int device, two pointers
     status = cudart.cudaPointerGetAttributes(attributes, ctypes.c_void_p(ptr))

@@ -43,6 +43,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -199,6 +200,11 @@ class ZmqTransferEngine:
         except (TransferError, OutsideRegisteredMemory) as error:
             self._thread_state.last_error = str(error)
             logger.error("pfs zmq KV transfer to %s failed: %s", session_id, error)
+            return -1
+        except Exception as error:  # e.g. a CUDA copy: the caller gets a failure, never an exception
+            self._thread_state.last_error = f"{type(error).__name__}: {error}"
+            logger.exception("pfs zmq KV transfer to %s failed", session_id)
+            self._drop_staging()
             return -1
 
     def transfer_sync(self, session_id: str, buffer: int, peer_buffer_address: int, length: int) -> int:
@@ -458,11 +464,8 @@ class ZmqTransferEngine:
 
 
 def _current_cuda_device() -> Optional[int]:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
         return torch.cuda.current_device()
     return None
 
