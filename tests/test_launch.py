@@ -1,5 +1,6 @@
 """The launcher: refuses foreign decode models before starting anything, fails fast when
-a child dies at start-up, stops every child on SIGTERM; topology and command lines.
+a child dies at start-up, stops every child on SIGTERM, hashes the base's weights once per
+launch; topology and command lines.
 
 The process tests start real SGLang servers on 127.0.0.1 (CPU), one deployment at a time.
 """
@@ -18,6 +19,7 @@ import pytest
 import requests
 
 from pfs_sglang.identity import fingerprint_of, write_decode_module_record
+from pfs_sglang.identity import fingerprint as fingerprint_module
 from pfs_sglang.launch import DecodeModelSpec, Deployment, LaunchError, Topology
 from pfs_sglang.launch.cli import build_parser, topology_from_args
 from pfs_sglang.launch.server_commands import (
@@ -27,6 +29,7 @@ from pfs_sglang.launch.server_commands import (
     prefill_server_command,
 )
 from pfs_sglang.models.demo import write_perturbed_decode_module
+from pfs_sglang.launch.placement import ServerPlacement
 from pfs_sglang.launch.processes import free_port
 
 
@@ -174,3 +177,31 @@ def test_server_command_lines(tmp_path):
     assert "--disaggregation-mode decode" in decode and "--served-model-name coder" in decode
     assert "--disaggregation-transfer-backend nixl" in decode
     assert "--device" not in decode and "retraction-backup" not in decode  # GPU: SGLang's own defaults
+    assert "--tp-size" not in decode and "--mem-fraction-static" not in decode and "--nccl-port" not in decode
+    placed = decode_server_command("coder", tmp_path / "coder", "127.0.0.1", ServerPorts(http=3, nccl=4), "zmq", "cuda",
+                                   4096, ("--max-running-requests", "8"),
+                                   ServerPlacement("decode-coder-0", tp=2, gpus=("2", "3"), share=0.3,
+                                                   mem_fraction_static=0.5))
+    text = " ".join(placed)
+    assert "--nccl-port 4" in text and "--tp-size 2" in text and "--mem-fraction-static 0.5" in text
+    assert placed[-2:] == ["--max-running-requests", "8"]  # pass-through still last
+
+
+def test_a_launch_hashes_the_base_weights_once(demo_models, tmp_path, monkeypatch):
+    """The launcher fingerprints the base; the prefill server's zmq backend and prefix tree
+    take that fingerprint from the hand-off file instead of hashing the weights again."""
+    calls = []
+    original = fingerprint_module.weights_hash
+    monkeypatch.setattr(fingerprint_module, "weights_hash", lambda model_dir: calls.append(model_dir) or original(model_dir))
+    topology = Topology(base_model=demo_models.base, port=free_port(), device="cpu", log_dir=tmp_path,
+                        decode_models=(DecodeModelSpec("extract", demo_models.decode["extract"]),))
+    with Deployment(topology) as deployment:
+        reply = requests.post(f"{deployment.url}/v1/completions", timeout=120,
+                              json={"model": "extract", "prompt": "<|user|>\nWhat is the city?", "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
+    assert calls == [demo_models.base]  # once, in the launcher
+    prefill_log = (tmp_path / "prefill-0.log").read_text()
+    assert prefill_log.count("prefill-module fingerprint of") == 2  # zmq backend and pfs prefix tree
+    assert prefill_log.count("taken from the launcher's record") == 2
+    for log in tmp_path.glob("*.log"):
+        assert "hashing the weights" not in log.read_text(), log.name
