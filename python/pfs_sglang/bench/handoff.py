@@ -185,9 +185,12 @@ def measure_throughput(
 
                         def one_round() -> float:
                             started = time.perf_counter()
-                            results = list(threads.map(lambda blocks: engine.batch_transfer_sync(session_id, *blocks), requests))
-                            if any(results):
-                                raise RuntimeError(f"hand-off failed: {engine.last_error()}")
+                            def send(blocks) -> Optional[str]:
+                                return engine.last_error() if engine.batch_transfer_sync(session_id, *blocks) else None
+
+                            errors = [error for error in threads.map(send, requests) if error]
+                            if errors:
+                                raise RuntimeError(f"hand-off failed: {errors[0]}")
                             return time.perf_counter() - started
 
                         one_round()  # warm-up: handshake, staging buffers, page faults
