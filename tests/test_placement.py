@@ -219,3 +219,15 @@ def test_cli_dry_run_prints_and_starts_nothing(demo_models, tmp_path):
     assert "CUDA_VISIBLE_DEVICES=1 " in result.stdout and "--served-model-name extract" in result.stdout
     assert "# router (in the launcher process)" in result.stdout and "dry run: nothing was started" in result.stdout
     assert not list((tmp_path / "logs").glob("*.log"))
+
+
+def test_demo_models_share_one_gpu_unless_placed_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("PFS_SGLANG_HOME", str(tmp_path))
+    demo = topology_from_args(build_parser().parse_args(["--device", "cuda"]))
+    assert (demo.pack, demo.prefill_mem_fraction, demo.decode_mem_fraction) == (True, 0.15, 0.15)
+    assert set(gpus_of(plan_placement(demo, visible=["0"])).values()) == {("0",)}
+    spread = plan_placement(demo, visible=["0", "1", "2", "3"])
+    assert sorted(gpus_of(spread).values()) == [("0",), ("1",), ("2",), ("3",)]
+    placed = topology_from_args(build_parser().parse_args(["--gpus", "0-3"]))
+    assert not placed.pack and placed.prefill_mem_fraction is None
+    assert topology_from_args(build_parser().parse_args(["--device", "cpu"])).pack is False

@@ -151,12 +151,21 @@ def demo_models_home() -> Path:
     return Path(os.environ.get("PFS_SGLANG_HOME", Path.home() / ".cache" / "pfs_sglang")) / "demo_models"
 
 
+# The demo models are tiny: on GPUs, unless placed otherwise, all four servers share
+# whatever GPUs there are (one is enough), each holding this share of a GPU's memory.
+DEMO_GPU_SHARE = 0.15
+
+
 def with_demo_models(topology: Topology) -> Topology:
     """Fill in the embedded demo models (written once under ``demo_models_home()``)."""
     from pfs_sglang.models import load_demo_models, write_demo_models
 
     root = demo_models_home()
     models = load_demo_models(root) if (root / "demo_models.json").exists() else write_demo_models(root)
+    placed = topology.gpus is not None or topology.pack or topology.prefill_mem_fraction is not None \
+        or topology.decode_mem_fraction is not None
+    if topology.device == "cuda" and not placed:
+        topology = replace(topology, pack=True, prefill_mem_fraction=DEMO_GPU_SHARE, decode_mem_fraction=DEMO_GPU_SHARE)
     return replace(
         topology,
         base_model=models.base,
