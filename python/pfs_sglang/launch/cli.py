@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_values(values: list[str] | None, flag: str, parse: Any) -> tuple[Any, dict[str, Any]]:
-    """Repeated ``[NAME=]VALUE`` flags -> (the value for every model, {name: value})."""
+def _split_values(values: list[str] | None, flag: str, parse: Any, accumulate: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Repeated ``[NAME=]VALUE`` flags -> (the value for every model, {name: value}); with
+    ``accumulate`` repeated values (argument tuples) add up, otherwise the last one wins."""
     shared, per_model = None, {}
     for text in values or ():
         name, value = split_per_model(text)
@@ -98,9 +99,9 @@ def _split_values(values: list[str] | None, flag: str, parse: Any) -> tuple[Any,
         except ValueError as error:
             raise ValueError(f"{flag} {text!r}: {error}") from error
         if name is None:
-            shared = parsed if flag != "--decode-args" or shared is None else (*shared, *parsed)
+            shared = (*(shared or ()), *parsed) if accumulate else parsed
         else:
-            per_model[name] = (*per_model.get(name, ()), *parsed) if flag == "--decode-args" else parsed
+            per_model[name] = (*per_model.get(name, ()), *parsed) if accumulate else parsed
     return shared, per_model
 
 
@@ -116,7 +117,8 @@ def _with_per_model(topology: Topology, flag: str, field: str, values: dict[str,
 
 def topology_from_args(args: argparse.Namespace) -> Topology:
     settings: dict[str, Any] = load_yaml_topology(args.config) if args.config else {}
-    decode_args, model_args = _split_values(args.decode_args, "--decode-args", lambda text: tuple(shlex.split(text)))
+    decode_args, model_args = _split_values(args.decode_args, "--decode-args", lambda text: tuple(shlex.split(text)),
+                                            accumulate=True)
     decode_tp, model_tp = _split_values(args.decode_tp, "--decode-tp", int)
     decode_share, model_share = _split_values(args.decode_mem_fraction, "--decode-mem-fraction", float)
     flags = {

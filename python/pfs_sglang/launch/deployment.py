@@ -141,6 +141,7 @@ class Deployment:
         """Choose ports and build every child's command line and the router's view of them."""
         t = self.topology
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
+        self.children = []
         prefill_workers = []
         for index in range(t.prefill_replicas):
             name, ports = f"prefill-{index}", self._ports(bootstrap=True)
