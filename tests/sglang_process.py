@@ -1,4 +1,5 @@
-"""Test helpers: run one stock ``sglang.launch_server`` on CPU, read a server's KV usage.
+"""Test helpers: run one stock ``sglang.launch_server`` on CPU, read a server's KV usage,
+wait until a deployment is idle.
 
 The process handling is the launcher's own (``pfs_sglang.launch.processes``).
 """
@@ -6,6 +7,7 @@ The process handling is the launcher's own (``pfs_sglang.launch.processes``).
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,3 +43,20 @@ def used_kv_tokens(server_url: str) -> float:
     """KV slots held by requests on an SGLang server (``sglang:num_used_tokens``; cache excluded)."""
     text = requests.get(f"{server_url}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
+
+
+def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
+    """Until no router lease and no KV slot is held anywhere, and every server's
+    ``/flush_cache`` succeeds (SGLang answers it only when its scheduler is idle: no
+    queued request, no unprocessed batch result)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = requests.get(f"{router_url}/workers", timeout=10).json()["workers"]
+        held = {row["url"]: (row["in_flight"], used_kv_tokens(row["url"])) for row in rows}
+        if not any(a or b for a, b in held.values()):
+            flushed = requests.post(f"{router_url}/flush_cache", timeout=30)
+            if flushed.status_code == 200:
+                return
+            held["flush_cache"] = (flushed.status_code, flushed.text[:200])
+        assert time.monotonic() < deadline, f"not idle (router leases, KV slots): {held}"
+        time.sleep(0.5)

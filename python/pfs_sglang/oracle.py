@@ -5,6 +5,10 @@ prefill module) computes the KV of ``prompt[:-1]``; the decode model runs
 ``prompt[-1]`` on that KV and then greedily generates on its own KV. With the base as
 its own decode model this is ordinary greedy generation. Served greedy output must
 equal this token for token (float32 on CPU).
+
+Input logprobs follow the same split with ``k`` prompt tokens from the base
+(invariant 2): :func:`prefillshare_input_logprobs` gives the decode model's logprob of
+every prompt token it scores over the base KV of ``prompt[:k]``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,24 @@ def prefillshare_greedy(
             break
         next_input = torch.tensor([[token]])
     return GreedyReference(output_ids=output_ids, top2_margins=margins)
+
+
+@torch.no_grad()
+def prefillshare_input_logprobs(
+    base_dir: str | Path, decode_dir: str | Path, prompt_ids: list[int], prefill_len: int
+) -> dict[int, float]:
+    """``{i: log p(prompt[i] | prompt[:i])}`` for ``prefill_len < i < len(prompt)``.
+
+    The base computes the KV of ``prompt[:prefill_len]``; the decode model runs
+    ``prompt[prefill_len:]`` over it, and its logits at position ``i - 1`` score token ``i``.
+    """
+    if not 0 <= prefill_len < len(prompt_ids):
+        raise ValueError(f"prefill_len {prefill_len} outside [0, {len(prompt_ids)})")
+    base, decode = load_causal_lm(str(base_dir)), load_causal_lm(str(decode_dir))
+    past = base(torch.tensor([prompt_ids[:prefill_len]]), use_cache=True).past_key_values if prefill_len else None
+    logits = decode(torch.tensor([prompt_ids[prefill_len:]]), past_key_values=past, use_cache=True).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return {i: float(logprobs[i - 1 - prefill_len, prompt_ids[i]]) for i in range(prefill_len + 1, len(prompt_ids))}
 
 
 # Logit gaps below this are near-ties: float reordering between batched serving and the

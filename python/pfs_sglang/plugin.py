@@ -9,7 +9,7 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
   transfer figures in prefill replies;
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
-* the decode-side hooks that make the decode module compute ``prompt[-1]``
+* the decode-side hooks that make the decode module compute the prompt's tail
   (``pfs_sglang.decode``, invariant 2).
 """
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def load() -> None:
     from pfs_kernels import install_import_stand_ins
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
-    from pfs_sglang.decode.last_prompt_token import register_last_prompt_token_hooks
+    from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
     from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
 
@@ -32,5 +32,5 @@ def load() -> None:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     register_zmq_transfer_backend()
     register_kv_transfer_report()
-    register_last_prompt_token_hooks()
+    register_prompt_tail_hooks()
     register_prefill_module_cache()

@@ -1,1 +1,1 @@
-"""Decode-server hooks: the decode module computes prompt[-1] and every output token (invariant 2)."""
+"""Decode-server hooks: the decode module computes the prompt's tail and every output token (invariant 2)."""

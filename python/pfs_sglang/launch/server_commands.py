@@ -3,8 +3,9 @@
 Prefill: ``--disaggregation-mode prefill`` with the base model, the ``pfs`` prefix tree
 keyed on the prefill module (invariant 3) and a bootstrap port for the KV hand-off.
 Decode: ``--disaggregation-mode decode`` with one decode module, served under its name.
-On CPU both run SGLang's native path (torch_native attention, no overlap scheduling,
-sleep when idle so idle PD loops do not spin a core) with a bounded KV pool.
+On CPU both run SGLang's native path (torch_native attention, sleep when idle so idle
+PD loops do not spin a core) with a bounded KV pool; decode servers keep SGLang's overlap
+scheduling, prefill servers turn it off (its early send records a CUDA event).
 Serving flags are adjusted here and nowhere else.
 """
 
@@ -65,7 +66,7 @@ def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: st
         args += [
             "--device", "cpu", "--attention-backend", "torch_native",
             "--max-total-tokens", str(max_total_tokens),
-            "--skip-server-warmup", "--disable-overlap-schedule", "--sleep-on-idle",
+            "--skip-server-warmup", "--sleep-on-idle",
         ]
     return args
 
@@ -80,6 +81,8 @@ def prefill_server_command(
         "--disaggregation-mode", "prefill",
         "--disaggregation-bootstrap-port", str(ports.bootstrap),
         "--radix-cache-backend", RADIX_CACHE_BACKEND,
+        # SGLang's overlapped prefill records a CUDA event when it sends a cached prefix early.
+        *(["--disable-overlap-schedule"] if device == "cpu" else []),
         *extra,
     ]
 
@@ -95,5 +98,7 @@ def decode_server_command(
         "--served-model-name", name,
     ]
     if device == "cpu":
-        args += ["--disaggregation-decode-retraction-backup", "none"]  # host pools need cudaHostRegister
+        # Retraction keeps an exact copy of the request's KV (invariant 1); SGLang's
+        # default host pool needs cudaHostRegister, a plain CPU tensor does not.
+        args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
     return [*args, *extra]

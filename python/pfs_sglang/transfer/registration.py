@@ -6,6 +6,8 @@ choice through SGLang's own ``add_disagg_transfer_backend_choices``, add a ``ZMQ
 member to the enum (an Enum cannot be extended through its public API; the member
 is created exactly as EnumType does it), and wrap ``get_kv_class`` with an AROUND
 hook from SGLang's hook registry so every ``from ... import get_kv_class`` copy sees it.
+A second hook tells each prefill-side sender how many prompt tokens it sends
+(invariant 2, ``ZmqKVSender``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def _get_kv_class_with_zmq(original, transfer_backend, class_type):
     }.get(class_type)
 
 
+def _record_prefill_module_len(original, *args, **kwargs):
+    from pfs_sglang.transfer.zmq_backend import record_prefill_module_len
+
+    return record_prefill_module_len(original, *args, **kwargs)
+
+
 def register_zmq_transfer_backend() -> None:
     from sglang.srt.arg_groups.choices import (
         DISAGG_TRANSFER_BACKEND_CHOICES,
@@ -62,4 +70,9 @@ def register_zmq_transfer_backend() -> None:
     _add_enum_member(TransferBackend, "ZMQ", ZMQ_BACKEND)
     HookRegistry.register(
         "sglang.srt.disaggregation.utils.get_kv_class", _get_kv_class_with_zmq, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.create_sender",
+        _record_prefill_module_len,
+        HookType.AROUND,
     )

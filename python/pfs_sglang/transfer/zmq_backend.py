@@ -7,7 +7,7 @@ These subclasses keep all of that and swap the engine for
 :class:`~pfs_sglang.transfer.zmq_engine.ZmqTransferEngine`, so PD works on any host
 with no RDMA and no CUDA-only calls:
 
-* ``ZmqKVSender`` sends the KV of ``prompt[:-1]`` only (invariant 2), and its
+* ``ZmqKVSender`` sends the KV of ``prompt[:k]`` only (invariant 2), and its
   ``supports_host_tensor_indices = False`` keeps the prefill scheduler on
   its plain path (no ``pin_memory``, no ``torch.cuda.Event``).
 * the engine's handshake carries the prefill-module fingerprint (invariant 4): a
@@ -106,21 +106,41 @@ class ZmqKVManager(MooncakeKVManager):
 
 
 class ZmqKVSender(MooncakeKVSender):
-    """Sends the KV of ``prompt[:-1]``: the decode module computes ``prompt[-1]`` (invariant 2)."""
+    """Sends the KV of ``prompt[:k]`` only: the decode module computes ``prompt[k:]`` (invariant 2).
+
+    ``k`` (``prefill_module_len``) is set on the sender when the prefill server creates
+    it (``record_prefill_module_len``); pages past the one holding token ``k - 1`` are
+    left out of every chunk, and the last chunk still concludes the transfer.
+    """
 
     # Host-tensor indices make the prefill scheduler pin memory and record CUDA events.
     supports_host_tensor_indices = False
+    prefill_module_len: Optional[int] = None
 
     def _prepare_send_indices(self, kv_indices, state_indices=None):
         kv_indices, index_slice, is_last_chunk, should_skip = super()._prepare_send_indices(
             kv_indices, state_indices
         )
-        # With one token per page the last prompt token's page is left out; with larger
-        # pages the final page travels whole and the decode module overwrites that slot.
-        if is_last_chunk and not should_skip and self.kv_mgr.kv_args.page_size == 1 and len(kv_indices):
-            kv_indices = kv_indices[:-1]
-            index_slice = slice(index_slice.start, index_slice.stop - 1)
-        return kv_indices, index_slice, is_last_chunk, should_skip
+        if should_skip or self.prefill_module_len is None:
+            return kv_indices, index_slice, is_last_chunk, should_skip
+        page_size = self.kv_mgr.kv_args.page_size
+        pages_to_send = -(-self.prefill_module_len // page_size)
+        stop = max(index_slice.start, min(index_slice.stop, pages_to_send))
+        kv_indices = kv_indices[: stop - index_slice.start]
+        # A middle chunk wholly past prompt[:k] has nothing to send; the last one always
+        # goes, carrying the metadata that concludes the transfer.
+        should_skip = len(kv_indices) == 0 and not is_last_chunk
+        return kv_indices, slice(index_slice.start, stop), is_last_chunk, should_skip
+
+
+def record_prefill_module_len(original, bootstrap_queue, req, *args, **kwargs):
+    """AROUND ``PrefillBootstrapQueue.create_sender``: tell the request's sender its ``k``."""
+    from pfs_sglang.decode.prompt_split import prefill_module_len
+
+    created = original(bootstrap_queue, req, *args, **kwargs)
+    if created and isinstance(req.disagg_kv_sender, ZmqKVSender):
+        req.disagg_kv_sender.prefill_module_len = prefill_module_len(req)
+    return created
 
 
 class ZmqKVReceiver(MooncakeKVReceiver):
