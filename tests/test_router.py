@@ -154,7 +154,8 @@ class Cluster:
 
 @contextmanager
 def cluster(prefill_count: int = 1, decode_counts: dict[str, int] | None = None,
-            default_model: str | None = None, request_timeout_s: float = 20) -> Iterator[Cluster]:
+            default_model: str | None = None, request_timeout_s: float = 20,
+            vocab_size: int | None = None) -> Iterator[Cluster]:
     decode_counts = decode_counts or {"coder": 1}
     prefill = [StandIn(f"prefill-{i}") for i in range(prefill_count)]
     decode = {model: [StandIn(f"{model}-{i}") for i in range(count)] for model, count in decode_counts.items()}
@@ -164,6 +165,7 @@ def cluster(prefill_count: int = 1, decode_counts: dict[str, int] | None = None,
             prefill_workers=[PrefillWorker(url=s.url, bootstrap_port=7000 + i) for i, s in enumerate(prefill)],
             decode_pools={model: DecodePool(model, [Worker(s.url) for s in pool]) for model, pool in decode.items()},
             default_model=default_model, request_timeout_s=request_timeout_s, health_timeout_s=2,
+            vocab_size=vocab_size,
         )
         with serving(build_router_app(config)) as router_url:
             yield Cluster(router_url, prefill, decode)
@@ -302,6 +304,22 @@ def test_bad_requests_get_openai_error_bodies():
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "return_logprob"
         assert c.post("/generate", {"model": "coder"}).status_code == 400
         assert not c.prefill[0].bodies and not c.decode["coder"][0].bodies  # nothing reached a server
+
+
+def test_token_ids_outside_the_vocabulary_are_400_before_any_server_sees_them():
+    with cluster(decode_counts={"coder": 1}, vocab_size=100) as c:
+        for path, body, param in (
+            ("/generate", {"model": "coder", "input_ids": [1, 2, 100]}, "input_ids"),
+            ("/generate", {"model": "coder", "input_ids": [[1, 2], [3, -1]]}, "input_ids"),
+            ("/generate", {"model": "coder", "input_ids": [1, "2"]}, "input_ids"),
+            ("/v1/completions", {"model": "coder", "prompt": [5, 100_000]}, "prompt"),
+            ("/v1/completions", {"model": "coder", "prompt": [[5], [6, 101]]}, "prompt"),
+        ):
+            reply = c.post(path, body)
+            assert reply.status_code == 400, (body, reply.text)
+            assert reply.json()["error"]["param"] == param and "vocabulary" in reply.json()["error"]["message"]
+        assert not c.prefill[0].bodies and not c.decode["coder"][0].bodies
+        assert c.post("/generate", {"model": "coder", "input_ids": [0, 99]}).status_code == 200
 
 
 def test_a_decode_server_that_is_down_is_503():

@@ -20,6 +20,7 @@ environment and command line instead of starting them. ``stop()``, or leaving th
 from __future__ import annotations
 
 import ipaddress
+import json
 import shlex
 import socket
 import tempfile
@@ -158,7 +159,9 @@ class Deployment:
                                                 t.max_total_tokens, t.decode_args_of(spec), self.placements[name])
                 workers.append(Worker(url=self._add_child(name, command, ports.http, handoff).url))
             pools[spec.name] = DecodePool(spec.name, workers)
-        return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model)
+        vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
+        return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
+                            vocab_size=vocab_size)
 
     def dry_run(self) -> str:
         """Check everything ``start`` checks and describe every server and the router; start nothing."""

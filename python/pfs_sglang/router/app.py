@@ -63,6 +63,7 @@ class RouterConfig:
     prefill_workers: list[PrefillWorker]
     decode_pools: dict[str, DecodePool]
     default_model: str | None = None
+    vocab_size: int | None = None  # the prefill module's: token-id prompts are checked against it
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     health_timeout_s: float = 10.0
@@ -93,7 +94,7 @@ class PrefillShareRouter:
     async def route(self, request: Request, endpoint: str) -> Response:
         try:
             routed = parse_request(endpoint, await request.body(), self.config.decode_pools,
-                                   self.config.fallback_model)
+                                   self.config.fallback_model, self.config.vocab_size)
             plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
             return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)

@@ -3,7 +3,9 @@
 A request names a decode model (``model``; ``/generate`` may leave it out and get the
 default model, as SGLang frontend programs do), carries a prompt (or a batch of them,
 and ``n`` samples each: ``fanout.py`` splits those into one hand-off per prompt and
-sample), and may stream. The prompt text is only used for prefix locality.
+sample), and may stream. The prompt text is only used for prefix locality. Token-id
+prompts are checked against the vocabulary: SGLang does not check them, and one id
+past the embedding table kills the scheduler that runs it (and every request on it).
 """
 
 from __future__ import annotations
@@ -52,7 +54,23 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str) -> RoutedRequest:
+def _check_token_ids(body: dict[str, Any], field: str, vocab_size: int) -> None:
+    """Every token id of a token-id prompt (one list, or a batch of them) is in ``[0, vocab_size)``."""
+    value = body.get(field)
+    if not isinstance(value, list) or not value:
+        return
+    prompts = value if isinstance(value[0], list) else [value]
+    for prompt in prompts:
+        if not isinstance(prompt, list):
+            continue  # a batch of texts (completions): no token ids to check
+        for token in prompt:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise RequestRejected(400, f"token id {token!r} in '{field}' is not in the vocabulary "
+                                           f"[0, {vocab_size})", param=field)
+
+
+def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str,
+                  vocab_size: int | None = None) -> RoutedRequest:
     """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed."""
     try:
         body = json.loads(raw)
@@ -77,5 +95,7 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
     if endpoint == CHAT and not (isinstance(body["messages"], list)
                                  and all(isinstance(message, dict) for message in body["messages"])):
         raise RequestRejected(400, "'messages' must be a list of message objects", param="messages")
+    if vocab_size is not None:
+        _check_token_ids(body, "input_ids" if endpoint == GENERATE else "prompt", vocab_size)
     return RoutedRequest(endpoint=endpoint, model=model, body=body, stream=bool(body.get("stream")),
                          prompt_text=prompt_text(body))
