@@ -320,6 +320,7 @@ def test_token_ids_outside_the_vocabulary_are_400_before_any_server_sees_them():
             assert reply.json()["error"]["param"] == param and "vocabulary" in reply.json()["error"]["message"]
         assert not c.prefill[0].bodies and not c.decode["coder"][0].bodies
         assert c.post("/generate", {"model": "coder", "input_ids": [0, 99]}).status_code == 200
+        assert c.post("/v1/completions", {"model": "coder", "prompt": ["the record", "x"]}).status_code == 200
 
 
 def test_a_decode_server_that_is_down_is_503():

@@ -59,11 +59,10 @@ def _check_token_ids(body: dict[str, Any], field: str, vocab_size: int) -> None:
     value = body.get(field)
     if not isinstance(value, list) or not value:
         return
-    prompts = value if isinstance(value[0], list) else [value]
-    for prompt in prompts:
-        if not isinstance(prompt, list):
-            continue  # a batch of texts (completions): no token ids to check
-        for token in prompt:
+    if isinstance(value[0], str):
+        return  # a batch of texts (completions): no token ids to check
+    for prompt in value if isinstance(value[0], list) else [value]:
+        for token in prompt if isinstance(prompt, list) else [prompt]:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
                 raise RequestRejected(400, f"token id {token!r} in '{field}' is not in the vocabulary "
                                            f"[0, {vocab_size})", param=field)
