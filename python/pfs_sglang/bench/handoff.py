@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import statistics
 import sys
 import time
@@ -286,7 +287,7 @@ def _time_requests(url: str, model: Optional[str], server_urls: list[str], promp
         return elapsed * 1000
 
     generate(_prompt(rng, 16, vocab))  # first request of a server pays one-off set-up
-    medians = {}
+    medians, windows = {}, {}
     for tokens in prompt_tokens:
         cold = []
         for _ in range(repeats):
@@ -297,10 +298,12 @@ def _time_requests(url: str, model: Optional[str], server_urls: list[str], promp
         generate(prompt)
         warm = []
         for _ in range(repeats):
+            started = time.time()
             warm.append(generate(prompt))
+            windows[tokens] = (started, time.time())
             progress and progress.update(1)
         medians[(tokens, "cold")], medians[(tokens, "warm")] = statistics.median(cold), statistics.median(warm)
-    return medians
+    return medians, windows
 
 
 def stock_command(decode_command: list[str], port: int) -> list[str]:
@@ -319,8 +322,12 @@ def stock_command(decode_command: list[str], port: int) -> list[str]:
 
 
 def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Optional[Path] = None,
-                    time_stats: bool = False, progress: Optional[tqdm] = None) -> list[LatencyRow]:
-    """One request through a pfs deployment of the demo models, then through stock SGLang."""
+                    time_stats: bool = False, progress: Optional[tqdm] = None):
+    """One request through a pfs deployment of the demo models, then through stock SGLang.
+
+    Returns the latency rows and, with ``time_stats``, the per-stage breakdown of the last
+    warm request of each prompt length (:func:`stage_breakdown`).
+    """
     import tempfile
 
     from pfs_sglang.launch import Deployment, Topology
@@ -335,7 +342,7 @@ def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Op
                         max_total_tokens=max(8192, 4 * max(prompt_tokens)), prefill_args=extra, decode_args=extra)
     vocab = json.loads((Path(decode.path) / "config.json").read_text())["vocab_size"]
     with Deployment(topology) as deployment:
-        pfs = _time_requests(deployment.url, decode.name, [child.url for child in deployment.children],
+        pfs, windows = _time_requests(deployment.url, decode.name, [child.url for child in deployment.children],
                              prompt_tokens, repeats, vocab, progress)
         decode_child = next(child for child in deployment.children if child.name.startswith("decode-"))
         decode_cmd, decode_env = decode_child.command, decode_child.env
@@ -345,13 +352,68 @@ def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Op
     stock.start()
     try:
         wait_until_healthy([stock], 300)
-        stock_ms = _time_requests(stock.url, None, [stock.url], prompt_tokens, repeats, vocab, progress)
+        stock_ms, _ = _time_requests(stock.url, None, [stock.url], prompt_tokens, repeats, vocab, progress)
     finally:
         from pfs_sglang.launch.processes import stop_all
 
         stop_all([stock])
-    return [LatencyRow(tokens, cache, pfs[(tokens, cache)], stock_ms[(tokens, cache)])
+    rows = [LatencyRow(tokens, cache, pfs[(tokens, cache)], stock_ms[(tokens, cache)])
             for tokens in prompt_tokens for cache in ("cold", "warm")]
+    breakdowns = {tokens: stage_breakdown(log_dir / "pfs", *windows[tokens]) for tokens in prompt_tokens} if time_stats else {}
+    return rows, breakdowns
+
+
+_STATS_LINE = re.compile(r"ReqTimeStats\((?P<head>[^)]*)\): (?P<body>.*)$")
+
+
+def _time_stats_lines(log: Path) -> list[dict]:
+    """SGLang's per-request ``ReqTimeStats`` log lines as dicts (durations in ms, wall-clock times in s)."""
+    lines = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = _STATS_LINE.search(line)
+        if match:
+            fields = dict(re.findall(r"(\w+)=([^,\s]+)", match["head"] + ", " + match["body"]))
+            lines.append(fields)
+    return lines
+
+
+def _ms(fields: dict, key: str) -> float:
+    value = fields.get(key, "0ms")
+    return float(value[:-2]) if value.endswith("ms") else 0.0
+
+
+def stage_breakdown(log_dir: Path, started: float, finished: float) -> list[tuple[str, float]]:
+    """Where one request's time went, from the servers' time-stats lines and the client's clock.
+
+    ``started``/``finished``: wall-clock times the client sent the request and got the reply.
+    The prefill and decode lines of the request are matched by bootstrap room.
+    """
+    prefill = [f for log in sorted(log_dir.glob("prefill-*.log")) for f in _time_stats_lines(log)]
+    decode = [f for log in sorted(log_dir.glob("decode-*.log")) for f in _time_stats_lines(log)]
+    mine = [f for f in decode if started <= float(f.get("entry_time", 0)) <= finished]
+    if not mine:
+        return []
+    d = mine[-1]
+    p = next((f for f in prefill if f.get("bootstrap_room") == d.get("bootstrap_room")), {})
+    prefill_entry, decode_entry = float(p.get("entry_time", started)), float(d["entry_time"])
+    decode_done = decode_entry + sum(_ms(d, key) for key in d if key.endswith("_duration")) / 1000
+    stages = [
+        ("client -> router -> prefill scheduler (HTTP, tokenizer)", (prefill_entry - started) * 1000),
+        ("client -> router -> decode scheduler (HTTP, tokenizer)", (decode_entry - started) * 1000),
+        *((f"prefill {key}", _ms(p, key)) for key in p if key.endswith("_duration")),
+        *((f"decode {key}", _ms(d, key)) for key in d if key.endswith("_duration")),
+        ("decode scheduler done -> client (detokenizer, HTTP, router)", (finished - decode_done) * 1000),
+        ("total seen by the client", (finished - started) * 1000),
+    ]
+    if "transfer_total" in p:
+        stages.append((f"KV moved: {p['transfer_total']} at {p.get('transfer_speed', '?')} GB/s", 0.0))
+    return stages
+
+
+def breakdown_table(tokens: int, stages: list[tuple[str, float]]) -> str:
+    lines = [f"| stage ({tokens}-token prompt, warm) | ms |", "|---|---|"]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in stages]
+    return "\n".join(lines)
 
 
 def latency_table(rows: list[LatencyRow]) -> str:
@@ -430,11 +492,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.skip_latency:
         steps = 2 * 2 * len(args.latency_tokens) * args.repeats
         with tqdm(total=steps, desc="lone-request latency") as progress:
-            latency = measure_latency(tuple(args.latency_tokens), args.repeats, args.out / "logs", args.time_stats,
-                                      progress)
+            latency, breakdowns = measure_latency(tuple(args.latency_tokens), args.repeats, args.out / "logs",
+                                                  args.time_stats, progress)
         print(f"\nOne /generate, {MAX_NEW_TOKENS} new tokens, median of {args.repeats} (demo models):")
         print(latency_table(latency))
+        for tokens, stages in breakdowns.items():
+            print()
+            print(breakdown_table(tokens, stages))
         results["latency"] = [{**asdict(row), "ratio": row.ratio} for row in latency]
+        results["stages"] = {str(tokens): stages for tokens, stages in breakdowns.items()}
     (args.out / "handoff.json").write_text(json.dumps(results, indent=2))
     plotted = bool(throughput) and _plot(throughput, args.out / "handoff.png")
     print(f"\nresults: {args.out / 'handoff.json'}" + (f", {args.out / 'handoff.png'}" if plotted else ""))
