@@ -5,8 +5,9 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 ``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
 
 * CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
-* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), and per-request KV
-  transfer figures in prefill replies;
+* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), per-request KV
+  transfer figures in prefill replies, and PD servers that poll rather than spin
+  while a hand-off is in flight (with ``--sleep-on-idle``);
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
 * the decode-side hooks that make the decode module compute the prompt's tail
@@ -26,11 +27,13 @@ def load() -> None:
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
     from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
+    from pfs_sglang.transfer.waiting_without_spinning import register_pd_wait_polling
 
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     register_zmq_transfer_backend()
     register_kv_transfer_report()
+    register_pd_wait_polling()
     register_prompt_tail_hooks()
     register_prefill_module_cache()
