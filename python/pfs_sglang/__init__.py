@@ -8,7 +8,7 @@ consume it. Parts (see DESIGN.md for the invariants):
 * ``plugin``    what SGLang loads in each of its processes (registers everything below)
 * ``transfer``  the ``zmq`` KV transfer backend and per-request transfer figures
 * ``cache``     the prefill tree keyed on the prefill module (invariant 3)
-* ``decode``    decode-server hooks: the decode module computes prompt[-1] (invariant 2)
+* ``decode``    decode-server hooks: the decode module computes prompt[k:] (invariant 2)
 * ``router``    the OpenAI/SGLang router; ``launch`` and ``launch_server`` start a deployment
 * ``train``     cache-conditioned fine-tuning, evaluation and the replication
 * ``oracle``    the transformers reference of the greedy oracle (invariant 5)
