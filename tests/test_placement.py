@@ -168,15 +168,28 @@ def test_dry_run_too_few_gpus_is_an_error(demo_models, tmp_path, capsys):
     assert "launch failed: the topology needs 5 GPUs" in err and "gives 2 (0,1)" in err
 
 
-def test_dry_run_on_cpu_is_todays_deployment(demo_models, tmp_path, capsys):
+def test_dry_run_on_cpu_is_todays_deployment(demo_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
     code, servers, _ = dry_run([*demo_flags(demo_models, tmp_path, "extract"), "--device", "cpu"], capsys)
     assert code == 0 and len(servers) == 2
     for line in servers:
         env, args = env_and_args(line)
         assert "CUDA_VISIBLE_DEVICES" not in env and "--device cpu" in args and "--nccl-port" not in args
+        assert env.get("OMP_NUM_THREADS") == "4"  # 8 cores shared by 2 servers
     with pytest.raises(ValueError, match="need --device cuda"):
         topology_from_args(build_parser().parse_args([*demo_flags(demo_models, tmp_path, "extract"),
                                                       "--device", "cpu", "--gpus", "0"]))
+
+
+def test_cpu_servers_share_the_cores_unless_the_user_set_threads(monkeypatch):
+    from pfs_sglang.launch.server_commands import cpu_threads_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert cpu_threads_env(4) == {"OMP_NUM_THREADS": "1"} and cpu_threads_env(1) == {"OMP_NUM_THREADS": "2"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads_env(4) == {}
 
 
 def test_yaml_placement_and_per_model_settings(demo_models, tmp_path):

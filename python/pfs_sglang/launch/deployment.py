@@ -43,7 +43,12 @@ from pfs_sglang.identity import (
 from pfs_sglang.launch.guards import check_guards
 from pfs_sglang.launch.placement import plan_placement
 from pfs_sglang.launch.processes import LaunchError, ManagedProcess, free_port, listening_socket, stop_all, wait_until_healthy
-from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command, prefill_server_command
+from pfs_sglang.launch.server_commands import (
+    ServerPorts,
+    cpu_threads_env,
+    decode_server_command,
+    prefill_server_command,
+)
 from pfs_sglang.launch.topology import Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 
@@ -119,10 +124,12 @@ class Deployment:
         return [spec.name for spec in self.topology.decode_models]
 
     def _add_child(self, name: str, command: list[str], port: int, env: dict[str, str]) -> ManagedProcess:
-        host = self.topology.host
+        t = self.topology
+        threads = cpu_threads_env(t.prefill_replicas + len(t.decode_models) * t.decode_replicas) \
+            if t.device == "cpu" else {}
         child = ManagedProcess(name=name, command=command, log_path=self.log_dir / f"{name}.log",
-                               url=f"http://{host}:{port}", env={**child_env(host, self.topology.transfer_timeout_s),
-                                                                 **self.placements[name].env, **env})
+                               url=f"http://{t.host}:{port}", env={**child_env(t.host, t.transfer_timeout_s), **threads,
+                                                                   **self.placements[name].env, **env})
         self.children.append(child)
         return child
 
