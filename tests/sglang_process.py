@@ -1,5 +1,5 @@
 """Test helpers: run one stock ``sglang.launch_server`` on CPU, read a server's KV usage,
-wait until a deployment is idle.
+send one greedy ``/generate``, wait until a deployment is idle.
 
 The process handling is the launcher's own (``pfs_sglang.launch.processes``).
 """
@@ -60,3 +60,14 @@ def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
             held["flush_cache"] = (flushed.status_code, flushed.text[:200])
         assert time.monotonic() < deadline, f"not idle (router leases, KV slots): {held}"
         time.sleep(0.5)
+
+
+def generate_greedy(url: str, model: str, prompt_ids: list[int], max_new_tokens: int, **extra) -> dict:
+    """One greedy ``/generate`` of ``max_new_tokens`` tokens (EOS ignored) through a router; its reply."""
+    reply = requests.post(f"{url}/generate", json={
+        "model": model, "input_ids": prompt_ids,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
+        **extra,
+    }, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()

@@ -16,13 +16,12 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import free_port
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
-from sglang_process import wait_deployment_idle
+from sglang_process import generate_greedy, wait_deployment_idle
 
 DECODE_POOL_TOKENS = 160
 PROMPT_TOKENS, NEW_TOKENS, REQUESTS = 24, 40, 6  # 6 x 64 tokens cannot all fit in 160
@@ -44,11 +43,7 @@ def test_retraction_under_memory_pressure_keeps_every_output_exact(deployment, d
     prompts = [[(17 * r + 5 * i) % 200 + 20 for i in range(PROMPT_TOKENS)] for r in range(REQUESTS)]
 
     def generate(prompt: list[int]) -> list[int]:
-        reply = requests.post(f"{deployment.url}/generate", json={
-            "model": "compute", "input_ids": prompt,
-            "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}}, timeout=300)
-        assert reply.status_code == 200, reply.text
-        return reply.json()["output_ids"]
+        return generate_greedy(deployment.url, "compute", prompt, NEW_TOKENS)["output_ids"]
 
     with ThreadPoolExecutor(REQUESTS) as pool:
         outputs = list(pool.map(generate, prompts))

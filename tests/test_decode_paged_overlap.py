@@ -35,7 +35,7 @@ from pfs_sglang.oracle import (
     prefillshare_greedy,
     prefillshare_input_logprobs,
 )
-from sglang_process import wait_deployment_idle
+from sglang_process import generate_greedy, wait_deployment_idle
 
 PAGE_SIZE = 4
 MODELS = ("compute", "extract")
@@ -58,16 +58,6 @@ def deployment(demo_models, tmp_path_factory):
             yield running
 
 
-def generate(url: str, model: str, prompt_ids: list[int], max_new_tokens: int, **extra) -> dict:
-    reply = requests.post(f"{url}/generate", json={
-        "model": model, "input_ids": prompt_ids,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
-        **extra,
-    }, timeout=180)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
 def assert_oracle(demo_models, model: str, prompt_ids: list[int], served: list[int]) -> None:
     reference = prefillshare_greedy(demo_models.base, demo_models.decode[model], prompt_ids, len(served))
     divergence = first_real_divergence(served, reference)
@@ -86,7 +76,7 @@ def retractions_logged(deployment) -> int:
 def test_every_prompt_length_modulo_the_page_size_matches_the_oracle(deployment, demo_models):
     for length in range(1, 2 * PAGE_SIZE + 2):  # every residue twice, and a 1-token prompt
         prompt = prompt_of(length, seed=length)
-        assert_oracle(demo_models, "compute", prompt, generate(deployment.url, "compute", prompt, 6)["output_ids"])
+        assert_oracle(demo_models, "compute", prompt, generate_greedy(deployment.url, "compute", prompt, 6)["output_ids"])
     wait_deployment_idle(deployment.url)
 
 
@@ -94,7 +84,7 @@ def test_retracted_and_resumed_requests_give_the_unretracted_output(deployment, 
     before = retractions_logged(deployment)
     jobs = [(MODELS[i % 2], prompt_of(9 + 3 * i, seed=100 + i)) for i in range(8)]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(pool.map(lambda job: generate(deployment.url, job[0], job[1], 24), jobs))
+        answers = list(pool.map(lambda job: generate_greedy(deployment.url, job[0], job[1], 24), jobs))
     for (model, prompt), answer in zip(jobs, answers):
         assert_oracle(demo_models, model, prompt, answer["output_ids"])
     assert retractions_logged(deployment) > before, "no request was retracted: the test did not test retraction"
@@ -104,7 +94,7 @@ def test_retracted_and_resumed_requests_give_the_unretracted_output(deployment, 
 @pytest.mark.parametrize("start", [0, 1, 5, 10])
 def test_input_logprobs_from_position_k_come_from_the_decode_module(deployment, demo_models, start):
     prompt = prompt_of(12, seed=start)
-    answer = generate(deployment.url, "compute", prompt, 1, return_logprob=True, logprob_start_len=start)
+    answer = generate_greedy(deployment.url, "compute", prompt, 1, return_logprob=True, logprob_start_len=start)
     served = answer["meta_info"]["input_token_logprobs"]
     assert [token for _, token, _ in served] == prompt[start:]
     k = min(start, len(prompt) - 1)
@@ -149,7 +139,7 @@ def test_select_scores_the_choices_with_the_decode_module(deployment, demo_model
 def test_regex_and_json_schema_constrain_the_first_token_and_the_rest(deployment, demo_models):
     prompt = "name: tom; city: oslo; qty: 3; price: 7\nWhat is the city?\n"
     tokenizer = load_tokenizer(str(demo_models.base))
-    unconstrained = generate(deployment.url, "extract", tokenizer.encode(prompt, add_special_tokens=False), 1)
+    unconstrained = generate_greedy(deployment.url, "extract", tokenizer.encode(prompt, add_special_tokens=False), 1)
     first_free = tokenizer.decode(unconstrained["output_ids"])
     regex = "Z[0-9]{3}" if not first_free.startswith("Z") else "Q[0-9]{3}"
     reply = requests.post(f"{deployment.url}/generate", json={

@@ -21,7 +21,7 @@ from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import free_port
 from pfs_sglang.launch.topology import DEMO_GPU_SHARE, DecodeModelSpec, Topology
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
-from sglang_process import wait_deployment_idle
+from sglang_process import generate_greedy, wait_deployment_idle
 
 pytestmark = pytest.mark.gpu
 
@@ -43,11 +43,7 @@ def test_greedy_oracle_for_every_decode_model_on_gpu(deployment, demo_models):
     for model in demo_models.decode:
         for length in (1, 2, 17, 16, 33, 200):
             prompt = [rng.randrange(8, 500) for _ in range(length)]
-            reply = requests.post(f"{deployment.url}/generate", json={
-                "model": model, "input_ids": prompt,
-                "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}}, timeout=120)
-            assert reply.status_code == 200, reply.text
-            served = reply.json()["output_ids"]
+            served = generate_greedy(deployment.url, model, prompt, 10)["output_ids"]
             reference = prefillshare_greedy(demo_models.base, demo_models.decode[model], prompt, len(served))
             assert first_real_divergence(served, reference) is None, (model, length, served, reference.output_ids)
     wait_deployment_idle(deployment.url)

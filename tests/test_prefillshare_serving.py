@@ -24,7 +24,7 @@ import requests
 
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from pfs_sglang.launch.processes import free_port
-from sglang_process import used_kv_tokens
+from sglang_process import generate_greedy, used_kv_tokens
 
 MAX_NEW_TOKENS = 10
 
@@ -63,12 +63,7 @@ def deployment(demo_models, tmp_path_factory):
 
 
 def generate(url: str, model: str, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    reply = requests.post(f"{url}/generate", json={
-        "model": model, "input_ids": prompt_ids,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
-    }, timeout=120)
-    assert reply.status_code == 200, reply.text
-    return reply.json()
+    return generate_greedy(url, model, prompt_ids, max_new_tokens)
 
 
 def chat(url: str, model: str, messages: list[dict], **extra) -> dict:
