@@ -24,7 +24,7 @@ import requests
 
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from pfs_sglang.launch.processes import free_port
-from sglang_process import generate_greedy, used_kv_tokens
+from sglang_process import generate_greedy, wait_deployment_idle
 
 MAX_NEW_TOKENS = 10
 
@@ -191,14 +191,7 @@ def test_three_models_twenty_concurrent_requests_each(deployment, demo_models):
     assert all(len(reply["output_ids"]) == 6 for reply in replies)
     for (model, prompt_ids), reply in list(zip(jobs, replies))[::10]:
         assert_matches_oracle(reply["output_ids"], demo_models, model, prompt_ids)
-    deadline = time.monotonic() + 30
-    while True:  # every server's KV pool returns to idle: no slot held by a request
-        workers = requests.get(f"{deployment}/workers", timeout=10).json()["workers"]
-        busy = {w["url"]: used_kv_tokens(w["url"]) for w in workers}
-        if not any(busy.values()):
-            break
-        assert time.monotonic() < deadline, f"KV slots still held: {busy}"
-        time.sleep(1)
+    wait_deployment_idle(deployment, timeout_s=30)  # no KV slot held by a request, on any server
 
 
 def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_models):
