@@ -1,14 +1,13 @@
 """The launcher: refuses foreign decode models before starting anything, fails fast when
-a child dies at start-up, stops every child on SIGTERM, hashes the base's weights once per
-launch; topology and command lines.
+a child dies at start-up; topology and command lines. (Stopping every child on SIGTERM
+and hashing the base's weights once per launch are checked on the deployments of
+``test_startup.py``.)
 
 The process tests start real SGLang servers on 127.0.0.1 (CPU), one deployment at a time.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,10 +15,8 @@ import time
 
 import psutil
 import pytest
-import requests
 
 from pfs_sglang.identity import fingerprint_of, write_decode_module_record
-from pfs_sglang.identity import fingerprint as fingerprint_module
 from pfs_sglang.launch import DecodeModelSpec, Deployment, LaunchError, Topology
 from pfs_sglang.launch.cli import build_parser, topology_from_args
 from pfs_sglang.launch.server_commands import (
@@ -98,37 +95,6 @@ def test_child_that_dies_at_startup_fails_the_launch_with_its_error(demo_models,
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_sigterm_stops_every_child(demo_models, tmp_path):
-    port = free_port()
-    process = launch(["--base-model", str(demo_models.base), "--decode-model", f"compute={demo_models.decode['compute']}",
-                      "--port", str(port), "--log-dir", str(tmp_path)])
-    deadline = time.monotonic() + 240
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=10).ok:
-                break
-        except requests.RequestException:  # not up yet, or too busy to answer in time
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(1)
-    children = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
-    assert len(children) >= 2
-    os.kill(process.pid, signal.SIGTERM)
-    output, _ = process.communicate(timeout=90)
-    assert process.returncode == 0
-    assert f"serving on http://127.0.0.1:{port}" in output and "models: compute" in output
-    time.sleep(1)
-    assert not [pid for pid in children if alive(pid)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_yaml_topology_and_flags_override(tmp_path, demo_models):
     config = tmp_path / "topology.yaml"
     config.write_text(
@@ -185,23 +151,3 @@ def test_server_command_lines(tmp_path):
     text = " ".join(placed)
     assert "--nccl-port 4" in text and "--tp-size 2" in text and "--mem-fraction-static 0.5" in text
     assert placed[-2:] == ["--max-running-requests", "8"]  # pass-through still last
-
-
-def test_a_launch_hashes_the_base_weights_once(demo_models, tmp_path, monkeypatch):
-    """The launcher fingerprints the base; the prefill server's zmq backend and prefix tree
-    take that fingerprint from the hand-off file instead of hashing the weights again."""
-    calls = []
-    original = fingerprint_module.weights_hash
-    monkeypatch.setattr(fingerprint_module, "weights_hash", lambda model_dir: calls.append(model_dir) or original(model_dir))
-    topology = Topology(base_model=demo_models.base, port=free_port(), device="cpu", log_dir=tmp_path,
-                        decode_models=(DecodeModelSpec("extract", demo_models.decode["extract"]),))
-    with Deployment(topology) as deployment:
-        reply = requests.post(f"{deployment.url}/v1/completions", timeout=120,
-                              json={"model": "extract", "prompt": "<|user|>\nWhat is the city?", "max_tokens": 2})
-        assert reply.status_code == 200, reply.text
-    assert calls == [demo_models.base]  # once, in the launcher
-    prefill_log = (tmp_path / "prefill-0.log").read_text()
-    assert prefill_log.count("prefill-module fingerprint of") == 2  # zmq backend and pfs prefix tree
-    assert prefill_log.count("taken from the launcher's record") == 2
-    for log in tmp_path.glob("*.log"):
-        assert "hashing the weights" not in log.read_text(), log.name

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
-from pfs_sglang.launch import deployment as deployment_module
+from pfs_sglang.launch import startup as startup_module
 from pfs_sglang.launch.cli import build_parser, main, topology_from_args
 from pfs_sglang.launch.placement import PlacementError, ServerPlacement, plan_placement
 from pfs_sglang.launch.processes import ManagedProcess
@@ -210,18 +210,21 @@ def test_yaml_placement_and_per_model_settings(demo_models, tmp_path):
 
 
 def test_servers_sharing_a_gpu_start_one_after_another(demo_models, tmp_path, monkeypatch):
-    events = []
+    events, healthy = [], set()
     monkeypatch.setattr(ManagedProcess, "start", lambda self: events.append(f"start {self.name}"))
-    monkeypatch.setattr(deployment_module, "wait_until_healthy",
-                        lambda procs, timeout_s: events.append("wait " + ",".join(p.name for p in procs)))
+    monkeypatch.setattr(ManagedProcess, "exit_code", lambda self: None)
+    monkeypatch.setattr(ManagedProcess, "healthy", lambda self: self.name in healthy or healthy.add(self.name))
+    monkeypatch.setattr(startup_module, "POLL_S", 0.0)
     t = Topology(base_model=demo_models.base, device="cuda", gpus=(0, 1), pack=True, prefill_mem_fraction=0.5,
                  decode_mem_fraction=0.3, log_dir=tmp_path,
                  decode_models=tuple(DecodeModelSpec(n, demo_models.decode[n]) for n in ("extract", "compute")))
-    deployment = Deployment(t)
+    deployment = Deployment(t, on_startup=lambda event: events.append(f"{event.step.value} {event.server}"))
     deployment._plan(tmp_path / "fingerprint.json")
-    deployment._start_children(deadline=1e12)
-    assert events == ["start prefill-0", "start decode-extract-0", "wait decode-extract-0", "start decode-compute-0",
-                      "wait prefill-0,decode-extract-0,decode-compute-0"]
+    deployment.bring_up().run()
+    # Each server answers healthy on its second check; decode-compute-0 shares GPU 1 with decode-extract-0.
+    assert events == ["start prefill-0", "started prefill-0", "start decode-extract-0", "started decode-extract-0",
+                      "healthy prefill-0", "healthy decode-extract-0",
+                      "start decode-compute-0", "started decode-compute-0", "healthy decode-compute-0"]
 
 
 def test_cli_dry_run_prints_and_starts_nothing(demo_models, tmp_path):

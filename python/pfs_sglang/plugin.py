@@ -11,7 +11,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
 * the decode-side hooks that make the decode module compute the prompt's tail
-  (``pfs_sglang.decode``, invariant 2).
+  (``pfs_sglang.decode``, invariant 2);
+* SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def load() -> None:
     from pfs_kernels import install_import_stand_ins
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
+    from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
     from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
     from pfs_sglang.transfer.waiting_without_spinning import register_pd_wait_polling
@@ -37,3 +39,4 @@ def load() -> None:
     register_pd_wait_polling()
     register_prompt_tail_hooks()
     register_prefill_module_cache()
+    register_freeze_gc_after_listening()

@@ -6,6 +6,8 @@
   once): ``DIR/sessions-N/`` per point, plus ``DIR/sweep.json``, ``DIR/report.md`` and
   ``DIR/sweep_*.png``.
 - ``handoff ARGS...``: the KV hand-off microbenchmark (``pfs_sglang.bench.handoff``).
+- ``startup ARGS...``: launch a deployment repeatedly, time it, read its logs
+  (``pfs_sglang.bench.startup``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ EXAMPLES = """examples:
   python -m pfs_sglang.bench run --workload trace --trace trace.jsonl --shape tiny --out out/bench-trace
   python -m pfs_sglang.bench sweep --shape small --sessions-list 2,4,8,16 --out docs/bench/small
   python -m pfs_sglang.bench handoff --help
+  python -m pfs_sglang.bench startup --launches 10 --out out/startup
 """
 
 
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(sweep)
     sweep.add_argument("--sessions-list", default="2,4,8,16")
     sub.add_parser("handoff", help="KV hand-off microbenchmark (pfs_sglang.bench.handoff)", add_help=False)
+    sub.add_parser("startup", help="launch a deployment repeatedly (pfs_sglang.bench.startup)", add_help=False)
     return parser
 
 
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["handoff"]:
         return handoff_command(argv[1:])
+    if argv[:1] == ["startup"]:
+        from pfs_sglang.bench.startup import main as startup_main
+
+        return startup_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run_command(args) if args.command == "run" else sweep_command(args)

@@ -4,9 +4,11 @@ Flags override the YAML topology (``--config``); with no model given the embedde
 models are served. Per-model settings take ``NAME=VALUE`` (``--decode-args coder="..."``,
 ``--decode-tp coder=2``, ``--decode-mem-fraction coder=0.3``) beside the decode-wide
 value. ``--dry-run`` runs every check and prints each server's environment and command
-line (and the router's pools) without starting anything. The process stays in the foreground: Ctrl-C or SIGTERM (also during
-start-up) stops every child it started; a server that dies while serving stops the
-deployment with that server's log tail. Exit status: 0 after a requested stop, the
+line (and the router's pools) without starting anything. While starting, the launcher
+prints a line per server started (its address and log file), restarted and healthy,
+under a progress bar on a terminal. The process stays in the foreground: Ctrl-C or
+SIGTERM (also during start-up) stops every child it started; a server that dies while
+serving stops the deployment with that server's log tail. Exit status: 0 after a requested stop, the
 child's own code when a server dies during start-up, 1 for any other launch failure.
 """
 
@@ -21,8 +23,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import LaunchError
+from pfs_sglang.launch.startup import StartupEvent, StartupStep
 from pfs_sglang.launch.topology import (
     TRANSFER_BACKENDS,
     Topology,
@@ -84,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
-    parser.add_argument("--startup-timeout", type=float, dest="startup_timeout_s", help="seconds (default 300)")
+    parser.add_argument("--startup-timeout", type=float, dest="startup_timeout_s",
+                        help="seconds until every server is healthy (default: scaled to the servers started)")
+    parser.add_argument("--startup-concurrency", type=int, metavar="N",
+                        help="servers starting at once (default: all; servers sharing a GPU always start one "
+                             "after another)")
     return parser
 
 
@@ -137,6 +146,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "decode_args": decode_args,
         "log_dir": args.log_dir,
         "startup_timeout_s": args.startup_timeout_s,
+        "startup_concurrency": args.startup_concurrency,
         "gpus": parse_gpus(args.gpus) if args.gpus is not None else None,
         "pack": args.pack,
         "prefill_tp": args.prefill_tp,
@@ -167,6 +177,30 @@ def _raise_stop(signum: int, _frame: Any) -> None:
 
 def _say(message: str, error: bool = False) -> None:
     print(f"pfs_sglang: {message}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+class StartupProgress:
+    """The launcher's start-up output: a line per server started, restarted and healthy
+    (with its address and log), under a progress bar when stdout is a terminal."""
+
+    def __init__(self, servers: int):
+        self.bar = tqdm(total=servers, desc="pfs_sglang: servers healthy", unit="server",
+                        disable=not sys.stdout.isatty(), leave=False)
+
+    def __call__(self, event: StartupEvent) -> None:
+        line = f"pfs_sglang: {event.server} {event.step.value} at {event.elapsed_s:.0f} s" + (
+            f": {event.detail}" if event.detail else "")
+        if self.bar.disable:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+        if event.step is StartupStep.HEALTHY:
+            self.bar.update()
+            if self.bar.n == self.bar.total:
+                self.close()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def serve(deployment: Deployment) -> int:
@@ -214,4 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
-    return serve(deployment)
+    deployment.on_startup = progress = StartupProgress(servers=len(deployment.placements))
+    try:
+        return serve(deployment)
+    finally:
+        progress.close()

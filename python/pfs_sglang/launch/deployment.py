@@ -5,13 +5,14 @@ Upholds invariant 4 at launch: ``Deployment(topology)`` plans where every server
 refuses what cannot hold the invariants (``guards.py``), fingerprints the base model
 once and refuses any decode model not trained against it or tokenizing differently,
 all before any process starts. The fingerprint is handed to the servers in a file
-(``identity/handoff.py``), so no server hashes the weights again. Then it starts the
-prefill pool and one decode pool per model (commands from ``server_commands.py``;
-servers that share a GPU one after another), waits until every server is healthy (a
-child that dies fails the launch with its log; start-up has a deadline), and serves
-the router in a thread. ``dry_run()`` does the checks and returns every server's
-environment and command line instead of starting them. ``stop()``, or leaving the
-``with`` block, stops the router and every child::
+(``identity/handoff.py``), so no server hashes the weights again. Then it serves the
+router in a thread at once (503 "deployment is starting" until every server is
+healthy), brings up the prefill pool and one decode pool per model (commands from
+``server_commands.py``; order, concurrency, restarts on taken ports and the deadline in
+``startup.py``), and hands the router the servers' final addresses.
+``dry_run()`` does the checks and returns every server's environment and command line
+instead of starting them. ``stop()``, or leaving the ``with`` block, stops the router
+and every child::
 
     with Deployment(topology) as deployment:
         requests.post(deployment.url + "/v1/completions", json={"model": "coder", ...})
@@ -21,14 +22,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import shlex
 import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from pfs_sglang.identity import (
     FINGERPRINT_FILE_ENV,
@@ -41,18 +47,23 @@ from pfs_sglang.identity import (
     write_fingerprint_handoff,
 )
 from pfs_sglang.launch.guards import check_guards
-from pfs_sglang.launch.placement import plan_placement
-from pfs_sglang.launch.processes import LaunchError, ManagedProcess, free_port, listening_socket, stop_all, wait_until_healthy
+from pfs_sglang.launch.placement import ServerPlacement, plan_placement
+from pfs_sglang.launch.processes import LaunchError, ManagedProcess, free_ports, listening_socket, stop_all
 from pfs_sglang.launch.server_commands import (
     ServerPorts,
     cpu_threads_env,
     decode_server_command,
     prefill_server_command,
 )
-from pfs_sglang.launch.topology import Topology
+from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
+from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 
 ROUTER_START_TIMEOUT_S = 30.0
+# Start-up deadlines (``default_startup_timeout_s``), from start-ups measured on a 2-core box.
+STARTUP_BASE_S = 120.0
+CPU_SERVER_START_S = 90.0
+GPU_SERVER_START_S = 300.0
 FINGERPRINT_HANDOFF_FILE = "prefill_fingerprint.json"
 
 
@@ -105,13 +116,34 @@ def child_env(host: str, transfer_timeout_s: float) -> dict[str, str]:
     return env
 
 
+@dataclass
+class PlannedServer:
+    """One server of the deployment: its decode model (None: a prefill server), ports and process."""
+
+    name: str
+    decode_model: DecodeModelSpec | None
+    child: ManagedProcess
+    ports: ServerPorts | None = None
+
+
+def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPlacement], servers: int) -> float:
+    """Start-up deadline scaled to what starts: on CPU the servers' imports share the cores
+    (measured on 2 cores: CPU_SERVER_START_S per server), on GPUs the servers that share a
+    GPU start one after another (``GPU_SERVER_START_S`` each)."""
+    if topology.device == "cpu":
+        return STARTUP_BASE_S + CPU_SERVER_START_S * servers * 2 / max(2, os.cpu_count() or 1)
+    one_after_another = 1 + max((len(placement.after) for placement in placements.values()), default=0)
+    return STARTUP_BASE_S + GPU_SERVER_START_S * one_after_another
+
+
 class Deployment:
-    def __init__(self, topology: Topology):
+    def __init__(self, topology: Topology, on_startup: Callable[[StartupEvent], None] | None = None):
         topology.validate()
         self.topology = topology
         self.placements = plan_placement(topology)
         self.log_dir = Path(topology.log_dir or tempfile.mkdtemp(prefix="pfs_sglang-"))
-        self.children: list[ManagedProcess] = []
+        self.on_startup = on_startup or (lambda event: None)
+        self.servers: list[PlannedServer] = []
         self._router_server: uvicorn.Server | None = None
         self._router_thread: threading.Thread | None = None
 
@@ -123,20 +155,22 @@ class Deployment:
     def model_names(self) -> list[str]:
         return [spec.name for spec in self.topology.decode_models]
 
-    def _add_child(self, name: str, command: list[str], port: int, env: dict[str, str]) -> ManagedProcess:
-        t = self.topology
-        threads = cpu_threads_env(t.prefill_replicas + len(t.decode_models) * t.decode_replicas) \
-            if t.device == "cpu" else {}
-        child = ManagedProcess(name=name, command=command, log_path=self.log_dir / f"{name}.log",
-                               url=f"http://{t.host}:{port}", env={**child_env(t.host, t.transfer_timeout_s), **threads,
-                                                                   **self.placements[name].env, **env})
-        self.children.append(child)
-        return child
+    @property
+    def children(self) -> list[ManagedProcess]:
+        return [server.child for server in self.servers]
 
-    def _ports(self, bootstrap: bool = False) -> ServerPorts:
-        host = self.topology.host
-        return ServerPorts(http=free_port(host), bootstrap=free_port(host) if bootstrap else None,
-                           nccl=free_port(host) if self.topology.device == "cuda" else None)
+    @property
+    def startup_timeout_s(self) -> float:
+        if self.topology.startup_timeout_s is not None:
+            return self.topology.startup_timeout_s
+        return default_startup_timeout_s(self.topology, self.placements, len(self.placements))
+
+    @property
+    def startup_concurrency(self) -> int:
+        """How many servers may be starting at once; by default all (``after`` still orders
+        servers sharing a GPU). Measured on 2 cores, demo models (4 servers): all at once
+        125 and 135 s to serving, two at a time 143 and 131 s, one at a time 180 s."""
+        return self.topology.startup_concurrency or len(self.placements)
 
     def check(self) -> Path:
         """Refuse what cannot be served (guards, identities); write the base's fingerprint
@@ -145,34 +179,60 @@ class Deployment:
         base = check_decode_models(self.topology)
         return write_fingerprint_handoff(self.topology.base_model, base, self.log_dir / FINGERPRINT_HANDOFF_FILE)
 
-    def _plan(self, fingerprint_file: Path) -> RouterConfig:
-        """Choose ports and build every child's command line and the router's view of them."""
+    def _plan(self, fingerprint_file: Path) -> None:
+        """Choose every server's ports and build its command line and environment."""
         t = self.topology
+        threads = cpu_threads_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
-        self.children = []
-        prefill_workers = []
-        for index in range(t.prefill_replicas):
-            name, ports = f"prefill-{index}", self._ports(bootstrap=True)
-            command = prefill_server_command(t.base_model, t.host, ports, t.transfer_backend, t.device,
-                                             t.max_total_tokens, t.prefill_args, self.placements[name])
-            child = self._add_child(name, command, ports.http, handoff)
-            prefill_workers.append(PrefillWorker(url=child.url, bootstrap_host=t.host, bootstrap_port=ports.bootstrap))
-        pools = {}
-        for spec in t.decode_models:
-            workers = []
-            for index in range(t.decode_replicas):
-                name, ports = f"decode-{spec.name}-{index}", self._ports()
-                command = decode_server_command(spec.name, spec.path, t.host, ports, t.transfer_backend, t.device,
-                                                t.max_total_tokens, t.decode_args_of(spec), self.placements[name])
-                workers.append(Worker(url=self._add_child(name, command, ports.http, handoff).url))
-            pools[spec.name] = DecodePool(spec.name, workers)
+        planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)]
+        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.decode_models
+                    for index in range(t.decode_replicas)]
+        self.servers = []
+        for name, spec in planned:
+            env = {**child_env(t.host, t.transfer_timeout_s), **threads, **self.placements[name].env, **handoff}
+            child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
+            server = PlannedServer(name, spec, child)
+            self._choose_ports(server)
+            self.servers.append(server)
+
+    def _choose_ports(self, server: PlannedServer) -> None:
+        """Fresh ports for ``server`` (at planning, and again after a port collision)."""
+        t, placement = self.topology, self.placements[server.name]
+        prefill = server.decode_model is None
+        needed = 1 + prefill + (t.device == "cuda")
+        http, *others = free_ports(needed, t.host)
+        server.ports = ServerPorts(http=http, bootstrap=others.pop(0) if prefill else None,
+                                   nccl=others.pop(0) if t.device == "cuda" else None)
+        if prefill:
+            server.child.command = prefill_server_command(t.base_model, t.host, server.ports, t.transfer_backend,
+                                                          t.device, t.max_total_tokens, t.prefill_args, placement)
+        else:
+            spec = server.decode_model
+            server.child.command = decode_server_command(spec.name, spec.path, t.host, server.ports,
+                                                         t.transfer_backend, t.device, t.max_total_tokens,
+                                                         t.decode_args_of(spec), placement)
+        server.child.url = f"http://{t.host}:{server.ports.http}"
+
+    def _describe(self, server: PlannedServer) -> str:
+        bootstrap = f", bootstrap port {server.ports.bootstrap}" if server.ports.bootstrap else ""
+        return f"{server.child.url}{bootstrap}; log {server.child.log_path}"
+
+    def _router_config(self) -> RouterConfig:
+        """The router's view of the servers, at their current ports."""
+        t = self.topology
+        prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.host, bootstrap_port=s.ports.bootstrap)
+                           for s in self.servers if s.decode_model is None]
+        pools = {spec.name: DecodePool(spec.name, [Worker(url=s.child.url) for s in self.servers
+                                                   if s.decode_model is spec])
+                 for spec in t.decode_models}
         vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
         return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
                             vocab_size=vocab_size)
 
     def dry_run(self) -> str:
         """Check everything ``start`` checks and describe every server and the router; start nothing."""
-        config = self._plan(self.check())
+        self._plan(self.check())
+        config = self._router_config()
         lines = []
         for child in self.children:
             lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}")
@@ -181,38 +241,36 @@ class Deployment:
         pools = "; ".join(f"{name} -> {', '.join(worker.url for worker in pool.workers)}"
                           for name, pool in config.decode_pools.items())
         lines.append(f"# router (in the launcher process): {self.url}; prefill pool "
-                     f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}")
+                     f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}; "
+                     f"servers start {self.startup_concurrency} at a time, deadline {self.startup_timeout_s:.0f} s")
         return "\n".join(lines)
 
-    def _start_children(self, deadline: float) -> None:
-        """Start every child; one that shares a GPU waits until the earlier ones there are healthy."""
-        by_name = {child.name: child for child in self.children}
-        for child in self.children:
-            earlier = [by_name[name] for name in self.placements[child.name].after]
-            if earlier:
-                wait_until_healthy(earlier, max(1.0, deadline - time.monotonic()))
-            child.start()
-        wait_until_healthy(self.children, max(1.0, deadline - time.monotonic()))
+    def bring_up(self) -> BringUp:
+        """The start-up of the planned servers (``startup.py``): order, concurrency, retries, deadline."""
+        launches = [ServerLaunch(server.child, describe=partial(self._describe, server),
+                                 new_ports=partial(self._choose_ports, server),
+                                 after=self.placements[server.name].after) for server in self.servers]
+        return BringUp(launches, self.startup_concurrency, self.startup_timeout_s, self.on_startup)
 
     def start(self) -> str:
-        """Check, start every server and the router; return the router URL."""
+        """Check, start the router (answering 503 while starting), every server, then route; return the router URL."""
         fingerprint_file = self.check()
-        deadline = time.monotonic() + self.topology.startup_timeout_s
-        # Held from now on: the servers' free ports can then never be the router's.
         router_socket = listening_socket(self.topology.host, self.topology.port)
-        router_config = self._plan(fingerprint_file)
+        self._plan(fingerprint_file)
+        bring_up = self.bring_up()
         try:
-            self._start_children(deadline)
-            self._start_router(router_config, router_socket)
+            router_app = build_router_app(still_starting=bring_up.not_healthy)
+            self._start_router(router_app, router_socket)
+            bring_up.run()
+            router_app.state.serve(self._router_config())
         except BaseException:
             router_socket.close()
             self.stop()
             raise
         return self.url
 
-    def _start_router(self, config: RouterConfig, sock: socket.socket) -> None:
-        uvicorn_config = uvicorn.Config(build_router_app(config), log_level="warning")
-        self._router_server = uvicorn.Server(uvicorn_config)
+    def _start_router(self, app: FastAPI, sock: socket.socket) -> None:
+        self._router_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self._router_thread = threading.Thread(target=self._router_server.run, kwargs={"sockets": [sock]},
                                                name="pfs-router", daemon=True)
         self._router_thread.start()

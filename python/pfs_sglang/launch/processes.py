@@ -43,9 +43,20 @@ class ChildExitedError(LaunchError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports free now (all held until every one is chosen). Another
+    process may take one before the server binds it: ``startup.py`` restarts on that."""
+    sockets = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -76,18 +87,31 @@ class ManagedProcess:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    _attempt_log_offset: int = field(default=0, init=False, repr=False)
 
-    def start(self) -> None:
+    def start(self, restart_note: str | None = None) -> None:
+        """Start the server, writing a new log; a restart (``restart_note`` says why) appends
+        to the log, after a line with the note, so every attempt stays readable."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "w" if restart_note is None else "a") as log:
+            if restart_note is not None:
+                log.write(f"\n--- pfs_sglang: {restart_note} ---\n")
+                log.flush()
+            self._attempt_log_offset = log.tell()
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent, env={**os.environ, **self.env},
             )
 
     def log_tail(self) -> str:
+        return self.attempt_log()[-LOG_TAIL_CHARS:]
+
+    def attempt_log(self) -> str:
+        """The log of the latest start."""
         try:
-            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+            with open(self.log_path, "rb") as log:
+                log.seek(self._attempt_log_offset)
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
 

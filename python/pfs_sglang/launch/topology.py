@@ -60,7 +60,8 @@ class Topology:
     decode_args: tuple[str, ...] = ()
     default_model: str | None = None
     log_dir: Path | None = None
-    startup_timeout_s: float = 300.0
+    startup_timeout_s: float | None = None  # None: scaled to the servers started (deployment.py)
+    startup_concurrency: int | None = None  # servers starting at once; None: the launcher's default
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
     gpus: tuple[int, ...] | None = None  # cuda: GPU indices (into CUDA_VISIBLE_DEVICES if set); None = all
     pack: bool = False  # let servers share GPUs, each with its memory share
@@ -83,6 +84,8 @@ class Topology:
             raise ValueError(f"transfer backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
         if self.prefill_replicas < 1 or self.decode_replicas < 1:
             raise ValueError("replica counts must be at least 1")
+        if self.startup_concurrency is not None and self.startup_concurrency < 1:
+            raise ValueError(f"startup concurrency must be at least 1, got {self.startup_concurrency}")
         names = [spec.name for spec in self.decode_models]
         if len(set(names)) != len(names):
             raise ValueError(f"decode model names must be unique, got {names}")

@@ -15,7 +15,8 @@ programs); batches and ``n > 1`` become one hand-off per prompt and sample
 to every server, for the client's ``rid`` and the sub-request rids derived from it);
 ``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
-(200 when every server is), ``/health_generate`` (a one-token generation through the
+(200 when every server is; 503 naming the servers still starting while the deployment
+starts, when every other endpoint answers 503 too), ``/health_generate`` (a one-token generation through the
 PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers``. Any other
 path is a 404 with an OpenAI error body.
 """
@@ -390,23 +391,48 @@ class PrefillShareRouter:
                         media_type=reply.headers.get("content-type", "application/json"))
 
 
-def build_router_app(config: RouterConfig) -> FastAPI:
-    """The router as an ASGI app; it owns one ``httpx.AsyncClient`` for the app's lifetime."""
-    state: dict[str, PrefillShareRouter] = {}
+class DeploymentStarting(Exception):
+    """A request arrived before the router was given its servers (the deployment is starting)."""
+
+
+def build_router_app(config: RouterConfig | None = None,
+                     still_starting: Callable[[], list[str]] = list) -> FastAPI:
+    """The router as an ASGI app; it owns one ``httpx.AsyncClient`` for the app's lifetime.
+
+    Without ``config`` the router is *starting*: it answers at once, every endpoint with
+    503 ``deployment is starting`` (``/health`` also names the servers ``still_starting``
+    returns), until the launcher calls ``app.state.serve(config)`` with the servers'
+    final addresses. It never holds a connection while servers start.
+    """
+    state: dict[str, Any] = {"config": config}
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        timeout = httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-            state["router"] = PrefillShareRouter(config, client)
-            _app.state.router = state["router"]
-            yield
+        yield
+        if "router" in state:
+            await state["router"].client.aclose()
 
     app = FastAPI(title="pfs_sglang router", lifespan=lifespan)
+    app.state.serve = lambda ready: state.update(config=ready)
 
     def router() -> PrefillShareRouter:
+        if "router" not in state:  # built in the event loop, on the first request after serve()
+            ready: RouterConfig | None = state["config"]
+            if ready is None:
+                raise DeploymentStarting
+            timeout = httpx.Timeout(ready.request_timeout_s, connect=ready.connect_timeout_s)
+            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+            state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits))
         return state["router"]
+
+    @app.exception_handler(DeploymentStarting)
+    async def starting(request: Request, _error: DeploymentStarting) -> Response:
+        servers = still_starting()
+        response = error_response(503, "deployment is starting" + (
+            f"; servers not yet healthy: {', '.join(servers)}" if servers else ""), code="starting")
+        if request.url.path == "/health":
+            response = JSONResponse(status_code=503, content={**json.loads(response.body), "starting": servers})
+        return response
 
     def routed(endpoint: str):
         async def handler(request: Request) -> Response:
@@ -423,7 +449,7 @@ def build_router_app(config: RouterConfig) -> FastAPI:
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        if model not in config.decode_pools:
+        if model not in router().config.decode_pools:
             return error_response(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
         return router().model_card(model)
 

@@ -1,0 +1,166 @@
+"""A deployment comes up every time (real SGLang servers on CPU, demo models).
+
+* Port collisions: the ports the launcher chose are taken by another socket before the
+  servers bind them (prefill-0's bootstrap port, decode-0's HTTP port): both servers are
+  restarted on fresh ports, the deployment comes up, and the router routes to the new
+  addresses (greedy output checked against the oracle).
+* While starting, the router answers at once: ``/health`` 503 naming the servers still
+  starting, requests 503 with an OpenAI error body "deployment is starting".
+* Several deployments started at once (the command line, two at the same moment) all
+  come up and serve, each server log free of tracebacks; SIGTERM stops every child.
+* A launch hashes the base's weights once (in the launcher; the servers take its record).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import requests
+
+from pfs_sglang.identity import fingerprint as fingerprint_module
+from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
+from pfs_sglang.launch import deployment as deployment_module
+from pfs_sglang.launch.processes import free_port, free_ports
+from pfs_sglang.launch.startup import StartupStep
+from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
+from sglang_process import generate_greedy
+
+MODEL = "extract"
+PROMPT = [21, 48, 95, 130, 77, 64, 33]
+
+
+class PortThief:
+    """Takes chosen ports the moment the launcher picks them, as another process would."""
+
+    def __init__(self, steal: dict[int, int]):
+        self.steal = steal  # call number of free_ports -> index of the port to take
+        self.calls = 0
+        self.held: list[socket.socket] = []
+
+    def __call__(self, count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = free_ports(count, host)
+        if self.calls in self.steal:
+            sock = socket.socket()
+            sock.bind((host, ports[self.steal[self.calls]]))
+            sock.listen()
+            self.held.append(sock)
+        self.calls += 1
+        return ports
+
+    def close(self) -> None:
+        for sock in self.held:
+            sock.close()
+
+
+def poll_while_starting(url: str, answers: list[tuple[str, int, float, dict]], done: threading.Event) -> None:
+    while not done.is_set():
+        for name, send in (("health", lambda: requests.get(f"{url}/health", timeout=5)),
+                           ("completion", lambda: requests.post(f"{url}/v1/completions", timeout=5, json={
+                               "model": MODEL, "prompt": "name: tom", "max_tokens": 2}))):
+            began = time.monotonic()
+            try:
+                reply = send()
+            except requests.ConnectionError:
+                continue  # the router is not listening yet
+            answers.append((name, reply.status_code, time.monotonic() - began, reply.json() if reply.content else {}))
+        time.sleep(0.5)
+
+
+def test_port_collisions_restart_servers_and_router_answers_while_starting(demo_models, tmp_path, monkeypatch):
+    # free_ports calls: 0 = prefill-0 (http, bootstrap), 1 = decode-extract-0 (http).
+    thief = PortThief({0: 1, 1: 0})
+    monkeypatch.setattr(deployment_module, "free_ports", thief)
+    hashed = []
+    original_hash = fingerprint_module.weights_hash
+    monkeypatch.setattr(fingerprint_module, "weights_hash",
+                        lambda model_dir: hashed.append(model_dir) or original_hash(model_dir))
+    events = []
+    topology = Topology(base_model=demo_models.base, decode_models=(DecodeModelSpec(MODEL, demo_models.decode[MODEL]),),
+                        port=free_port(), log_dir=tmp_path / "logs", max_total_tokens=2048)
+    deployment = Deployment(topology, on_startup=events.append)
+    answers: list[tuple[str, int, float, dict]] = []
+    done = threading.Event()
+    poller = threading.Thread(target=poll_while_starting, args=(deployment.url, answers, done), daemon=True)
+    poller.start()
+    try:
+        deployment.start()
+        done.set()
+        poller.join(timeout=30)
+        restarted = sorted(e.server for e in events if e.step is StartupStep.RESTARTED)
+        assert restarted == ["decode-extract-0", "prefill-0"], events
+        assert sorted(e.server for e in events if e.step is StartupStep.HEALTHY) == ["decode-extract-0", "prefill-0"]
+        for log in ("prefill-0.log", "decode-extract-0.log"):
+            assert "pfs_sglang: address in use; restart 1 of" in (tmp_path / "logs" / log).read_text()
+
+        starting = [a for a in answers if a[1] == 503]
+        assert starting, answers
+        assert all(seconds < 2.0 for _, _, seconds, _ in answers), answers
+        health = [body for name, _, _, body in starting if name == "health"]
+        assert health and "prefill-0" in health[0]["starting"] and health[0]["error"]["code"] == "starting"
+        completion = [body for name, _, _, body in starting if name == "completion"]
+        assert completion and completion[0]["error"]["message"].startswith("deployment is starting")
+
+        served = generate_greedy(deployment.url, MODEL, PROMPT, 6)["output_ids"]
+        reference = prefillshare_greedy(demo_models.base, demo_models.decode[MODEL], PROMPT, len(served))
+        assert first_real_divergence(served, reference) is None, (served, reference.output_ids)
+        assert requests.get(f"{deployment.url}/health", timeout=30).status_code == 200
+
+        assert hashed == [demo_models.base]  # once, in the launcher
+        prefill_log = deployment.children[0].attempt_log()
+        assert prefill_log.count("prefill-module fingerprint of") == 2  # zmq backend and pfs prefix tree
+        assert prefill_log.count("taken from the launcher's record") == 2
+        for log in (tmp_path / "logs").glob("*.log"):
+            assert "hashing the weights" not in log.read_text(), log.name
+    finally:
+        done.set()
+        deployment.stop()
+        thief.close()
+
+
+def test_deployments_started_at_once_all_come_up_with_clean_logs(demo_models, tmp_path):
+    launches = []
+    for index in range(2):
+        log_dir = tmp_path / f"deployment-{index}"
+        command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
+                   "--decode-model", f"{MODEL}={demo_models.decode[MODEL]}", "--port", str(free_port()),
+                   "--log-dir", str(log_dir), "--max-total-tokens", "2048"]
+        launches.append((subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                         log_dir, command[command.index("--port") + 1]))
+    try:
+        for process, log_dir, port in launches:
+            output = []
+            for line in process.stdout:
+                output.append(line)
+                if "serving on" in line or process.poll() is not None:
+                    break
+            assert "serving on" in output[-1], "".join(output)
+            assert any("prefill-0 healthy at" in line for line in output), "".join(output)
+            reply = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                                  json={"model": MODEL, "prompt": "name: tom", "max_tokens": 4})
+            assert reply.status_code == 200, reply.text
+        for _, log_dir, _ in launches:
+            for log in log_dir.glob("*.log"):
+                assert "Traceback" not in log.read_text(), log
+        servers = [child for process, _, _ in launches for child in psutil.Process(process.pid).children(recursive=True)]
+        assert len(servers) >= 4
+    finally:
+        for process, _, _ in launches:
+            process.send_signal(signal.SIGTERM)
+        for process, _, _ in launches:
+            process.communicate(timeout=120)
+    assert [process.returncode for process, _, _ in launches] == [0, 0]
+    time.sleep(1)
+    assert not [server.pid for server in servers if alive(server)]
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
