@@ -4,8 +4,9 @@ A real deployment (``python -m pfs_sglang.launch_server``: router, prefill serve
 the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer) runs
 on 127.0.0.1 for the whole module. Checks: the greedy oracle of invariant 5 for every
 decode model (single turn, two turns whose second prompt holds the first answer, and a
-cache hit), cross-model prefix sharing (invariant 3), streaming, and 3 models x 20
-concurrent requests leaving every KV pool idle.
+cache hit), cross-model prefix sharing (invariant 3), streaming, 3 models x 20
+concurrent requests leaving every KV pool idle, and a client that leaves (streaming or
+not) getting its request aborted and its KV slots freed.
 """
 
 from __future__ import annotations
@@ -208,3 +209,27 @@ def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_mode
     reference = prefillshare_greedy(demo_models.base, demo_models.decode["extract"], prompt_ids, MAX_NEW_TOKENS)
     expected = load_tokenizer(str(demo_models.base)).decode(reference.output_ids, skip_special_tokens=True)
     assert state["answer"] == expected or min(reference.top2_margins) < 1e-3
+
+
+def client_disconnects(router_url: str, model: str) -> float:
+    text = requests.get(f"{router_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f'pfs_router_client_disconnects_total{{model="{model}"}}'))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(deployment, stream):
+    before = client_disconnects(deployment, "compute")
+    body = {"model": "compute", "input_ids": list(range(30, 60)), "stream": stream,
+            "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True, "temperature": 0}}
+    if stream:
+        with requests.post(f"{deployment}/generate", json=body, stream=True, timeout=60) as reply:
+            assert reply.status_code == 200
+            assert next(line for line in reply.iter_lines() if line.startswith(b"data: "))  # generating; leave
+    else:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{deployment}/generate", json=body, timeout=(5, 3))  # leaves after 3 s
+    left = time.monotonic()
+    wait_deployment_idle(deployment, timeout_s=20)  # no router lease, no KV slot held, on any server
+    assert time.monotonic() - left < 20
+    assert client_disconnects(deployment, "compute") == before + 1  # the router aborted it on its servers

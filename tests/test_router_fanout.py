@@ -168,7 +168,11 @@ def test_a_sub_stream_error_ends_the_merged_stream_with_that_error():
         with ThreadPoolExecutor(1) as pool:
             body = {"text": ["a", "b"], "stream": True}
             opened = pool.submit(lambda: httpx.post(c.router + "/generate", json=body, timeout=20))
-            time.sleep(0.15)  # both sub-streams opened; now their server fails them mid-stream
+            deadline = time.monotonic() + 10
+            while len([path for path, _ in decode.bodies if path == "/generate"]) < 2:  # both sub-streams opened
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.05)  # and their first events sent; now their server fails them mid-stream
             decode.fail_status = 500
             reply = opened.result()
         assert reply.status_code == 200

@@ -53,6 +53,8 @@ from pfs_sglang.router.usage import Usage, ensure_cached_tokens, kv_transfer_of,
 
 T = TypeVar("T")
 
+# What a request whose client went away is counted as (nginx's "client closed request").
+CLIENT_CLOSED_REQUEST = 499
 # SGLang's own /health_generate waits this long for its one-token generation (HEALTH_CHECK_TIMEOUT).
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 
@@ -96,16 +98,53 @@ class PrefillShareRouter:
         try:
             routed = parse_request(endpoint, await request.body(), self.config.decode_pools,
                                    self.config.fallback_model, self.config.vocab_size)
+            routed.body.setdefault("rid", uuid.uuid4().hex)  # what an abort names if the client leaves
             plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
             return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)
+        return await self._unless_client_leaves(request, routed, self._answer(routed, plan))
+
+    async def _unless_client_leaves(self, request: Request, routed: RoutedRequest, answer: Awaitable[Response]
+                                    ) -> Response:
+        """``answer``, or, when the client disconnects before it is ready, nothing: the
+        request is aborted on every server (SGLang's ``/abort_request`` by its rid, which
+        frees its KV slots) and the hand-off cancelled (its upstream requests closed). A
+        stream that has begun ends the same way when its client leaves (``_end_stream``)."""
+        answering = asyncio.ensure_future(answer)
+        client_gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answering, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not answering.done():
+                self.metrics.client_disconnects.labels(routed.model).inc()
+                await self.abort_request({"rid": routed.body["rid"]})
+        finally:
+            client_gone.cancel()
+            if not answering.done():
+                answering.cancel()
+                await asyncio.gather(answering, return_exceptions=True)
+                self.metrics.record_request(routed.model, routed.endpoint, CLIENT_CLOSED_REQUEST)
+        if answering.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return answering.result()
+
+    async def _end_stream(self, model: str, streams: list[DecodeLines], rids: list[str]) -> None:
+        """After a streamed response: close the decode streams; if one had not ended (the
+        client left mid-stream), abort its request (``rids``: every sub-request's) on every server."""
+        await _close_all(streams)
+        if not all(lines.finished for lines in streams):
+            self.metrics.client_disconnects.labels(model).inc()
+            await asyncio.gather(*(self.abort_request({"rid": rid}) for rid in rids))
+
+    async def _answer(self, routed: RoutedRequest, plan: FanOut | None) -> Response:
+        endpoint = routed.endpoint
         if plan is not None:
             return await self._route_fan_out(routed, plan)
         try:
             if routed.stream:
                 lines = await self._open_stream(routed.model, endpoint, routed.body, routed.prompt_text)
                 return StreamingResponse(self._relay(routed, lines), media_type="text/event-stream",
-                                         background=BackgroundTask(lines.aclose))
+                                         background=BackgroundTask(self._end_stream, routed.model, [lines],
+                                                                   [routed.body["rid"]]))
             reply = await self._hand_off(routed.model, endpoint, routed.body, routed.prompt_text)
         except UpstreamError as error:
             self.metrics.record_request(routed.model, endpoint, error.status)
@@ -178,7 +217,8 @@ class PrefillShareRouter:
                     routed.model, routed.endpoint, sub.body, sub.prompt_text, done), close=DecodeLines.aclose)
                 merging = True
                 return StreamingResponse(self._merge(routed, plan, streams, rids), media_type="text/event-stream",
-                                         background=BackgroundTask(_close_all, streams))
+                                         background=BackgroundTask(self._end_stream, routed.model, streams,
+                                                                   sorted(rids)))
             replies = await self._each_sub(plan, lambda sub, done: self._hand_off(
                 routed.model, routed.endpoint, sub.body, sub.prompt_text, done))
         except UpstreamError as error:
@@ -497,6 +537,12 @@ def build_router_app(config: RouterConfig | None = None,
         return error_response(404, f"the PrefillShare router does not serve /{path}", code="not_found")
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has disconnected (the body has been read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error_event(error: UpstreamError) -> dict:

@@ -176,6 +176,7 @@ class DecodeLines:
     def __init__(self, first: str, rest: AsyncIterator[str]):
         self._first: str | None = first
         self._rest = rest
+        self.finished = False  # the decode server ended the stream (not closed early)
 
     def __aiter__(self) -> "DecodeLines":
         return self
@@ -184,7 +185,11 @@ class DecodeLines:
         if self._first is not None:
             first, self._first = self._first, None
             return first
-        return await anext(self._rest)
+        try:
+            return await anext(self._rest)
+        except StopAsyncIteration:
+            self.finished = True
+            raise
 
     async def aclose(self) -> None:
         self._first = None
