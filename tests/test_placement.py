@@ -234,6 +234,7 @@ def test_cli_dry_run_prints_and_starts_nothing(demo_models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "CUDA_VISIBLE_DEVICES=1 " in result.stdout and "--served-model-name extract" in result.stdout
     assert "# router (in the launcher process)" in result.stdout and "dry run: nothing was started" in result.stdout
+    assert "PFS_KV_SECRET='<made at launch>'" in result.stdout  # the secret is never printed
     assert not list((tmp_path / "logs").glob("*.log"))
 
 

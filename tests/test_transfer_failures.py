@@ -57,7 +57,7 @@ def foreign_decode_server(deployment, demo_models, tmp_path_factory):
         name="foreign-decode", log_path=root / "foreign-decode.log", url=f"http://127.0.0.1:{port}",
         command=decode_server_command("foreign", foreign, t.host, ServerPorts(http=port), t.transfer_backend,
                                       t.device, t.max_total_tokens),
-        env=child_env(t.host, TRANSFER_TIMEOUT_S),
+        env=child_env(t.host, TRANSFER_TIMEOUT_S, deployment.kv_secret),
     )
     server.start()
     try:

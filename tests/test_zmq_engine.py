@@ -1,13 +1,17 @@
-"""The ZMQ transfer engine: one-sided writes into registered memory, checked identity, deadlines."""
+"""The ZMQ transfer engine: one-sided writes into registered memory, checked identity, deadlines;
+writes only from connections that passed the handshake (with the deployment's secret), a
+size cap on what it receives."""
 
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import numpy as np
 import pytest
 
+from pfs_sglang.transfer import zmq_engine
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, SessionAddress, ZmqTransferEngine
 
 PREFILL = EngineIdentity(role="prefill", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="float32", kv_layout="nhd")
@@ -263,5 +267,78 @@ def test_cuda_pools_round_trip_with_bytes_checked(transports):
         print(f"\nGPU KV hand-off ({'+'.join(transports) or 'socket'}): {sum(lengths) / seconds / 1e9:.2f} GB/s "
               f"({sum(lengths) / 1e6:.0f} MB, {len(lengths)} blocks)")
     finally:
+        sender.close()
+        receiver.close()
+
+
+def _raw_connection(receiver: ZmqTransferEngine):
+    """A bare ZMQ connection to ``receiver``, as any process that reaches its port could open."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(SessionAddress.decode(receiver.get_session_id()).endpoint_from({"127.0.0.1"}))
+    return sock
+
+
+def _ask(sock, kind: bytes, *frames: bytes, timeout_ms: int = 3000) -> list[bytes] | None:
+    sock.send_multipart([zmq_engine.MAGIC, kind, b"req-1", *frames])
+    return sock.recv_multipart() if sock.poll(timeout_ms) else None
+
+
+def _write_frames(dst: int, payload: bytes) -> list[bytes]:
+    header = np.array([[dst, len(payload)]], dtype="<u8").tobytes()
+    return [header, struct.pack("<d", time.time() + 30), payload]
+
+
+def test_writes_need_a_handshake_on_their_own_connection(engines):
+    sender, receiver = engines
+    destination = np.zeros(8, dtype=np.uint8)
+    dst = _registered(receiver, destination)
+    source = np.ones(8, np.uint8)
+    assert sender.batch_transfer_sync(receiver.get_session_id(), [_registered(sender, source)],
+                                      [dst], [8]) == 0  # the engine's own connection handshook
+    destination[:] = 0
+    intruder = _raw_connection(receiver)  # another connection, skipping the handshake
+    try:
+        reply = _ask(intruder, b"W", *_write_frames(dst, b"\xff" * 8))
+        assert reply[0] == b"ERR" and b"has not passed the handshake" in reply[2]
+        assert not destination.any()
+    finally:
+        intruder.close(0)
+
+
+def test_a_peer_without_the_deployments_secret_is_refused():
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5, secret="s3cret")
+    outsiders = [ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5, secret=s) for s in ("", "guess")]
+    insider = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5, secret="s3cret")
+    try:
+        source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
+        dst = _registered(receiver, destination)
+        for outsider in outsiders:
+            assert outsider.batch_transfer_sync(receiver.get_session_id(), [_registered(outsider, source)],
+                                                [dst], [8]) == -1
+            assert "does not hold this deployment's KV secret" in outsider.last_error()
+            assert not destination.any()
+        assert insider.batch_transfer_sync(receiver.get_session_id(), [_registered(insider, source)], [dst], [8]) == 0
+        np.testing.assert_array_equal(destination, source)
+    finally:
+        for engine in (receiver, insider, *outsiders):
+            engine.close()
+
+
+def test_an_oversized_message_drops_its_connection_and_the_engine_serves_on(monkeypatch):
+    monkeypatch.setattr(zmq_engine, "MAX_MESSAGE_BYTES", 1 << 16)
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)
+    sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5)
+    flood = _raw_connection(receiver)
+    try:
+        assert _ask(flood, b"W", *_write_frames(0, b"\x00" * (1 << 17)), timeout_ms=1000) is None  # dropped
+        source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
+        dst = _registered(receiver, destination)
+        assert sender.batch_transfer_sync(receiver.get_session_id(), [_registered(sender, source)], [dst], [8]) == 0
+        np.testing.assert_array_equal(destination, source)
+    finally:
+        flood.close(0)
         sender.close()
         receiver.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import shlex
 import socket
 import tempfile
@@ -58,6 +59,7 @@ from pfs_sglang.launch.server_commands import (
 from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
+from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 
 ROUTER_START_TIMEOUT_S = 30.0
 # Start-up deadlines (``default_startup_timeout_s``), from start-ups measured on a 2-core box.
@@ -89,12 +91,9 @@ def check_decode_models(topology: Topology) -> Fingerprint:
     return base
 
 
-# Read by pfs_sglang.transfer.zmq_backend in every server: the deadline of one KV hand-off.
-TRANSFER_TIMEOUT_ENV = "PFS_KV_TRANSFER_TIMEOUT_S"
-
-
-def child_env(host: str, transfer_timeout_s: float) -> dict[str, str]:
-    """Environment added to every server: the KV hand-off deadline, and PD side channels
+def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str, str]:
+    """Environment added to every server: the KV hand-off deadline, the deployment's KV
+    secret (``zmq`` engines refuse KV writes from peers without it), and PD side channels
     (bootstrap, ZMQ) on loopback when the deployment is.
 
     The deadline bounds each batch of KV writes (our engine) and SGLang's own waits: a
@@ -104,6 +103,7 @@ def child_env(host: str, transfer_timeout_s: float) -> dict[str, str]:
     whole_seconds = str(max(1, int(transfer_timeout_s)))
     env = {
         TRANSFER_TIMEOUT_ENV: str(transfer_timeout_s),
+        KV_SECRET_ENV: kv_secret,
         "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": whole_seconds,
         "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": whole_seconds,
     }
@@ -143,6 +143,7 @@ class Deployment:
         self.placements = plan_placement(topology)
         self.log_dir = Path(topology.log_dir or tempfile.mkdtemp(prefix="pfs_sglang-"))
         self.on_startup = on_startup or (lambda event: None)
+        self.kv_secret = secrets.token_hex(16)  # this deployment's, handed to its servers only
         self.servers: list[PlannedServer] = []
         self._router_server: uvicorn.Server | None = None
         self._router_thread: threading.Thread | None = None
@@ -189,7 +190,7 @@ class Deployment:
                     for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
-            env = {**child_env(t.host, t.transfer_timeout_s), **threads, **self.placements[name].env, **handoff}
+            env = {**child_env(t.host, t.transfer_timeout_s, self.kv_secret), **threads, **self.placements[name].env, **handoff}
             child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
             server = PlannedServer(name, spec, child)
             self._choose_ports(server)
@@ -236,7 +237,8 @@ class Deployment:
         lines = []
         for child in self.children:
             lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}")
-            lines.append(" ".join([*(f"{key}={shlex.quote(value)}" for key, value in child.env.items()),
+            env = {**child.env, KV_SECRET_ENV: "<made at launch>"}
+            lines.append(" ".join([*(f"{key}={shlex.quote(value)}" for key, value in env.items()),
                                    shlex.join(child.command)]))
         pools = "; ".join(f"{name} -> {', '.join(worker.url for worker in pool.workers)}"
                           for name, pool in config.decode_pools.items())

@@ -5,3 +5,9 @@ identity handshake and deadlines); ``zmq_backend`` plugs it under SGLang's Moonc
 PD protocol; ``registration`` makes ``--disaggregation-transfer-backend zmq`` exist;
 ``transfer_report`` puts each request's KV bytes and transfer time in prefill replies.
 """
+
+# Set by the launcher for every server it starts, read by ``zmq_backend``: the deadline
+# of one KV hand-off, and the deployment's KV secret (engines accept KV writes only from
+# peers that present it at the handshake).
+TRANSFER_TIMEOUT_ENV = "PFS_KV_TRANSFER_TIMEOUT_S"
+KV_SECRET_ENV = "PFS_KV_SECRET"

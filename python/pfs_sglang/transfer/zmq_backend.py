@@ -30,6 +30,7 @@ from sglang.srt.disaggregation.mooncake.conn import (
 )
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
+from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, ZmqTransferEngine
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ class ZmqKVManager(MooncakeKVManager):
             kv_dtype=str(self.kv_args.kv_cache_dtype_str),
             kv_layout=str(self.kv_args.kv_layout),
         )
-        timeout_s = float(os.environ.get("PFS_KV_TRANSFER_TIMEOUT_S", DEFAULT_TRANSFER_TIMEOUT_S))
-        self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s)
+        timeout_s = float(os.environ.get(TRANSFER_TIMEOUT_ENV, DEFAULT_TRANSFER_TIMEOUT_S))
+        self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s,
+                                        secret=os.environ.get(KV_SECRET_ENV, ""))
         logger.info("pfs zmq KV engine (%s) at %s", mode.value, self.engine.session_id)
 
     def check_status(self, bootstrap_room: int) -> KVPoll:

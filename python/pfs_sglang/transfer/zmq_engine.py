@@ -27,17 +27,22 @@ names a shared staging buffer (``StagingRef`` JSON) and a uint64 offset into it,
 memory it registered and that the deadline has not passed, writes the bytes, and
 answers ``[b"OK", request_id]`` or ``[b"ERR", request_id, reason]``.
 
-Before the first write to a peer the sender performs a handshake
-(``[MAGIC, b"H", request_id, identity_json, probe]``): the receiver compares the
+Every connection opens with a handshake
+(``[MAGIC, b"H", request_id, identity_json, probe, secret]``): the receiver compares the
 sender's prefill-module fingerprint and KV layout with what it expects and refuses a
-mismatch (invariant 4), and says which same-host transports it proved on the sender's
-probe buffer (``shm``: it can map the sender's staging; ``pvm``: it can read the
-sender's memory). Every call has a deadline; a late or failed call returns
+mismatch (invariant 4), refuses a sender without the deployment's secret (when it has
+one: ``PFS_KV_SECRET``, set by the launcher), and says which same-host transports it
+proved on the sender's probe buffer (``shm``: it can map the sender's staging; ``pvm``:
+it can read the sender's memory). A write or read request on a connection that has not
+passed the handshake is refused; an inbound message larger than
+``MAX_MESSAGE_BYTES`` drops the connection (ZMQ's ``MAXMSGSIZE``); nothing received is
+ever unpickled. Every call has a deadline; a late or failed call returns
 non-zero and the reason is kept for the calling thread (``last_error``).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -116,6 +121,9 @@ class SessionAddress:
 
 
 CHUNK_BYTES = 8 << 20  # staged bytes per message; a chunk is at most twice this
+# The largest inbound message part: a socket chunk (<= 2 x CHUNK_BYTES) or the header of a
+# direct read (24 bytes per block of >= DIRECT_READ_MIN_BLOCK bytes: 24 MiB for 1 GiB of KV).
+MAX_MESSAGE_BYTES = 64 << 20
 LOCAL_TRANSPORTS = ("pvm", "shm")  # same-host transports, tried at the handshake in this order
 # Direct reads cost the kernel about half a microsecond per block: below this mean block
 # size, two vectorised copies through shared staging are faster.
@@ -138,8 +146,11 @@ class ZmqTransferEngine:
         timeout_s: float,
         check_peer: Optional[Callable[[EngineIdentity], Optional[str]]] = None,
         local_transports: tuple[str, ...] = LOCAL_TRANSPORTS,
+        secret: str = "",
     ) -> None:
         self.identity = identity
+        self._secret = secret.encode()
+        self._verified_peers: set[bytes] = set()  # ZMQ routing ids of connections that passed the handshake
         self.timeout_s = timeout_s
         self._check_peer = check_peer or identity.mismatch_with
         self._local_transports = tuple(local_transports)
@@ -157,6 +168,7 @@ class ZmqTransferEngine:
 
         self._server = self._context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
+        self._server.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         tcp_port = self._server.bind_to_random_port(f"tcp://{bind_host}")
         self._server.bind(ipc_endpoint_for(tcp_port))
         self.session_address = SessionAddress(host=bind_host, port=tcp_port)
@@ -235,10 +247,13 @@ class ZmqTransferEngine:
 
     # ----- sender side -----
     def _session(self, session_id: str) -> _Session:
+        """The peer's transports, after this thread's connection to it passed the handshake."""
+        self._socket_for(session_id)
         with self._sessions_lock:
-            session = self._sessions.get(session_id)
-        if session is not None:
-            return session
+            return self._sessions[session_id]
+
+    def _handshake(self, session_id: str, sock: zmq.Socket) -> None:
+        """Introduce ``sock``'s connection to the peer (every connection must, before it writes)."""
         offer = b""
         if self._probe is not None and self._is_local(session_id):
             offer = json.dumps({
@@ -246,12 +261,12 @@ class ZmqTransferEngine:
                 "token_addr": self._probe.token_view.ctypes.data, "token": self._probe.ref.token,
                 "transports": list(self._local_transports),
             }).encode()
-        reply = self._call(session_id, b"H", [json.dumps(asdict(self.identity)).encode(), offer])
+        frames = [json.dumps(asdict(self.identity)).encode(), offer, self._secret]
+        reply = self._await(sock, session_id, self._send(sock, session_id, b"H", frames),
+                            time.monotonic() + self.timeout_s)
         accepted = reply[2].decode().split(",") if len(reply) > 2 else []
-        session = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted)
         with self._sessions_lock:
-            self._sessions[session_id] = session
-        return session
+            self._sessions[session_id] = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted)
 
     def _is_local(self, session_id: str) -> bool:
         return SessionAddress.decode(session_id).endpoint_from(self._local_hosts).startswith("ipc://")
@@ -328,6 +343,11 @@ class ZmqTransferEngine:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(SessionAddress.decode(session_id).endpoint_from(self._local_hosts))
             sockets[session_id] = sock
+            try:
+                self._handshake(session_id, sock)
+            except TransferError:
+                self._drop_socket(session_id)
+                raise
         return sock
 
     def _drop_socket(self, session_id: str) -> None:
@@ -386,21 +406,29 @@ class ZmqTransferEngine:
                 continue
             kind, request_id = frames[1].bytes, frames[2].bytes
             try:
-                answer = [b"OK", request_id, *self._handle(kind, frames[3:])]
+                answer = [b"OK", request_id, *self._handle(peer, kind, frames[3:])]
             except Exception as error:  # every failure is answered, never left hanging
                 answer = [b"ERR", request_id, str(error).encode()]
             self._server.send_multipart([peer, *answer])
 
-    def _handle(self, kind: bytes, frames: list) -> list[bytes]:
+    def _handle(self, peer: bytes, kind: bytes, frames: list) -> list[bytes]:
         if kind == b"P":
             return []
         if kind == b"H":
+            self._verified_peers.discard(peer)
             writer = EngineIdentity(**json.loads(frames[0].bytes))
             reason = self._check_peer(writer)
             if reason:
                 raise TransferError(reason)
+            secret = frames[2].bytes if len(frames) > 2 else b""
+            if self._secret and not hmac.compare_digest(secret, self._secret):
+                raise TransferError("the peer does not hold this deployment's KV secret: refused")
             offer = frames[1].bytes if len(frames) > 1 else b""
-            return [",".join(self._accept(json.loads(offer))).encode()] if offer else []
+            accepted = [",".join(self._accept(json.loads(offer))).encode()] if offer else []
+            self._verified_peers.add(peer)
+            return accepted
+        if peer not in self._verified_peers:
+            raise TransferError("KV request on a connection that has not passed the handshake: refused")
         if kind == b"R" and len(frames) >= 3:
             return self._read_from_peer(frames)
         if kind not in (b"W", b"S") or len(frames) < (3 if kind == b"W" else 4):
