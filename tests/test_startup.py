@@ -6,6 +6,9 @@
   addresses (greedy output checked against the oracle).
 * While starting, the router answers at once: ``/health`` 503 naming the servers still
   starting, requests 503 with an OpenAI error body "deployment is starting".
+* ``--api-key``: the router and every server refuse requests without the key (401,
+  OpenAI error body), ``/health`` and ``/metrics`` stay open, no SGLang admin endpoint is
+  routed, and no metrics or bootstrap endpoint shows prompt text.
 * Several deployments started at once (the command line, two at the same moment) all
   come up and serve, each server log free of tracebacks; SIGTERM stops every child.
 * A launch hashes the base's weights once (in the launcher; the servers take its record).
@@ -29,10 +32,11 @@ from pfs_sglang.launch import deployment as deployment_module
 from pfs_sglang.launch.processes import free_port, free_ports
 from pfs_sglang.launch.startup import StartupStep
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
-from sglang_process import generate_greedy
 
 MODEL = "extract"
 PROMPT = [21, 48, 95, 130, 77, 64, 33]
+API_KEY = "test-key-5d1f"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 class PortThief:
@@ -61,8 +65,9 @@ class PortThief:
 def poll_while_starting(url: str, answers: list[tuple[str, int, float, dict]], done: threading.Event) -> None:
     while not done.is_set():
         for name, send in (("health", lambda: requests.get(f"{url}/health", timeout=5)),
-                           ("completion", lambda: requests.post(f"{url}/v1/completions", timeout=5, json={
-                               "model": MODEL, "prompt": "name: tom", "max_tokens": 2}))):
+                           ("completion", lambda: requests.post(f"{url}/v1/completions", timeout=5, headers=AUTH,
+                                                                json={"model": MODEL, "prompt": "name: tom",
+                                                                      "max_tokens": 2}))):
             began = time.monotonic()
             try:
                 reply = send()
@@ -72,7 +77,7 @@ def poll_while_starting(url: str, answers: list[tuple[str, int, float, dict]], d
         time.sleep(0.5)
 
 
-def test_port_collisions_restart_servers_and_router_answers_while_starting(demo_models, tmp_path, monkeypatch):
+def test_port_collisions_restart_servers_router_answers_while_starting_api_key(demo_models, tmp_path, monkeypatch):
     # free_ports calls: 0 = prefill-0 (http, bootstrap), 1 = decode-extract-0 (http).
     thief = PortThief({0: 1, 1: 0})
     monkeypatch.setattr(deployment_module, "free_ports", thief)
@@ -82,7 +87,7 @@ def test_port_collisions_restart_servers_and_router_answers_while_starting(demo_
                         lambda model_dir: hashed.append(model_dir) or original_hash(model_dir))
     events = []
     topology = Topology(base_model=demo_models.base, decode_models=(DecodeModelSpec(MODEL, demo_models.decode[MODEL]),),
-                        port=free_port(), log_dir=tmp_path / "logs", max_total_tokens=2048)
+                        port=free_port(), log_dir=tmp_path / "logs", max_total_tokens=2048, api_key=API_KEY)
     deployment = Deployment(topology, on_startup=events.append)
     answers: list[tuple[str, int, float, dict]] = []
     done = threading.Event()
@@ -106,10 +111,12 @@ def test_port_collisions_restart_servers_and_router_answers_while_starting(demo_
         completion = [body for name, _, _, body in starting if name == "completion"]
         assert completion and completion[0]["error"]["message"].startswith("deployment is starting")
 
-        served = generate_greedy(deployment.url, MODEL, PROMPT, 6)["output_ids"]
+        served = requests.post(f"{deployment.url}/generate", headers=AUTH, timeout=120, json={
+            "model": MODEL, "input_ids": PROMPT,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}).json()["output_ids"]
         reference = prefillshare_greedy(demo_models.base, demo_models.decode[MODEL], PROMPT, len(served))
         assert first_real_divergence(served, reference) is None, (served, reference.output_ids)
-        assert requests.get(f"{deployment.url}/health", timeout=30).status_code == 200
+        check_api_key_and_no_prompt_leak(deployment)
 
         assert hashed == [demo_models.base]  # once, in the launcher
         prefill_log = deployment.children[0].attempt_log()
@@ -117,10 +124,41 @@ def test_port_collisions_restart_servers_and_router_answers_while_starting(demo_
         assert prefill_log.count("taken from the launcher's record") == 2
         for log in (tmp_path / "logs").glob("*.log"):
             assert "hashing the weights" not in log.read_text(), log.name
+            assert log.stat().st_mode & 0o077 == 0, log.name  # SGLang logs its --api-key: user-only
+        assert (tmp_path / "logs" / "server_auth.yaml").stat().st_mode & 0o077 == 0
+        assert not [c for c in deployment.children if API_KEY in " ".join(c.command)]  # never in `ps`
     finally:
         done.set()
         deployment.stop()
         thief.close()
+
+
+def check_api_key_and_no_prompt_leak(deployment: Deployment) -> None:
+    url = deployment.url
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = requests.post(f"{url}/v1/completions", headers=headers, timeout=30,
+                                json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
+    assert requests.get(f"{url}/health", timeout=30).status_code == 200  # probes need no key
+    assert requests.get(f"{url}/metrics", timeout=30).status_code == 200
+    assert requests.get(f"{url}/v1/models", timeout=30).status_code == 401
+    servers = deployment.children
+    for server in servers:  # only the router (which holds the key) reaches the servers
+        assert requests.post(f"{server.url}/generate", timeout=30, json={"text": "hi"}).status_code == 401
+        assert requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 401
+    admin = requests.post(f"{url}/update_weights_from_disk", headers=AUTH, timeout=30, json={"model_path": "/x"})
+    assert admin.status_code == 404  # SGLang's admin endpoints are not routed
+
+    marker = "zebra quartz marker"
+    reply = requests.post(f"{url}/v1/completions", headers=AUTH, timeout=120,
+                          json={"model": MODEL, "prompt": marker, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    prefill = deployment.servers[0]
+    pages = [requests.get(f"{url}/metrics", timeout=30).text,
+             *(requests.get(f"{server.url}/metrics", timeout=30).text for server in servers),
+             *(requests.get(f"http://127.0.0.1:{prefill.ports.bootstrap}{path}", timeout=30).text
+               for path in ("/route", "/health"))]
+    assert not [page for page in pages if marker in page or "zebra" in page]
 
 
 def test_deployments_started_at_once_all_come_up_with_clean_logs(demo_models, tmp_path):

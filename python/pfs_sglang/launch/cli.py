@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of each of its GPUs' memory a prefill server may hold (default: SGLang's)")
     parser.add_argument("--decode-mem-fraction", action="append", metavar="[NAME=]F",
                         help="the same for decode servers, or NAME=F for one model's")
+    parser.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (not /health, /metrics); "
+                                           "the servers are started with it too, so only the router reaches them")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
@@ -147,6 +149,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "log_dir": args.log_dir,
         "startup_timeout_s": args.startup_timeout_s,
         "startup_concurrency": args.startup_concurrency,
+        "api_key": args.api_key,
         "gpus": parse_gpus(args.gpus) if args.gpus is not None else None,
         "pack": args.pack,
         "prefill_tp": args.prefill_tp,

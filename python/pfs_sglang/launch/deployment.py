@@ -55,10 +55,12 @@ from pfs_sglang.launch.server_commands import (
     cpu_threads_env,
     decode_server_command,
     prefill_server_command,
+    write_server_auth,
 )
 from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
+from pfs_sglang.router.api_key import RequireApiKey
 from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 
 ROUTER_START_TIMEOUT_S = 30.0
@@ -67,6 +69,7 @@ STARTUP_BASE_S = 120.0
 CPU_SERVER_START_S = 90.0
 GPU_SERVER_START_S = 300.0
 FINGERPRINT_HANDOFF_FILE = "prefill_fingerprint.json"
+SERVER_AUTH_FILE = "server_auth.yaml"  # the servers' --api-key (mode 0600), read through SGLang's --config
 
 
 def check_decode_models(topology: Topology) -> Fingerprint:
@@ -178,6 +181,8 @@ class Deployment:
         for the servers and return that file."""
         check_guards(self.topology)
         base = check_decode_models(self.topology)
+        if self.topology.api_key:
+            write_server_auth(self.topology.api_key, self.log_dir / SERVER_AUTH_FILE)
         return write_fingerprint_handoff(self.topology.base_model, base, self.log_dir / FINGERPRINT_HANDOFF_FILE)
 
     def _plan(self, fingerprint_file: Path) -> None:
@@ -204,14 +209,16 @@ class Deployment:
         http, *others = free_ports(needed, t.host)
         server.ports = ServerPorts(http=http, bootstrap=others.pop(0) if prefill else None,
                                    nccl=others.pop(0) if t.device == "cuda" else None)
+        auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
         if prefill:
             server.child.command = prefill_server_command(t.base_model, t.host, server.ports, t.transfer_backend,
-                                                          t.device, t.max_total_tokens, t.prefill_args, placement)
+                                                          t.device, t.max_total_tokens, t.prefill_args, placement,
+                                                          auth_file)
         else:
             spec = server.decode_model
             server.child.command = decode_server_command(spec.name, spec.path, t.host, server.ports,
                                                          t.transfer_backend, t.device, t.max_total_tokens,
-                                                         t.decode_args_of(spec), placement)
+                                                         t.decode_args_of(spec), placement, auth_file)
         server.child.url = f"http://{t.host}:{server.ports.http}"
 
     def _describe(self, server: PlannedServer) -> str:
@@ -228,7 +235,7 @@ class Deployment:
                  for spec in t.decode_models}
         vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
         return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
-                            vocab_size=vocab_size)
+                            vocab_size=vocab_size, api_key=t.api_key)
 
     def dry_run(self) -> str:
         """Check everything ``start`` checks and describe every server and the router; start nothing."""
@@ -261,7 +268,7 @@ class Deployment:
         self._plan(fingerprint_file)
         bring_up = self.bring_up()
         try:
-            router_app = build_router_app(still_starting=bring_up.not_healthy)
+            router_app = build_router_app(still_starting=bring_up.not_healthy, api_key=self.topology.api_key)
             self._start_router(router_app, router_socket)
             bring_up.run()
             router_app.state.serve(self._router_config())
@@ -271,7 +278,7 @@ class Deployment:
             raise
         return self.url
 
-    def _start_router(self, app: FastAPI, sock: socket.socket) -> None:
+    def _start_router(self, app: FastAPI | RequireApiKey, sock: socket.socket) -> None:
         self._router_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self._router_thread = threading.Thread(target=self._router_server.run, kwargs={"sockets": [sock]},
                                                name="pfs-router", daemon=True)

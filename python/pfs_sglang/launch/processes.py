@@ -90,10 +90,12 @@ class ManagedProcess:
     _attempt_log_offset: int = field(default=0, init=False, repr=False)
 
     def start(self, restart_note: str | None = None) -> None:
-        """Start the server, writing a new log; a restart (``restart_note`` says why) appends
-        to the log, after a line with the note, so every attempt stays readable."""
+        """Start the server, writing a new log (mode 0600); a restart (``restart_note`` says
+        why) appends to the log, after a line with the note, so every attempt stays readable."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "w" if restart_note is None else "a") as log:
+        # Readable by this user only: SGLang logs its server arguments, --api-key included.
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if restart_note is None else os.O_APPEND)
+        with os.fdopen(os.open(self.log_path, flags, 0o600), "w" if restart_note is None else "a") as log:
             if restart_note is not None:
                 log.write(f"\n--- pfs_sglang: {restart_note} ---\n")
                 log.flush()

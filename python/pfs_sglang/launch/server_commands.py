@@ -67,9 +67,21 @@ def _dtype_args(model: Path) -> list[str]:
     return ["--dtype", "float32"] if dtype == "float32" else []
 
 
-def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: str, max_total_tokens: int) -> list[str]:
+def write_server_auth(api_key: str, path: Path) -> Path:
+    """SGLang's ``--api-key`` in a YAML file only this user can read, for ``--config``: on
+    the command line every local user would see it in ``ps``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump({"api-key": api_key}, file)  # JSON is YAML; keys are spelled like the flags
+    return path
+
+
+def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: str, max_total_tokens: int,
+            auth_file: Path | None) -> list[str]:
     args = [
         sys.executable, "-m", "sglang.launch_server",
+        *(["--config", str(auth_file)] if auth_file is not None else []),
         "--model-path", str(model),
         "--host", host, "--port", str(ports.http),
         "--disaggregation-transfer-backend", backend,
@@ -88,9 +100,10 @@ def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: st
 def prefill_server_command(
     base_model: Path, host: str, ports: ServerPorts, backend: str, device: str,
     max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
+    auth_file: Path | None = None,
 ) -> list[str]:
     return [
-        *_common(base_model, host, ports, backend, device, max_total_tokens),
+        *_common(base_model, host, ports, backend, device, max_total_tokens, auth_file),
         *_placement_args(ports, placement),
         "--disaggregation-mode", "prefill",
         "--disaggregation-bootstrap-port", str(ports.bootstrap),
@@ -104,9 +117,10 @@ def prefill_server_command(
 def decode_server_command(
     name: str, model: Path, host: str, ports: ServerPorts, backend: str, device: str,
     max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
+    auth_file: Path | None = None,
 ) -> list[str]:
     args = [
-        *_common(model, host, ports, backend, device, max_total_tokens),
+        *_common(model, host, ports, backend, device, max_total_tokens, auth_file),
         *_placement_args(ports, placement),
         "--disaggregation-mode", "decode",
         "--served-model-name", name,

@@ -62,6 +62,7 @@ class Topology:
     log_dir: Path | None = None
     startup_timeout_s: float | None = None  # None: scaled to the servers started (deployment.py)
     startup_concurrency: int | None = None  # servers starting at once; None: the launcher's default
+    api_key: str | None = None  # required by the router and by every server (passed on by the router)
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
     gpus: tuple[int, ...] | None = None  # cuda: GPU indices (into CUDA_VISIBLE_DEVICES if set); None = all
     pack: bool = False  # let servers share GPUs, each with its memory share

@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from pfs_sglang.router.api_key import RequireApiKey
 from pfs_sglang.router.fanout import FanOut, StreamMerger, SubRequest, combine, plan_fan_out, sse
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
@@ -67,6 +68,7 @@ class RouterConfig:
     decode_pools: dict[str, DecodePool]
     default_model: str | None = None
     vocab_size: int | None = None  # the prefill module's: token-id prompts are checked against it
+    api_key: str | None = None  # sent to every server (the launcher starts them with it)
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     health_timeout_s: float = 10.0
@@ -435,14 +437,15 @@ class DeploymentStarting(Exception):
     """A request arrived before the router was given its servers (the deployment is starting)."""
 
 
-def build_router_app(config: RouterConfig | None = None,
-                     still_starting: Callable[[], list[str]] = list) -> FastAPI:
+def build_router_app(config: RouterConfig | None = None, still_starting: Callable[[], list[str]] = list,
+                     api_key: str | None = None) -> FastAPI | RequireApiKey:
     """The router as an ASGI app; it owns one ``httpx.AsyncClient`` for the app's lifetime.
 
     Without ``config`` the router is *starting*: it answers at once, every endpoint with
     503 ``deployment is starting`` (``/health`` also names the servers ``still_starting``
     returns), until the launcher calls ``app.state.serve(config)`` with the servers'
-    final addresses. It never holds a connection while servers start.
+    final addresses. It never holds a connection while servers start. With ``api_key``
+    every request must carry it (``api_key.py``).
     """
     state: dict[str, Any] = {"config": config}
 
@@ -462,7 +465,9 @@ def build_router_app(config: RouterConfig | None = None,
                 raise DeploymentStarting
             timeout = httpx.Timeout(ready.request_timeout_s, connect=ready.connect_timeout_s)
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits))
+            headers = {"Authorization": f"Bearer {ready.api_key}"} if ready.api_key else None
+            state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits,
+                                                                          headers=headers))
         return state["router"]
 
     @app.exception_handler(DeploymentStarting)
@@ -536,6 +541,8 @@ def build_router_app(config: RouterConfig | None = None,
     async def not_served(path: str):
         return error_response(404, f"the PrefillShare router does not serve /{path}", code="not_found")
 
+    if api_key:
+        return RequireApiKey(app, api_key)
     return app
 
 
