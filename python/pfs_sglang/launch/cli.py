@@ -8,8 +8,10 @@ line (and the router's pools) without starting anything. While starting, the lau
 prints a line per server started (its address and log file), restarted and healthy,
 under a progress bar on a terminal. The process stays in the foreground: Ctrl-C or
 SIGTERM (also during start-up) stops every child it started; a server that dies while
-serving stops the deployment with that server's log tail. Exit status: 0 after a requested stop, the
-child's own code when a server dies during start-up, 1 for any other launch failure.
+serving stops the deployment with that server's log tail. Exit status: 0 after a
+requested stop, the child's own code when a server dies during start-up, 1 for any
+other launch failure. ``--api-key`` can also come from the YAML (``api_key:``), which
+keeps it out of ``ps``.
 """
 
 from __future__ import annotations

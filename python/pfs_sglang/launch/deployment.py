@@ -9,7 +9,9 @@ all before any process starts. The fingerprint is handed to the servers in a fil
 router in a thread at once (503 "deployment is starting" until every server is
 healthy), brings up the prefill pool and one decode pool per model (commands from
 ``server_commands.py``; order, concurrency, restarts on taken ports and the deadline in
-``startup.py``), and hands the router the servers' final addresses.
+``startup.py``), and hands the router the servers' final addresses. Every server gets
+the deployment's random KV secret (the ``zmq`` engines refuse writes without it) and,
+with ``api_key``, the key the router then requires of clients and passes on.
 ``dry_run()`` does the checks and returns every server's environment and command line
 instead of starting them. ``stop()``, or leaving the ``with`` block, stops the router
 and every child::
@@ -129,12 +131,12 @@ class PlannedServer:
     ports: ServerPorts | None = None
 
 
-def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPlacement], servers: int) -> float:
+def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPlacement]) -> float:
     """Start-up deadline scaled to what starts: on CPU the servers' imports share the cores
-    (measured on 2 cores: CPU_SERVER_START_S per server), on GPUs the servers that share a
-    GPU start one after another (``GPU_SERVER_START_S`` each)."""
+    (``CPU_SERVER_START_S`` per server on 2 cores, about 3x what was measured), on GPUs
+    the servers that share a GPU start one after another (``GPU_SERVER_START_S`` each)."""
     if topology.device == "cpu":
-        return STARTUP_BASE_S + CPU_SERVER_START_S * servers * 2 / max(2, os.cpu_count() or 1)
+        return STARTUP_BASE_S + CPU_SERVER_START_S * len(placements) * 2 / max(2, os.cpu_count() or 1)
     one_after_another = 1 + max((len(placement.after) for placement in placements.values()), default=0)
     return STARTUP_BASE_S + GPU_SERVER_START_S * one_after_another
 
@@ -167,7 +169,7 @@ class Deployment:
     def startup_timeout_s(self) -> float:
         if self.topology.startup_timeout_s is not None:
             return self.topology.startup_timeout_s
-        return default_startup_timeout_s(self.topology, self.placements, len(self.placements))
+        return default_startup_timeout_s(self.topology, self.placements)
 
     @property
     def startup_concurrency(self) -> int:

@@ -15,10 +15,12 @@ programs); batches and ``n > 1`` become one hand-off per prompt and sample
 to every server, for the client's ``rid`` and the sub-request rids derived from it);
 ``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
-(200 when every server is; 503 naming the servers still starting while the deployment
-starts, when every other endpoint answers 503 too), ``/health_generate`` (a one-token generation through the
+(200 when every server is), ``/health_generate`` (a one-token generation through the
 PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers``. Any other
-path is a 404 with an OpenAI error body.
+path is a 404 with an OpenAI error body. While the deployment starts every endpoint
+answers 503 at once (``/health`` naming the servers still starting). A client that
+disconnects has its request aborted on every server. With ``--api-key`` every request
+but ``/health*`` and ``/metrics`` needs the key (``api_key.py``).
 """
 
 from __future__ import annotations
