@@ -11,7 +11,10 @@ every event's keys, every index present, one usage event last, one ``[DONE]``.
 Then, on the deployment only: a batch whose one prompt is refused fails as a whole
 at once and every server goes back to idle; an abort by the client's rid ends a
 long ``n = 2`` generation; ``/health_generate`` is a real hand-off; ``max_new_tokens:
-0`` batches (what SGLang's frontend sends to cache a prefix) answer.
+0`` batches (what SGLang's frontend sends to cache a prefix) answer; hostile bodies
+(hypothesis, ``router_fuzz.py``) and the classic client mistakes (a prompt longer than
+the context, ``max_tokens`` past what is left, ``n = 10**9``, deep nesting) get a 4xx
+with an OpenAI error body, never a 5xx or a hang, and every server stays up and idle.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import free_port
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
+from router_fuzz import check_answer, hostile_requests
 from sglang_process import sglang_server, wait_deployment_idle
 
 MODEL = "extract"
@@ -162,3 +167,31 @@ def test_health_generate_and_cache_prefix_batches(deployment):
     assert [(a["output_ids"], a["meta_info"]["completion_tokens"]) for a in reply.json()] == [([], 0), ([], 0)]
     assert httpx.get(deployment.url + "/no_such_endpoint", timeout=10).json()["error"]["code"] == "not_found"
     wait_deployment_idle(deployment.url)
+
+
+FUZZ_CLIENT = httpx.Client(timeout=60)  # a hang fails the example
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(request=hostile_requests(MODEL))
+def test_hostile_bodies_get_a_4xx_never_a_5xx(deployment, request):
+    endpoint, raw = request
+    check_answer(FUZZ_CLIENT, deployment.url, endpoint, raw)
+
+
+@pytest.mark.parametrize("endpoint, body, message", [
+    ("/v1/completions", {"prompt": "x " * 3000, "max_tokens": 2}, "longer than the model's context length"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, "exceeds the model's maximum context length"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 10 ** 9},
+     "generations one request may ask for"),
+    ("/generate", {"text": "hi", "sampling_params": {"temperature": 10 ** 30}}, "outside the 64-bit range"),
+    ("/generate", {"text": "hi", "sampling_params": {"temperature": None}}, "must be a number"),
+])
+def test_client_mistakes_get_a_clear_4xx_and_every_server_stays_up(deployment, endpoint, body, message):
+    reply = check_answer(FUZZ_CLIENT, deployment.url, endpoint, json.dumps({**body, "model": MODEL}).encode())
+    assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+    nested = FUZZ_CLIENT.post(deployment.url + endpoint, content=b"[" * 100_000 + b"]" * 100_000)
+    assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]["message"]
+    assert not deployment.dead_children()
+    wait_deployment_idle(deployment.url, timeout_s=30)
+

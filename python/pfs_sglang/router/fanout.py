@@ -58,6 +58,11 @@ class SubRequest:
     prompt_text: str
 
 
+# Generations (prompts x samples) one request may ask for: each is a hand-off of its own,
+# and a client's n = 10**9 must not make the router build a billion of them.
+MAX_SUB_REQUESTS = 1024
+
+
 @dataclass(frozen=True)
 class FanOut:
     endpoint: str
@@ -102,8 +107,13 @@ def plan_fan_out(endpoint: str, body: dict[str, Any]) -> FanOut | None:
     field = _prompt_field(endpoint, body)
     batched = endpoint != CHAT and _is_prompt_list(body.get(field))
     if not batched and n == 1:
+        if isinstance(body.get("rid"), list):  # SGLang fails such a request with a 500
+            raise RequestRejected(400, "'rid' is a list, but the request has one prompt", param="rid")
         return None
     prompts = body[field] if batched else [body[field]]
+    if len(prompts) * n > MAX_SUB_REQUESTS:
+        raise RequestRejected(400, f"{len(prompts)} prompts x n={n} is more than the {MAX_SUB_REQUESTS} generations "
+                                   "one request may ask for", param="n")
     subs = []
     for prompt_index, prompt in enumerate(prompts):
         shared = _prompt_body(endpoint, body, field, prompt_index, prompt, len(prompts) if batched else None)

@@ -68,15 +68,66 @@ def _check_token_ids(body: dict[str, Any], field: str, vocab_size: int) -> None:
                                            f"[0, {vocab_size})", param=field)
 
 
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
+# Sampling fields SGLang does arithmetic on before checking their type (a wrong type is a 500 there).
+_NUMERIC_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                            "repetition_penalty", "max_new_tokens", "min_new_tokens", "n")
+
+
+def _check_fields_sglang_reads_unchecked(endpoint: str, body: dict[str, Any]) -> None:
+    """Refuse (400) the wrong types SGLang 0.5.23 answers with a 500, found by fuzzing:
+    a ``rid`` that is not a string or a list of strings, a ``response_format`` that is not an object (its validator calls ``.get`` on it), and
+    ``/generate`` sampling parameters that are not objects or hold a non-number where a
+    number belongs (``SamplingParams`` compares them before checking)."""
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, str) and not (
+            isinstance(rid, list) and rid and all(isinstance(r, str) for r in rid)):
+        raise RequestRejected(400, "'rid' must be a string (or a list of strings, one per prompt)", param="rid")
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        raise RequestRejected(400, "'response_format' must be an object", param="response_format")
+    if endpoint != GENERATE or body.get("sampling_params") is None:
+        return
+    params = body["sampling_params"]
+    for entry in params if isinstance(params, list) else [params]:
+        if not isinstance(entry, dict):
+            raise RequestRejected(400, "'sampling_params' must be an object (or a list of objects, one per prompt)",
+                                  param="sampling_params")
+        for name in _NUMERIC_SAMPLING_FIELDS:
+            value = entry.get(name)
+            if value is None and name == "max_new_tokens":
+                continue  # SGLang's "no limit"
+            if name in entry and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RequestRejected(400, f"'sampling_params.{name}' must be a number", param=f"sampling_params.{name}")
+
+
+def _integer_out_of_range(value: Any, path: str = "") -> str | None:
+    """Where ``value`` holds an integer no 64-bit field takes (SGLang answers such a
+    number with a 500: e.g. ``"temperature": 10**30`` overflows its sampling tensors)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return path if not INT64[0] <= value <= INT64[1] else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _integer_out_of_range(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str,
                   vocab_size: int | None = None) -> RoutedRequest:
     """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed."""
     try:
         body = json.loads(raw)
+        out_of_range = _integer_out_of_range(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestRejected(400, f"request body is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise RequestRejected(400, "request body is nested too deeply") from error
     if not isinstance(body, dict):
         raise RequestRejected(400, "request body must be a JSON object")
+    if out_of_range is not None:
+        raise RequestRejected(400, f"'{out_of_range}' holds an integer outside the 64-bit range", param=out_of_range)
 
     model = body.get("model")
     if model is None and endpoint == GENERATE:
@@ -94,6 +145,7 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
     if endpoint == CHAT and not (isinstance(body["messages"], list)
                                  and all(isinstance(message, dict) for message in body["messages"])):
         raise RequestRejected(400, "'messages' must be a list of message objects", param="messages")
+    _check_fields_sglang_reads_unchecked(endpoint, body)
     if vocab_size is not None:
         _check_token_ids(body, "input_ids" if endpoint == GENERATE else "prompt", vocab_size)
     return RoutedRequest(endpoint=endpoint, model=model, body=body, stream=bool(body.get("stream")),
