@@ -20,7 +20,7 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
 
 replicate: install
 	$(PY) -m pfs_sglang.train replicate out/replication --report-dir docs/replication
