@@ -41,7 +41,7 @@ class StartupEvent:
     server: str
     step: StartupStep
     elapsed_s: float  # since the bring-up began
-    detail: str  # where it listens and logs (started), why (restarted)
+    detail: str  # where it listens and logs (started, restarted on fresh ports)
 
 
 @dataclass
