@@ -9,8 +9,9 @@
 * ``--api-key``: the router and every server refuse requests without the key (401,
   OpenAI error body), ``/health`` and ``/metrics`` stay open, no SGLang admin endpoint is
   routed, and no metrics or bootstrap endpoint shows prompt text.
-* Several deployments started at once (the command line, two at the same moment) all
-  come up and serve, each server log free of tracebacks; SIGTERM stops every child.
+* Two deployments started at the same moment (the one above, and one from the command
+  line) both come up and serve, the second's server logs free of tracebacks; SIGTERM
+  stops every child of it.
 * A launch hashes the base's weights once (in the launcher; the servers take its record).
 """
 
@@ -77,7 +78,16 @@ def poll_while_starting(url: str, answers: list[tuple[str, int, float, dict]], d
         time.sleep(0.5)
 
 
-def test_port_collisions_restart_servers_router_answers_while_starting_api_key(demo_models, tmp_path, monkeypatch):
+def test_two_deployments_at_once_taken_ports_starting_router_api_key(demo_models, tmp_path, monkeypatch):
+    other = CliLaunch(demo_models, tmp_path / "other")  # a second deployment, started at the same moment
+    try:
+        bring_up_with_taken_ports_and_an_api_key(demo_models, tmp_path, monkeypatch)
+        other.check_serves_with_clean_logs_and_stops()
+    finally:
+        other.stop()
+
+
+def bring_up_with_taken_ports_and_an_api_key(demo_models, tmp_path, monkeypatch) -> None:
     # free_ports calls: 0 = prefill-0 (http, bootstrap), 1 = decode-extract-0 (http).
     thief = PortThief({0: 1, 1: 0})
     monkeypatch.setattr(deployment_module, "free_ports", thief)
@@ -161,40 +171,40 @@ def check_api_key_and_no_prompt_leak(deployment: Deployment) -> None:
     assert not [page for page in pages if marker in page or "zebra" in page]
 
 
-def test_deployments_started_at_once_all_come_up_with_clean_logs(demo_models, tmp_path):
-    launches = []
-    for index in range(2):
-        log_dir = tmp_path / f"deployment-{index}"
+class CliLaunch:
+    """``python -m pfs_sglang.launch_server`` in a process of its own (another deployment)."""
+
+    def __init__(self, demo_models, log_dir):
+        self.log_dir, self.port = log_dir, free_port()
         command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
-                   "--decode-model", f"{MODEL}={demo_models.decode[MODEL]}", "--port", str(free_port()),
+                   "--decode-model", f"{MODEL}={demo_models.decode[MODEL]}", "--port", str(self.port),
                    "--log-dir", str(log_dir), "--max-total-tokens", "2048"]
-        launches.append((subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-                         log_dir, command[command.index("--port") + 1]))
-    try:
-        for process, log_dir, port in launches:
-            output = []
-            for line in process.stdout:
-                output.append(line)
-                if "serving on" in line or process.poll() is not None:
-                    break
-            assert "serving on" in output[-1], "".join(output)
-            assert any("prefill-0 healthy at" in line for line in output), "".join(output)
-            reply = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                                  json={"model": MODEL, "prompt": "name: tom", "max_tokens": 4})
-            assert reply.status_code == 200, reply.text
-        for _, log_dir, _ in launches:
-            for log in log_dir.glob("*.log"):
-                assert "Traceback" not in log.read_text(), log
-        servers = [child for process, _, _ in launches for child in psutil.Process(process.pid).children(recursive=True)]
-        assert len(servers) >= 4
-    finally:
-        for process, _, _ in launches:
-            process.send_signal(signal.SIGTERM)
-        for process, _, _ in launches:
-            process.communicate(timeout=120)
-    assert [process.returncode for process, _, _ in launches] == [0, 0]
-    time.sleep(1)
-    assert not [server.pid for server in servers if alive(server)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def check_serves_with_clean_logs_and_stops(self) -> None:
+        output = []
+        for line in self.process.stdout:
+            output.append(line)
+            if "serving on" in line or self.process.poll() is not None:
+                break
+        assert "serving on" in output[-1], "".join(output)
+        assert any("prefill-0 healthy at" in line for line in output), "".join(output)
+        reply = requests.post(f"http://127.0.0.1:{self.port}/v1/completions", timeout=120,
+                              json={"model": MODEL, "prompt": "name: tom", "max_tokens": 4})
+        assert reply.status_code == 200, reply.text
+        for log in self.log_dir.glob("*.log"):
+            assert "Traceback" not in log.read_text(), log
+        servers = psutil.Process(self.process.pid).children(recursive=True)
+        assert len(servers) >= 2
+        self.stop()
+        assert self.process.returncode == 0
+        time.sleep(1)
+        assert not [server.pid for server in servers if alive(server)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.communicate(timeout=120)
 
 
 def alive(process: psutil.Process) -> bool:
