@@ -6,8 +6,8 @@
   addresses (greedy output checked against the oracle).
 * While starting, the router answers at once: ``/health`` 503 naming the servers still
   starting, requests 503 with an OpenAI error body "deployment is starting".
-* ``--api-key``: the router and every server refuse requests without the key (401,
-  OpenAI error body), ``/health`` and ``/metrics`` stay open, no SGLang admin endpoint is
+* ``--api-key``: the router (401 with an OpenAI error body) and every server (401)
+  refuse requests without the key, ``/health`` and ``/metrics`` stay open, no SGLang admin endpoint is
   routed, and no metrics or bootstrap endpoint shows prompt text.
 * Two deployments started at the same moment (the one above, and one from the command
   line) both come up and serve, the second's server logs free of tracebacks; SIGTERM
