@@ -39,10 +39,15 @@ def sglang_server(model_path: Path, log_path: Path, extra_args: list[str] = (), 
         server.stop()
 
 
+def metric_total(url: str, series: str) -> float:
+    """The sum of the Prometheus samples at ``url/metrics`` whose line starts with ``series``."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
+
+
 def used_kv_tokens(server_url: str) -> float:
     """KV slots held by requests on an SGLang server (``sglang:num_used_tokens``; cache excluded)."""
-    text = requests.get(f"{server_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("sglang:num_used_tokens{"))
+    return metric_total(server_url, "sglang:num_used_tokens{")
 
 
 def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
@@ -62,9 +67,10 @@ def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
-def generate_greedy(url: str, model: str, prompt_ids: list[int], max_new_tokens: int, **extra) -> dict:
+def generate_greedy(url: str, model: str, prompt_ids: list[int], max_new_tokens: int,
+                    headers: dict[str, str] | None = None, **extra) -> dict:
     """One greedy ``/generate`` of ``max_new_tokens`` tokens (EOS ignored) through a router; its reply."""
-    reply = requests.post(f"{url}/generate", json={
+    reply = requests.post(f"{url}/generate", headers=headers, json={
         "model": model, "input_ids": prompt_ids,
         "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True},
         **extra,

@@ -25,7 +25,7 @@ import requests
 
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from pfs_sglang.launch.processes import free_port
-from sglang_process import generate_greedy, wait_deployment_idle
+from sglang_process import generate_greedy, metric_total, wait_deployment_idle
 
 MAX_NEW_TOKENS = 10
 
@@ -212,9 +212,7 @@ def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_mode
 
 
 def client_disconnects(router_url: str, model: str) -> float:
-    text = requests.get(f"{router_url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(f'pfs_router_client_disconnects_total{{model="{model}"}}'))
+    return metric_total(router_url, f'pfs_router_client_disconnects_total{{model="{model}"}}')
 
 
 @pytest.mark.parametrize("stream", [False, True])

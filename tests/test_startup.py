@@ -33,6 +33,7 @@ from pfs_sglang.launch import deployment as deployment_module
 from pfs_sglang.launch.processes import free_port, free_ports
 from pfs_sglang.launch.startup import StartupStep
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
+from sglang_process import generate_greedy
 
 MODEL = "extract"
 PROMPT = [21, 48, 95, 130, 77, 64, 33]
@@ -121,9 +122,7 @@ def bring_up_with_taken_ports_and_an_api_key(demo_models, tmp_path, monkeypatch)
         completion = [body for name, _, _, body in starting if name == "completion"]
         assert completion and completion[0]["error"]["message"].startswith("deployment is starting")
 
-        served = requests.post(f"{deployment.url}/generate", headers=AUTH, timeout=120, json={
-            "model": MODEL, "input_ids": PROMPT,
-            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}).json()["output_ids"]
+        served = generate_greedy(deployment.url, MODEL, PROMPT, 6, headers=AUTH)["output_ids"]
         reference = prefillshare_greedy(demo_models.base, demo_models.decode[MODEL], PROMPT, len(served))
         assert first_real_divergence(served, reference) is None, (served, reference.output_ids)
         check_api_key_and_no_prompt_leak(deployment)

@@ -125,10 +125,13 @@ def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str,
 class PlannedServer:
     """One server of the deployment: its decode model (None: a prefill server), ports and process."""
 
-    name: str
     decode_model: DecodeModelSpec | None
     child: ManagedProcess
     ports: ServerPorts | None = None
+
+    @property
+    def name(self) -> str:
+        return self.child.name
 
 
 def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPlacement]) -> float:
@@ -197,9 +200,10 @@ class Deployment:
                     for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
-            env = {**child_env(t.host, t.transfer_timeout_s, self.kv_secret), **threads, **self.placements[name].env, **handoff}
+            env = {**child_env(t.host, t.transfer_timeout_s, self.kv_secret), **threads,
+                   **self.placements[name].env, **handoff}
             child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
-            server = PlannedServer(name, spec, child)
+            server = PlannedServer(spec, child)
             self._choose_ports(server)
             self.servers.append(server)
 
@@ -237,7 +241,7 @@ class Deployment:
                  for spec in t.decode_models}
         vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
         return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
-                            vocab_size=vocab_size, api_key=t.api_key)
+                            vocab_size=vocab_size)
 
     def dry_run(self) -> str:
         """Check everything ``start`` checks and describe every server and the router; start nothing."""

@@ -70,7 +70,6 @@ class RouterConfig:
     decode_pools: dict[str, DecodePool]
     default_model: str | None = None
     vocab_size: int | None = None  # the prefill module's: token-id prompts are checked against it
-    api_key: str | None = None  # sent to every server (the launcher starts them with it)
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     health_timeout_s: float = 10.0
@@ -447,7 +446,7 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
     503 ``deployment is starting`` (``/health`` also names the servers ``still_starting``
     returns), until the launcher calls ``app.state.serve(config)`` with the servers'
     final addresses. It never holds a connection while servers start. With ``api_key``
-    every request must carry it (``api_key.py``).
+    every request must carry it (``api_key.py``), and the router sends it to its servers.
     """
     state: dict[str, Any] = {"config": config}
 
@@ -467,7 +466,7 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
                 raise DeploymentStarting
             timeout = httpx.Timeout(ready.request_timeout_s, connect=ready.connect_timeout_s)
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            headers = {"Authorization": f"Bearer {ready.api_key}"} if ready.api_key else None
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else None  # the servers need it too
             state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits,
                                                                           headers=headers))
         return state["router"]

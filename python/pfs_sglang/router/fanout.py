@@ -154,16 +154,15 @@ def _for_prompt(name: str, value: Any, index: int, batch_size: int) -> Any:
     return value[index]
 
 
-def _sub_rid(rid: Any, prompt: int, sample: int, index: int, n: int) -> str | None:
+def _sub_rid(rid: str | list[str] | None, prompt: int, sample: int, index: int, n: int) -> str | None:
+    """The sub-request's rid; ``rid``'s type was checked by ``request_body.parse_request``."""
     if rid is None:
         return None
     if isinstance(rid, str):
         return f"{rid}_{index}"
-    if isinstance(rid, list) and all(isinstance(r, str) for r in rid):
-        if prompt >= len(rid):
-            raise RequestRejected(400, "'rid' needs one entry per prompt", param="rid")
-        return rid[prompt] if n == 1 else f"{rid[prompt]}_{sample}"
-    raise RequestRejected(400, "'rid' must be a string or a list of strings", param="rid")
+    if prompt >= len(rid):
+        raise RequestRejected(400, "'rid' needs one entry per prompt", param="rid")
+    return rid[prompt] if n == 1 else f"{rid[prompt]}_{sample}"
 
 
 # ----- combining the replies -----
