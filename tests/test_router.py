@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 from pfs_sglang.router.pools import PrefixLocality
+from pfs_sglang.router.worker_health import HealthCheckSettings
 from pfs_sglang.launch.processes import free_port
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
@@ -47,6 +48,7 @@ class StandIn:
     fails: Callable[[dict], bool] | None = None
     cached_tokens: int | None = None  # None: SGLang's null
     stream_gap_s: float = 0.0
+    health_status: int = 200
 
     def paths(self) -> list[str]:
         return [path for path, _ in self.bodies]
@@ -110,7 +112,7 @@ class StandIn:
 
         @app.get("/health")
         async def health():
-            return Response(status_code=200)
+            return Response(status_code=self.health_status)
 
         @app.post("/abort_request")
         async def abort(request: Request):
@@ -126,8 +128,8 @@ class StandIn:
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    port = free_port()
+def serving(app: FastAPI, port: int | None = None) -> Iterator[str]:
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -155,7 +157,8 @@ class Cluster:
 @contextmanager
 def cluster(prefill_count: int = 1, decode_counts: dict[str, int] | None = None,
             default_model: str | None = None, request_timeout_s: float = 20,
-            vocab_size: int | None = None) -> Iterator[Cluster]:
+            vocab_size: int | None = None, health_checks: HealthCheckSettings = HealthCheckSettings()
+            ) -> Iterator[Cluster]:
     decode_counts = decode_counts or {"coder": 1}
     prefill = [StandIn(f"prefill-{i}") for i in range(prefill_count)]
     decode = {model: [StandIn(f"{model}-{i}") for i in range(count)] for model, count in decode_counts.items()}
@@ -165,7 +168,7 @@ def cluster(prefill_count: int = 1, decode_counts: dict[str, int] | None = None,
             prefill_workers=[PrefillWorker(url=s.url, bootstrap_port=7000 + i) for i, s in enumerate(prefill)],
             decode_pools={model: DecodePool(model, [Worker(s.url) for s in pool]) for model, pool in decode.items()},
             default_model=default_model, request_timeout_s=request_timeout_s, health_timeout_s=2,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size, health_checks=health_checks,
         )
         with serving(build_router_app(config)) as router_url:
             yield Cluster(router_url, prefill, decode)
@@ -337,6 +340,74 @@ def test_a_decode_server_that_is_down_is_503():
             assert "unreachable" in reply.json()["error"]["message"]
             assert httpx.get(router + "/health", timeout=10).status_code == 503
             assert httpx.get(c.router + "/health", timeout=10).status_code == 200
+
+
+FAST_CHECKS = HealthCheckSettings(interval_s=0.2, recheck_s=0.2, timeout_s=2, failures_to_exclude=2)
+
+
+def _in_rotation(router: str) -> dict[str, bool]:
+    return {w["url"]: w["healthy"] for w in httpx.get(router + "/workers", timeout=10).json()["workers"]}
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_dead_decode_replica_is_taken_out_the_other_serves_and_it_rejoins():
+    port = free_port()
+    dead = f"http://127.0.0.1:{port}"
+    with cluster(decode_counts={"coder": 1}) as c:
+        live = c.decode["coder"][0]
+        config = RouterConfig(prefill_workers=[PrefillWorker(url=c.prefill[0].url, bootstrap_port=1)],
+                              decode_pools={"coder": DecodePool("coder", [Worker(dead), Worker(live.url)])},
+                              request_timeout_s=5, health_checks=FAST_CHECKS)
+        with serving(build_router_app(config)) as router:
+            statuses = [httpx.post(router + "/v1/chat/completions", json=chat("coder", f"q{i}"), timeout=10
+                                   ).status_code for i in range(6)]
+            assert statuses.count(503) <= 1 and statuses.count(200) >= 5  # at most the request that found it dead
+            assert _in_rotation(router) == {c.prefill[0].url: True, dead: False, live.url: True}
+            assert [httpx.post(router + "/v1/chat/completions", json=chat("coder", f"r{i}"), timeout=10).status_code
+                    for i in range(4)] == [200] * 4
+            back = StandIn("coder-back")
+            with serving(back.app(), port):  # the replica restarts on its port: it rejoins
+                _wait_for(lambda: _in_rotation(router)[dead])
+                for i in range(4):
+                    assert httpx.post(router + "/v1/chat/completions", json=chat("coder", f"s{i}"),
+                                      timeout=10).status_code == 200
+                assert back.bodies  # least-loaded with ties rotating: it gets its share again
+
+
+def test_a_failing_health_check_takes_a_worker_out_only_after_repeated_failures():
+    with cluster(decode_counts={"coder": 2}, health_checks=FAST_CHECKS) as c:
+        sick, well = c.decode["coder"]
+        c.post("/v1/chat/completions", chat("coder", "start the checker"))
+        sick.health_status = 503
+        _wait_for(lambda: not _in_rotation(c.router)[sick.url])
+        sick.bodies.clear()
+        for i in range(4):
+            assert c.post("/v1/chat/completions", chat("coder", f"q{i}")).status_code == 200
+        assert not sick.bodies and len([p for p in well.paths() if p != "/abort_request"]) >= 4
+        sick.health_status = 200
+        _wait_for(lambda: _in_rotation(c.router)[sick.url])
+
+
+def test_a_pool_with_no_server_in_rotation_is_503_at_once():
+    with cluster(decode_counts={"coder": 1}, health_checks=FAST_CHECKS) as c:
+        c.post("/v1/chat/completions", chat("coder", "start the checker"))
+        c.prefill[0].health_status = 500
+        _wait_for(lambda: not _in_rotation(c.router)[c.prefill[0].url])
+        c.decode["coder"][0].bodies.clear()
+        for body in (chat("coder", "x"), chat("coder", "y", stream=True), chat("coder", "z", n=2)):
+            started = time.monotonic()
+            reply = c.post("/v1/chat/completions", body)
+            assert reply.status_code == 503 and time.monotonic() - started < 1
+            assert reply.json()["error"]["type"] == "service_unavailable"
+            assert "no prefill server is healthy" in reply.json()["error"]["message"]
+        assert not c.decode["coder"][0].bodies  # nothing was sent anywhere
+        assert all(w["in_flight"] == 0 for w in httpx.get(c.router + "/workers", timeout=10).json()["workers"])
 
 
 def test_a_failing_prefill_answers_at_once_instead_of_a_waiting_decode():

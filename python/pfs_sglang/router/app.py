@@ -16,11 +16,14 @@ to every server, for the client's ``rid`` and the sub-request rids derived from 
 ``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
 (200 when every server is), ``/health_generate`` (a one-token generation through the
-PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers``. Any other
+PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers`` (each with
+its load and whether it is in rotation). Any other
 path is a 404 with an OpenAI error body. While the deployment starts every endpoint
 answers 503 at once (``/health`` naming the servers still starting). A client that
-disconnects has its request aborted on every server. With ``--api-key`` every request
-but ``/health*`` and ``/metrics`` needs the key (``api_key.py``).
+disconnects has its request aborted on every server. A server that fails is out of
+rotation until its health check passes again (``worker_health.py``); a request whose
+pool has no server in rotation gets 503 at once. With ``--api-key`` every request but
+``/health*`` and ``/metrics`` needs the key (``api_key.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from pfs_sglang.router.fanout import FanOut, StreamMerger, SubRequest, combine, 
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
 from pfs_sglang.router.pd import DecodeLines, PrefillDecodeClient, UpstreamError, pd_body
-from pfs_sglang.router.pools import DecodePool, Lease, PrefillWorker, PrefixLocality, Worker
+from pfs_sglang.router.pools import DecodePool, Lease, NoHealthyWorker, PrefillWorker, PrefixLocality, Worker
 from pfs_sglang.router.request_body import (
     CHAT,
     COMPLETIONS,
@@ -53,6 +56,7 @@ from pfs_sglang.router.request_body import (
     parse_request,
 )
 from pfs_sglang.router.usage import Usage, ensure_cached_tokens, kv_transfer_of, usage_of
+from pfs_sglang.router.worker_health import HealthCheckSettings, WorkerHealthChecker
 
 T = TypeVar("T")
 
@@ -72,7 +76,8 @@ class RouterConfig:
     vocab_size: int | None = None  # the prefill module's: token-id prompts are checked against it
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
-    health_timeout_s: float = 10.0
+    health_timeout_s: float = 10.0  # of the /health, /flush_cache, /abort_request fan-outs
+    health_checks: HealthCheckSettings = HealthCheckSettings()
 
     def __post_init__(self) -> None:
         if not self.prefill_workers or not self.decode_pools:
@@ -93,6 +98,7 @@ class PrefillShareRouter:
         self.locality = PrefixLocality(config.prefill_workers)
         self.pd = PrefillDecodeClient(client)
         self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
+        self.health_checker = WorkerHealthChecker(self.all_workers(), client, config.health_checks)
 
     def all_workers(self) -> list[Worker]:
         return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
@@ -156,7 +162,16 @@ class PrefillShareRouter:
         return JSONResponse(reply)
 
     def _leases(self, model: str, prompt: str) -> tuple[Lease[PrefillWorker], Lease[Worker]]:
-        return self.locality.acquire(prompt), self.config.decode_pools[model].acquire()
+        """A prefill and a decode server in rotation, or 503 at once when a pool has none."""
+        try:
+            prefill = self.locality.acquire(prompt)
+        except NoHealthyWorker as error:
+            raise UpstreamError(503, str(error)) from error
+        try:
+            return prefill, self.config.decode_pools[model].acquire()
+        except NoHealthyWorker as error:
+            prefill.release()
+            raise UpstreamError(503, str(error)) from error
 
     async def _hand_off(self, model: str, endpoint: str, body: dict, prompt: str,
                         on_prefill_done: Callable[[], None] | None = None) -> dict:
@@ -345,9 +360,9 @@ class PrefillShareRouter:
                 "root": name}
 
     def workers(self) -> dict:
-        rows = [{"url": w.url, "role": "prefill", "bootstrap_port": w.bootstrap_port, "in_flight": w.in_flight}
-                for w in self.config.prefill_workers]
-        rows += [{"url": w.url, "role": "decode", "model": name, "in_flight": w.in_flight}
+        rows = [{"url": w.url, "role": "prefill", "bootstrap_port": w.bootstrap_port, "in_flight": w.in_flight,
+                 "healthy": w.healthy} for w in self.config.prefill_workers]
+        rows += [{"url": w.url, "role": "decode", "model": name, "in_flight": w.in_flight, "healthy": w.healthy}
                  for name, pool in self.config.decode_pools.items() for w in pool.workers]
         return {"workers": rows}
 
@@ -425,7 +440,8 @@ class PrefillShareRouter:
 
     async def default_model_get(self, path: str) -> Response:
         """A GET answered by a decode server of the default model (what frontend programs read)."""
-        worker = self.config.decode_pools[self.config.fallback_model].workers[0]
+        workers = self.config.decode_pools[self.config.fallback_model].workers
+        worker = next((w for w in workers if w.healthy), workers[0])
         try:
             reply = await self.client.get(worker.url + path, timeout=self.config.health_timeout_s)
         except httpx.HTTPError as error:
@@ -454,6 +470,7 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
     async def lifespan(_app: FastAPI):
         yield
         if "router" in state:
+            await state["router"].health_checker.stop()
             await state["router"].client.aclose()
 
     app = FastAPI(title="pfs_sglang router", lifespan=lifespan)
@@ -469,6 +486,7 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else None  # the servers need it too
             state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits,
                                                                           headers=headers))
+            state["router"].health_checker.start()
         return state["router"]
 
     @app.exception_handler(DeploymentStarting)

@@ -8,7 +8,9 @@ through. The prefill reply is read and dropped, except that a prefill failure th
 comes before the decode server has answered (non-200, unreachable, timed out) cancels
 the decode request and becomes the answer, so a broken prefill never leaves a client
 waiting. A decode failure cancels the prefill request. Every upstream call has a
-timeout (the client's ``httpx.Timeout``). A caller may ask to hear when the prefill
+timeout (the client's ``httpx.Timeout``). A server that fails at the connection
+(refused, reset, gone mid-answer) is taken out of rotation at once
+(``worker_health.py``); the request it was serving fails with 503. A caller may ask to hear when the prefill
 server has answered (``on_prefill_done``): the prompt's KV is then in its prefix tree.
 """
 
@@ -25,6 +27,7 @@ import httpx
 from pfs_sglang.router.openai_errors import upstream_message
 from pfs_sglang.router.pools import Lease, PrefillWorker, Worker
 from pfs_sglang.router.request_body import GENERATE
+from pfs_sglang.router.worker_health import is_connection_failure, take_out
 
 T = TypeVar("T")
 
@@ -50,6 +53,8 @@ def pd_body(endpoint: str, client_body: dict[str, Any], prefill: PrefillWorker) 
 
 
 def _transport_error(role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
+    if is_connection_failure(error):
+        take_out(worker, repr(error))
     if isinstance(error, httpx.TimeoutException):
         return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
     return UpstreamError(503, f"{role} server {worker.url} is unreachable: {error!r}")

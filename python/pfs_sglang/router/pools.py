@@ -7,7 +7,8 @@ keeps one map from hashes of a prompt's leading text blocks to the replica that 
 prefilled them, shared by all models (an approximation of the replicas' trees: text,
 not tokens). A prompt with no known prefix, or whose owner is overloaded, goes to the
 least-loaded replica. Within a decode pool the replica with the fewest requests in
-flight wins.
+flight wins. Only healthy workers are chosen (``worker_health.py`` takes failed ones
+out and puts them back); a pool with none raises ``NoHealthyWorker`` at once.
 
 Load is counted with a ``Lease``: the count goes up in the same step as the choice and
 down when the request is over, so concurrent choices see each other.
@@ -28,6 +29,8 @@ class Worker:
 
     url: str
     in_flight: int = 0
+    healthy: bool = True  # in rotation (worker_health.py)
+    failed_checks: int = 0  # health checks failed in a row
 
 
 @dataclass(eq=False)
@@ -39,6 +42,10 @@ class PrefillWorker(Worker):
 
 
 W = TypeVar("W", bound=Worker)
+
+
+class NoHealthyWorker(Exception):
+    """Every worker of a pool is out of rotation; the message names the pool."""
 
 
 class Lease(Generic[W]):
@@ -58,15 +65,20 @@ class Lease(Generic[W]):
 class LeastLoaded(Generic[W]):
     """The worker with the fewest requests in flight; ties rotate so idle replicas share work."""
 
-    def __init__(self, workers: Sequence[W]):
+    def __init__(self, workers: Sequence[W], pool_name: str):
         if not workers:
             raise ValueError("a pool needs at least one worker")
         self.workers = list(workers)
+        self.pool_name = pool_name
         self._turn = itertools.count()
 
     def choose(self) -> W:
-        fewest = min(worker.in_flight for worker in self.workers)
-        idle = [worker for worker in self.workers if worker.in_flight == fewest]
+        healthy = [worker for worker in self.workers if worker.healthy]
+        if not healthy:
+            raise NoHealthyWorker(f"no {self.pool_name} server is healthy "
+                                  f"({', '.join(worker.url for worker in self.workers)} out of rotation)")
+        fewest = min(worker.in_flight for worker in healthy)
+        idle = [worker for worker in healthy if worker.in_flight == fewest]
         return idle[next(self._turn) % len(idle)]
 
 
@@ -76,7 +88,7 @@ class DecodePool:
     def __init__(self, model: str, workers: Sequence[Worker]):
         self.model = model
         self.workers = list(workers)
-        self._balance: LeastLoaded[Worker] = LeastLoaded(self.workers)
+        self._balance: LeastLoaded[Worker] = LeastLoaded(self.workers, f"decode ({model!r})")
 
     def acquire(self) -> Lease[Worker]:
         return Lease(self._balance.choose())
@@ -95,7 +107,7 @@ class PrefixLocality:
         self.block_chars = block_chars
         self.capacity = capacity
         self.max_imbalance = max_imbalance
-        self._balance: LeastLoaded[PrefillWorker] = LeastLoaded(self.workers)
+        self._balance: LeastLoaded[PrefillWorker] = LeastLoaded(self.workers, "prefill")
         self._owner: OrderedDict[str, PrefillWorker] = OrderedDict()
 
     def _block_hashes(self, text: str) -> list[str]:
@@ -118,7 +130,7 @@ class PrefixLocality:
         hashes = self._block_hashes(text)
         least_loaded = self._balance.choose()
         owner = self._owner_of(hashes)
-        chosen = least_loaded if owner is None or owner.in_flight - least_loaded.in_flight > self.max_imbalance else owner
+        chosen = least_loaded if owner is None or not owner.healthy or owner.in_flight - least_loaded.in_flight > self.max_imbalance else owner
         for block_hash in hashes:
             self._owner[block_hash] = chosen
             self._owner.move_to_end(block_hash)

@@ -1,0 +1,92 @@
+"""Which servers get requests: a server that fails is taken out at once and comes back
+when its health check passes.
+
+A worker is taken *out* (``Worker.healthy = False``) the moment a request to it fails
+at the connection (refused, reset, closed without an answer: ``is_connection_failure``),
+or after ``failures_to_exclude`` health checks in a row fail (a non-200 ``/health``, or
+none within ``timeout_s``; a refused connection counts at once). A worker that is out
+gets no new request (``pools.py`` chooses among healthy workers and says 503 at once
+when a pool has none) and is checked every ``recheck_s``; its first passing check puts
+it back. Healthy workers are checked every ``interval_s``. SGLang's ``/health`` runs a
+one-token generation only when the server is idle, so the checks cost a busy server
+nothing. The checker is one asyncio task of the router's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from pfs_sglang.router.pools import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def is_connection_failure(error: httpx.HTTPError) -> bool:
+    """The server is gone or not listening (not: it is merely slow)."""
+    return isinstance(error, (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+
+
+def take_out(worker: Worker, reason: str) -> None:
+    if worker.healthy:
+        logger.warning("pfs router: %s is out of rotation: %s", worker.url, reason)
+    worker.healthy = False
+    worker.failed_checks = 0
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    interval_s: float = 5.0  # between checks of a healthy worker
+    recheck_s: float = 1.0  # between checks of a worker that is out
+    timeout_s: float = 10.0  # a /health slower than this failed
+    failures_to_exclude: int = 3  # failed checks in a row (not refused) that take a worker out
+
+
+class WorkerHealthChecker:
+    """Checks ``workers``' ``/health`` in the background and takes them out or puts them back."""
+
+    def __init__(self, workers: Sequence[Worker], client: httpx.AsyncClient, settings: HealthCheckSettings):
+        self.workers = list(workers)
+        self.client = client
+        self.settings = settings
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._watch(worker) for worker in self.workers))
+
+    async def _watch(self, worker: Worker) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval_s if worker.healthy else self.settings.recheck_s)
+            await self.check(worker)
+
+    async def check(self, worker: Worker) -> None:
+        """One health check of ``worker``, and what it means for its place in rotation."""
+        try:
+            reply = await self.client.get(worker.url + "/health", timeout=self.settings.timeout_s)
+            failure = None if reply.status_code == 200 else f"/health answered {reply.status_code}"
+        except httpx.HTTPError as error:
+            if is_connection_failure(error):
+                take_out(worker, f"/health: {error!r}")
+                return
+            failure = f"/health: {error!r}"
+        if failure is None:
+            if not worker.healthy:
+                logger.warning("pfs router: %s is back in rotation", worker.url)
+            worker.healthy, worker.failed_checks = True, 0
+            return
+        worker.failed_checks += 1
+        if worker.failed_checks >= self.settings.failures_to_exclude:
+            take_out(worker, f"{failure} ({self.settings.failures_to_exclude} checks in a row)")
