@@ -55,9 +55,9 @@ def foreign_decode_server(deployment, demo_models, tmp_path_factory):
     t = deployment.topology
     server = ManagedProcess(
         name="foreign-decode", log_path=root / "foreign-decode.log", url=f"http://127.0.0.1:{port}",
-        command=decode_server_command("foreign", foreign, t.host, ServerPorts(http=port), t.transfer_backend,
+        command=decode_server_command("foreign", foreign, t.server_host, ServerPorts(http=port), t.transfer_backend,
                                       t.device, t.max_total_tokens),
-        env=child_env(t.host, TRANSFER_TIMEOUT_S, deployment.kv_secret),
+        env=child_env(t.server_host, TRANSFER_TIMEOUT_S, deployment.kv_secret),
     )
     server.start()
     try:

@@ -8,7 +8,9 @@ line (and the router's pools) without starting anything. While starting, the lau
 prints a line per server started (its address and log file), restarted and healthy,
 under a progress bar on a terminal. The process stays in the foreground: Ctrl-C or
 SIGTERM (also during start-up) stops every child it started; a server that dies while
-serving stops the deployment with that server's log tail. Exit status: 0 after a
+serving stops the deployment with that server's log tail, unless
+``--restart-on-failure`` restarts it (a line when it exits, restarts, serves again;
+``--max-restarts`` exits stop the deployment as before). Exit status: 0 after a
 requested stop, the child's own code when a server dies during start-up, 1 for any
 other launch failure. ``--api-key`` can also come from the YAML (``api_key:``), which
 keeps it out of ``ps``.
@@ -30,6 +32,7 @@ from tqdm import tqdm
 from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import LaunchError
 from pfs_sglang.launch.startup import StartupEvent, StartupStep
+from pfs_sglang.launch.supervision import SupervisionEvent, SupervisionStep
 from pfs_sglang.launch.topology import (
     TRANSFER_BACKENDS,
     Topology,
@@ -70,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transfer-backend", choices=TRANSFER_BACKENDS, help="KV transfer (default zmq)")
     parser.add_argument("--transfer-timeout", type=float, dest="transfer_timeout_s",
                         help="seconds one KV hand-off may take before the request fails (zmq; default 120)")
-    parser.add_argument("--host", help="router host (default 127.0.0.1; servers bind here too)")
+    parser.add_argument("--host", help="router host (default 127.0.0.1)")
+    parser.add_argument("--server-host", help="host every SGLang server binds (HTTP, KV bootstrap, KV engine; default "
+                                              "127.0.0.1: only this machine, the router included, reaches them)")
     parser.add_argument("--port", type=int, help="router port (default 30000)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--max-total-tokens", type=int, help="KV pool size of each server on CPU")
@@ -90,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the same for decode servers, or NAME=F for one model's")
     parser.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (not /health, /metrics); "
                                            "the servers are started with it too, so only the router reaches them")
+    parser.add_argument("--restart-on-failure", action="store_true", default=None,
+                        help="restart a server that exits while serving, on its ports, with a doubling backoff "
+                             "(1 s, 2 s, ... 60 s); without it a dead server stops the deployment")
+    parser.add_argument("--max-restarts", type=int, metavar="N",
+                        help="restarts per server with --restart-on-failure (default 5); one more exit stops "
+                             "the deployment")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
@@ -143,6 +154,9 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "transfer_backend": args.transfer_backend,
         "transfer_timeout_s": args.transfer_timeout_s,
         "host": args.host,
+        "server_host": args.server_host,
+        "restart_on_failure": args.restart_on_failure,
+        "max_restarts": args.max_restarts,
         "port": args.port,
         "device": args.device,
         "max_total_tokens": args.max_total_tokens,
@@ -216,10 +230,10 @@ def serve(deployment: Deployment) -> int:
         _say(f"models: {', '.join(deployment.model_names)}")
         while True:
             time.sleep(1.0)
-            dead = deployment.dead_children()
-            if dead:
-                _say(f"{dead[0].name} exited with code {dead[0].exit_code()} while serving; stopping. "
-                     f"Its log ends:\n{dead[0].log_tail()}", error=True)
+            dead = deployment.supervise()
+            if dead is not None:
+                _say(f"{dead.name} exited with code {dead.exit_code()} while serving; stopping. "
+                     f"Its log ends:\n{dead.log_tail()}", error=True)
                 return 1
     except StopRequested as stop:
         _say(f"{stop}: stopping")
@@ -231,6 +245,11 @@ def serve(deployment: Deployment) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         deployment.stop()
+
+
+def say_supervision(event: SupervisionEvent) -> None:
+    _say(f"{event.server} {event.step.value}: {event.detail}",
+         error=event.step in (SupervisionStep.EXITED, SupervisionStep.GIVEN_UP))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
     deployment.on_startup = progress = StartupProgress(servers=len(deployment.placements))
+    deployment.on_supervision = say_supervision
     try:
         return serve(deployment)
     finally:

@@ -9,7 +9,10 @@ all before any process starts. The fingerprint is handed to the servers in a fil
 router in a thread at once (503 "deployment is starting" until every server is
 healthy), brings up the prefill pool and one decode pool per model (commands from
 ``server_commands.py``; order, concurrency, restarts on taken ports and the deadline in
-``startup.py``), and hands the router the servers' final addresses. Every server gets
+``startup.py``), and hands the router the servers' final addresses. While it serves,
+``supervise()`` (called by the launcher every second) restarts a server that exits,
+when the topology says so (``supervision.py``). Servers bind ``server_host``
+(127.0.0.1 unless told otherwise), the router ``host``. Every server gets
 the deployment's random KV secret (the ``zmq`` engines refuse writes without it) and,
 with ``api_key``, the key the router then requires of clients and passes on.
 ``dry_run()`` does the checks and returns every server's environment and command line
@@ -60,6 +63,7 @@ from pfs_sglang.launch.server_commands import (
     write_server_auth,
 )
 from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
+from pfs_sglang.launch.supervision import RestartPolicy, SupervisionEvent, Supervisor
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 from pfs_sglang.router.api_key import RequireApiKey
@@ -145,12 +149,15 @@ def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPl
 
 
 class Deployment:
-    def __init__(self, topology: Topology, on_startup: Callable[[StartupEvent], None] | None = None):
+    def __init__(self, topology: Topology, on_startup: Callable[[StartupEvent], None] | None = None,
+                 on_supervision: Callable[[SupervisionEvent], None] | None = None):
         topology.validate()
         self.topology = topology
         self.placements = plan_placement(topology)
         self.log_dir = Path(topology.log_dir or tempfile.mkdtemp(prefix="pfs_sglang-"))
         self.on_startup = on_startup or (lambda event: None)
+        self.on_supervision = on_supervision or (lambda event: None)
+        self._supervisor: Supervisor | None = None
         self.kv_secret = secrets.token_hex(16)  # this deployment's, handed to its servers only
         self.servers: list[PlannedServer] = []
         self._router_server: uvicorn.Server | None = None
@@ -200,7 +207,7 @@ class Deployment:
                     for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
-            env = {**child_env(t.host, t.transfer_timeout_s, self.kv_secret), **threads,
+            env = {**child_env(t.server_host, t.transfer_timeout_s, self.kv_secret), **threads,
                    **self.placements[name].env, **handoff}
             child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
             server = PlannedServer(spec, child)
@@ -212,20 +219,20 @@ class Deployment:
         t, placement = self.topology, self.placements[server.name]
         prefill = server.decode_model is None
         needed = 1 + prefill + (t.device == "cuda")
-        http, *others = free_ports(needed, t.host)
+        http, *others = free_ports(needed, t.server_host)
         server.ports = ServerPorts(http=http, bootstrap=others.pop(0) if prefill else None,
                                    nccl=others.pop(0) if t.device == "cuda" else None)
         auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
         if prefill:
-            server.child.command = prefill_server_command(t.base_model, t.host, server.ports, t.transfer_backend,
+            server.child.command = prefill_server_command(t.base_model, t.server_host, server.ports, t.transfer_backend,
                                                           t.device, t.max_total_tokens, t.prefill_args, placement,
                                                           auth_file)
         else:
             spec = server.decode_model
-            server.child.command = decode_server_command(spec.name, spec.path, t.host, server.ports,
+            server.child.command = decode_server_command(spec.name, spec.path, t.server_host, server.ports,
                                                          t.transfer_backend, t.device, t.max_total_tokens,
                                                          t.decode_args_of(spec), placement, auth_file)
-        server.child.url = f"http://{t.host}:{server.ports.http}"
+        server.child.url = f"http://{t.server_host}:{server.ports.http}"
 
     def _describe(self, server: PlannedServer) -> str:
         bootstrap = f", bootstrap port {server.ports.bootstrap}" if server.ports.bootstrap else ""
@@ -234,7 +241,7 @@ class Deployment:
     def _router_config(self) -> RouterConfig:
         """The router's view of the servers, at their current ports."""
         t = self.topology
-        prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.host, bootstrap_port=s.ports.bootstrap)
+        prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.server_host, bootstrap_port=s.ports.bootstrap)
                            for s in self.servers if s.decode_model is None]
         pools = {spec.name: DecodePool(spec.name, [Worker(url=s.child.url) for s in self.servers
                                                    if s.decode_model is spec])
@@ -294,6 +301,14 @@ class Deployment:
             if not self._router_thread.is_alive() or time.monotonic() > deadline:
                 raise LaunchError(f"the router could not listen on {self.topology.host}:{self.topology.port}")
             time.sleep(0.1)
+
+    def supervise(self) -> ManagedProcess | None:
+        """One supervision pass while serving: restarts what is due (with ``restart_on_failure``);
+        returns a server that exited and will not be restarted (the deployment must end)."""
+        if self._supervisor is None:
+            policy = RestartPolicy(self.topology.max_restarts) if self.topology.restart_on_failure else None
+            self._supervisor = Supervisor(self.children, policy, lambda event: self.on_supervision(event))
+        return self._supervisor.check()
 
     def dead_children(self) -> list[ManagedProcess]:
         return [child for child in self.children if child.exit_code() is not None]

@@ -52,7 +52,8 @@ class Topology:
     prefill_replicas: int = 1
     decode_replicas: int = 1
     transfer_backend: str = "zmq"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the router's
+    server_host: str = "127.0.0.1"  # every SGLang server's (HTTP, KV bootstrap, KV engine)
     port: int = 30000
     device: str = "cpu"
     max_total_tokens: int = 8192
@@ -64,6 +65,8 @@ class Topology:
     startup_concurrency: int | None = None  # servers starting at once; None: the launcher's default
     api_key: str | None = None  # required by the router and by every server (passed on by the router)
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
+    restart_on_failure: bool = False  # restart a server that exits while serving (supervision.py)
+    max_restarts: int = 5  # per server, with restart_on_failure
     gpus: tuple[int, ...] | None = None  # cuda: GPU indices (into CUDA_VISIBLE_DEVICES if set); None = all
     pack: bool = False  # let servers share GPUs, each with its memory share
     prefill_tp: int = 1
@@ -85,6 +88,8 @@ class Topology:
             raise ValueError(f"transfer backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
         if self.prefill_replicas < 1 or self.decode_replicas < 1:
             raise ValueError("replica counts must be at least 1")
+        if self.max_restarts < 0:
+            raise ValueError(f"max restarts must be at least 0, got {self.max_restarts}")
         if self.startup_concurrency is not None and self.startup_concurrency < 1:
             raise ValueError(f"startup concurrency must be at least 1, got {self.startup_concurrency}")
         names = [spec.name for spec in self.decode_models]
