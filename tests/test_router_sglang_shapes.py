@@ -13,8 +13,9 @@ at once and every server goes back to idle; an abort by the client's rid ends a
 long ``n = 2`` generation; ``/health_generate`` is a real hand-off; ``max_new_tokens:
 0`` batches (what SGLang's frontend sends to cache a prefix) answer; hostile bodies
 (hypothesis, ``router_fuzz.py``) and the classic client mistakes (a prompt longer than
-the context, ``max_tokens`` past what is left, ``n = 10**9``, deep nesting) get a 4xx
-with an OpenAI error body, never a 5xx or a hang, and every server stays up and idle.
+the context, ``max_tokens`` past what is left, ``n = 10**9``, deep nesting, a misspelled
+parameter) get a 4xx with an OpenAI error body, never a 5xx or a hang, and every
+server stays up and idle.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ def test_hostile_bodies_get_a_4xx_never_a_5xx(deployment, request):
      "generations one request may ask for"),
     ("/generate", {"text": "hi", "sampling_params": {"temperature": 10 ** 30}}, "outside the 64-bit range"),
     ("/generate", {"text": "hi", "sampling_params": {"temperature": None}}, "must be a number"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_token": 4},
+     "Unrecognized request argument supplied: 'max_token'; did you mean 'max_tokens'?"),
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_token": 4}}, "did you mean 'sampling_params.max_new_tokens'"),
 ])
 def test_client_mistakes_get_a_clear_4xx_and_every_server_stays_up(deployment, endpoint, body, message):
     reply = check_answer(FUZZ_CLIENT, deployment.url, endpoint, json.dumps({**body, "model": MODEL}).encode())

@@ -98,7 +98,8 @@ class PrefillShareRouter:
         self.locality = PrefixLocality(config.prefill_workers)
         self.pd = PrefillDecodeClient(client)
         self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
-        self.health_checker = WorkerHealthChecker(self.all_workers(), client, config.health_checks)
+        pools = [config.prefill_workers, *(pool.workers for pool in config.decode_pools.values())]
+        self.health_checker = WorkerHealthChecker(pools, client, config.health_checks)
 
     def all_workers(self) -> list[Worker]:
         return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]

@@ -6,20 +6,30 @@ and ``n`` samples each: ``fanout.py`` splits those into one hand-off per prompt 
 sample), and may stream. The prompt text is only used for prefix locality. Token-id
 prompts are checked against the vocabulary: SGLang does not check them, and one id
 past the embedding table kills the scheduler that runs it (and every request on it).
+A field that no SGLang request type of the endpoint has (a misspelling such as
+``max_token``) is refused with 400 and the nearest known name, where SGLang and
+pydantic would drop it silently (OpenAI's API refuses it too).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
+
+from pfs_sglang.router.sglang_fields import fields_of
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 GENERATE = "/generate"
 
 _PROMPT_FIELDS = {CHAT: ("messages",), COMPLETIONS: ("prompt",), GENERATE: ("text", "input_ids")}
+# SGLang's request type per endpoint (``sglang_fields.py`` reads their fields), and the
+# fields the router itself reads beyond them.
+_REQUEST_TYPE = {CHAT: "ChatCompletionRequest", COMPLETIONS: "CompletionRequest", GENERATE: "GenerateReqInput"}
+_ROUTER_FIELDS = {GENERATE: {"model"}}
 
 
 class RequestRejected(Exception):
@@ -101,6 +111,26 @@ def _check_fields_sglang_reads_unchecked(endpoint: str, body: dict[str, Any]) ->
                 raise RequestRejected(400, f"'sampling_params.{name}' must be a number", param=f"sampling_params.{name}")
 
 
+def _check_known_fields(endpoint: str, body: dict[str, Any]) -> None:
+    """Every field is one SGLang's request type for ``endpoint`` has (and every
+    ``/generate`` sampling parameter one of ``SamplingParams``); else 400 naming it."""
+    known = fields_of(_REQUEST_TYPE[endpoint]) | _ROUTER_FIELDS.get(endpoint, set())
+    _refuse_unknown(body, known, "")
+    params = body.get("sampling_params") if endpoint == GENERATE else None
+    for entry in params if isinstance(params, list) else [params]:
+        if isinstance(entry, dict):
+            _refuse_unknown(entry, fields_of("SamplingParams"), "sampling_params.")
+
+
+def _refuse_unknown(fields: dict[str, Any], known: Collection[str], prefix: str) -> None:
+    for name in fields:
+        if name not in known:
+            nearest = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f"; did you mean '{prefix}{nearest[0]}'?" if nearest else ""
+            raise RequestRejected(400, f"Unrecognized request argument supplied: '{prefix}{name}'{hint}",
+                                  param=f"{prefix}{name}", code="unknown_parameter")
+
+
 def _integer_out_of_range(value: Any, path: str = "") -> str | None:
     """Where ``value`` holds an integer no 64-bit field takes (SGLang answers such a
     number with a 500: e.g. ``"temperature": 10**30`` overflows its sampling tensors)."""
@@ -145,6 +175,7 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
     if endpoint == CHAT and not (isinstance(body["messages"], list)
                                  and all(isinstance(message, dict) for message in body["messages"])):
         raise RequestRejected(400, "'messages' must be a list of message objects", param="messages")
+    _check_known_fields(endpoint, body)
     _check_fields_sglang_reads_unchecked(endpoint, body)
     if vocab_size is not None:
         _check_token_ids(body, "input_ids" if endpoint == GENERATE else "prompt", vocab_size)

@@ -2,14 +2,18 @@
 when its health check passes.
 
 A worker is taken *out* (``Worker.healthy = False``) the moment a request to it fails
-at the connection (refused, reset, closed without an answer: ``is_connection_failure``),
-or after ``failures_to_exclude`` health checks in a row fail (a non-200 ``/health``, or
-none within ``timeout_s``; a refused connection counts at once). A worker that is out
-gets no new request (``pools.py`` chooses among healthy workers and says 503 at once
-when a pool has none) and is checked every ``recheck_s``; its first passing check puts
-it back. Healthy workers are checked every ``interval_s``. SGLang's ``/health`` runs a
-one-token generation only when the server is idle, so the checks cost a busy server
-nothing. The checker is one asyncio task of the router's event loop.
+at the connection (refused, reset, closed without an answer: ``is_connection_failure``;
+the process is gone), or after ``failures_to_exclude`` health checks in a row fail (a
+non-200 ``/health``, or none within ``timeout_s``) *unless it is the last worker of its
+pool in rotation*: a health check that fails only says the server is slow or stuck, and
+on a starved machine SGLang's own check fails for servers that still serve, so it never
+empties a pool (only a dead process does). A worker that is out gets no new request
+(``pools.py`` chooses among healthy workers and says 503 at once when a pool has none)
+and is checked every ``recheck_s``; its first passing check puts it back. Healthy
+workers are checked every ``interval_s``. SGLang's ``/health`` runs a one-token
+generation, only when the server is idle, and answers 503 itself when its scheduler
+has not answered for 20 s, so ``timeout_s`` is longer than that. The checker is one
+asyncio task of the router's event loop.
 """
 
 from __future__ import annotations
@@ -40,17 +44,18 @@ def take_out(worker: Worker, reason: str) -> None:
 
 @dataclass(frozen=True)
 class HealthCheckSettings:
-    interval_s: float = 5.0  # between checks of a healthy worker
+    interval_s: float = 10.0  # between checks of a healthy worker
     recheck_s: float = 1.0  # between checks of a worker that is out
-    timeout_s: float = 10.0  # a /health slower than this failed
+    timeout_s: float = 25.0  # a /health slower than this failed (SGLang's own verdict comes after 20 s)
     failures_to_exclude: int = 3  # failed checks in a row (not refused) that take a worker out
 
 
 class WorkerHealthChecker:
-    """Checks ``workers``' ``/health`` in the background and takes them out or puts them back."""
+    """Checks every worker of ``pools`` (the prefill pool, each decode pool) in the
+    background and takes them out or puts them back."""
 
-    def __init__(self, workers: Sequence[Worker], client: httpx.AsyncClient, settings: HealthCheckSettings):
-        self.workers = list(workers)
+    def __init__(self, pools: Sequence[Sequence[Worker]], client: httpx.AsyncClient, settings: HealthCheckSettings):
+        self.pools = [list(pool) for pool in pools]
         self.client = client
         self.settings = settings
         self._task: asyncio.Task | None = None
@@ -65,7 +70,7 @@ class WorkerHealthChecker:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        await asyncio.gather(*(self._watch(worker) for worker in self.workers))
+        await asyncio.gather(*(self._watch(worker) for pool in self.pools for worker in pool))
 
     async def _watch(self, worker: Worker) -> None:
         while True:
@@ -88,5 +93,9 @@ class WorkerHealthChecker:
             worker.healthy, worker.failed_checks = True, 0
             return
         worker.failed_checks += 1
-        if worker.failed_checks >= self.settings.failures_to_exclude:
-            take_out(worker, f"{failure} ({self.settings.failures_to_exclude} checks in a row)")
+        if worker.failed_checks >= self.settings.failures_to_exclude and self._others_in_rotation(worker):
+            take_out(worker, f"{failure} ({worker.failed_checks} checks in a row)")
+
+    def _others_in_rotation(self, worker: Worker) -> bool:
+        pool = next(pool for pool in self.pools if worker in pool)
+        return any(other.healthy for other in pool if other is not worker)
