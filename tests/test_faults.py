@@ -95,7 +95,7 @@ def launcher(demo_models, tmp_path_factory):
 
 
 def _long_generate(url: str, rid: str) -> tuple[int, float]:
-    started = time.monotonic()
+    """Status and end time of a generation long enough to be killed in the middle of."""
     reply = requests.post(f"{url}/generate", json={
         "model": MODEL, "input_ids": PROMPT, "rid": rid,
         "sampling_params": {"max_new_tokens": 1900, "temperature": 0, "ignore_eos": True}}, timeout=300)

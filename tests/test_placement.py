@@ -248,3 +248,15 @@ def test_demo_models_share_one_gpu_unless_placed_otherwise(tmp_path, monkeypatch
     placed = topology_from_args(build_parser().parse_args(["--gpus", "0-3"]))
     assert not placed.pack and placed.prefill_mem_fraction is None
     assert topology_from_args(build_parser().parse_args(["--device", "cpu"])).pack is False
+
+
+def test_servers_bind_loopback_whatever_host_the_router_binds(demo_models, tmp_path, capsys):
+    code, servers, _ = dry_run([*demo_flags(demo_models, tmp_path, "extract"), "--device", "cpu",
+                                "--host", "0.0.0.0"], capsys)
+    assert code == 0 and len(servers) == 2
+    for line in servers:
+        env, args = env_and_args(line)
+        assert "--host 127.0.0.1" in args and env["SGLANG_HOST_IP"] == "127.0.0.1"
+    code, servers, _ = dry_run([*demo_flags(demo_models, tmp_path, "extract"), "--device", "cpu",
+                                "--server-host", "0.0.0.0"], capsys)
+    assert code == 0 and all("--host 0.0.0.0" in env_and_args(line)[1] for line in servers)
