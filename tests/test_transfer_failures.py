@@ -1,9 +1,11 @@
 """A failed or late KV hand-off fails that request with a clear error and leaks no slot.
 
-Two cases against a real deployment (prefill server + one decode server, zmq backend):
+Three cases against a real deployment (prefill server + one decode server, zmq backend):
 a decode server whose model was trained against another prefill module is refused at
-the hand-off (invariant 4), and a decode request whose prefill half never arrives
-fails by its deadline. Afterwards every server's KV pool holds no request's slots.
+the hand-off (invariant 4), a decode request whose prefill half never arrives fails by
+its deadline, and a prefill whose KV write is held past the decode side's deadline (the
+engine's fault-injection knob, for one bootstrap room) has that late write refused.
+Afterwards every server's KV pool holds no request's slots.
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_he
 from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command
 from pfs_sglang.launch.deployment import child_env
 from pfs_sglang.models.demo import write_perturbed_decode_module
-from sglang_process import used_kv_tokens
+from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
+from pfs_sglang.transfer import FAULT_STALL_ENV
+from sglang_process import generate_greedy, used_kv_tokens
 
 TRANSFER_TIMEOUT_S = 8
+# Fault injection: the prefill server holds its KV writes for this one room past the decode
+# side's deadline (the decode server gives the request up and frees its slots meanwhile).
+STALLED_ROOM = 4_242_424_242
+STALL_S = TRANSFER_TIMEOUT_S + 6
+LATE_WRITE_REFUSED = "is no longer receiving (late write refused)"
 
 
 def assert_pools_idle(urls: list[str]) -> None:
@@ -40,8 +49,10 @@ def deployment(demo_models, tmp_path_factory):
         base_model=demo_models.base, decode_models=(DecodeModelSpec("extract", demo_models.decode["extract"]),),
         port=free_port(), log_dir=logs, transfer_timeout_s=TRANSFER_TIMEOUT_S,
     )
-    with Deployment(topology) as running:
-        yield running
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FAULT_STALL_ENV, f"{STALLED_ROOM}:{STALL_S}")  # inherited by the servers
+        with Deployment(topology) as running:
+            yield running
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +111,35 @@ def test_missing_prefill_half_fails_by_the_deadline(deployment):
         "sampling_params": {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}},
         timeout=60)
     assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 3
+
+
+def test_a_kv_write_after_the_decode_deadline_is_refused_and_the_deployment_serves_on(deployment, demo_models):
+    body, prefill_url = _pd_body(deployment)
+    body["bootstrap_room"] = STALLED_ROOM
+    decode_url = next(w["url"] for w in requests.get(f"{deployment.url}/workers", timeout=10).json()["workers"]
+                      if w["role"] == "decode")
+    decode_log = deployment.log_dir / "decode-extract-0.log"
+    refusals_before = decode_log.read_text(errors="replace").count(LATE_WRITE_REFUSED)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        prefill = pool.submit(requests.post, f"{prefill_url}/generate", json=body, timeout=120)
+        decode = pool.submit(requests.post, f"{decode_url}/generate", json=body, timeout=120)
+        decode_reply = decode.result()
+        decode_s = time.monotonic() - started
+        prefill_reply = prefill.result()
+    # the decode side gave up by its deadline, before the held write went out
+    assert decode_reply.status_code >= 400 and decode_s < TRANSFER_TIMEOUT_S + 30, (decode_s, decode_reply.text)
+    assert prefill_reply.status_code >= 400, prefill_reply.text
+    # the held write goes out after both halves failed, and is refused: it never lands in the
+    # freed (maybe reused) slots
+    deadline = time.monotonic() + STALL_S + 30
+    while decode_log.read_text(errors="replace").count(LATE_WRITE_REFUSED) == refusals_before:
+        assert time.monotonic() < deadline, "the held KV write was never refused"
+        time.sleep(0.5)
+    assert decode_log.read_text(errors="replace").count(LATE_WRITE_REFUSED) == refusals_before + 1
+    assert_pools_idle([prefill_url, decode_url])
+    # the refusal failed that request only: the decode server is not marked dead, greedy output is exact
+    prompt_ids = list(range(20, 60))
+    served = generate_greedy(deployment.url, "extract", prompt_ids, 6)["output_ids"]
+    reference = prefillshare_greedy(demo_models.base, demo_models.decode["extract"], prompt_ids, 6)
+    assert first_real_divergence(served, reference) is None, (served, reference.output_ids)

@@ -1,17 +1,21 @@
 """The ZMQ transfer engine: one-sided writes into registered memory, checked identity, deadlines;
 writes only from connections that passed the handshake (with the deployment's secret), a
-size cap on what it receives."""
+size cap on what it receives; writes only for a (room, generation) the receiver has open,
+so no late write lands in slots freed after the room retired."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import struct
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from pfs_sglang.transfer import zmq_engine
+from pfs_sglang.transfer.memory_regions import CopyPlan
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, SessionAddress, ZmqTransferEngine
 
 PREFILL = EngineIdentity(role="prefill", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="float32", kv_layout="nhd")
@@ -27,6 +31,16 @@ def engines():
     receiver.close()
 
 
+ROOM = 7
+
+
+def transfer(sender: ZmqTransferEngine, receiver: ZmqTransferEngine, src, dst, lengths, room: int = ROOM) -> int:
+    """``sender``'s writes for ``room``, which ``receiver`` opens under a new generation first."""
+    generation = receiver.open_room(room)
+    with sender.writing_for(room, {receiver.get_session_id(): generation}.get):
+        return sender.batch_transfer_sync(receiver.get_session_id(), src, dst, lengths)
+
+
 def _registered(engine: ZmqTransferEngine, array: np.ndarray) -> int:
     engine.register(array.ctypes.data, array.nbytes)
     return array.ctypes.data
@@ -39,8 +53,8 @@ def test_pages_land_in_the_peer_pool(engines):
     src, dst = _registered(sender, source), _registered(receiver, destination)
     row = source.strides[0]
     # pages 1..2 -> slots 5..6 and page 7 -> slot 0, as one batch
-    status = sender.batch_transfer_sync(
-        receiver.get_session_id(), [src + 1 * row, src + 7 * row], [dst + 5 * row, dst], [2 * row, row]
+    status = transfer(
+        sender, receiver, [src + 1 * row, src + 7 * row], [dst + 5 * row, dst], [2 * row, row]
     )
     assert status == 0
     np.testing.assert_array_equal(destination[5:7], source[1:3])
@@ -60,7 +74,7 @@ def test_write_outside_registered_memory_is_refused(engines):
     source = np.ones(16, dtype=np.uint8)
     destination = np.zeros(16, dtype=np.uint8)
     src, dst = _registered(sender, source), _registered(receiver, destination)
-    assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst + 8], [16]) == -1
+    assert transfer(sender, receiver, [src], [dst + 8], [16]) == -1
     assert "outside registered KV memory" in sender.last_error()
     assert not destination.any()
 
@@ -72,7 +86,7 @@ def test_foreign_prefill_module_is_refused_at_handoff():
     try:
         source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
         src, dst = _registered(sender, source), _registered(receiver, destination)
-        assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [8]) == -1
+        assert transfer(sender, receiver, [src], [dst], [8]) == -1
         assert sender.last_error() == (
             "KV hand-off refused: prefill_fingerprint differs: prefill server sends 'pfs-bbb', "
             "this decode server expects 'pfs-aaa'"
@@ -91,7 +105,8 @@ def test_unanswered_transfer_fails_by_its_deadline():
     try:
         source = np.ones(8, dtype=np.uint8)
         started = time.monotonic()
-        status = sender.batch_transfer_sync(f"127.0.0.1:{port}", [_registered(sender, source)], [0], [8])
+        with sender.writing_for(ROOM, lambda session_id: 1):
+            status = sender.batch_transfer_sync(f"127.0.0.1:{port}", [_registered(sender, source)], [0], [8])
         assert status == -1 and time.monotonic() - started < 3
         assert "within 0.5s" in sender.last_error()
         assert sender.send_probe(f"127.0.0.1:{port}") == -1
@@ -136,7 +151,7 @@ def test_scattered_slots_land_exactly_over_every_transport(transport_engines, it
     source, destination = _pools(sender, receiver, layers=3, slots=300, item=item)
     rng = np.random.default_rng(2)
     src_slots, dst_slots = rng.choice(300, 200, replace=False), rng.choice(300, 200, replace=False)
-    assert sender.batch_transfer_sync(receiver.get_session_id(), *_blocks(source, destination, src_slots, dst_slots, item)) == 0
+    assert transfer(sender, receiver, *_blocks(source, destination, src_slots, dst_slots, item)) == 0
     assert sender.peer_transports(receiver.get_session_id()) == {
         "pvm": ["pvm", "socket"], "shm": ["shm"], "socket": ["socket"]}[name]
     untouched = np.setdiff1d(np.arange(300), dst_slots)
@@ -154,7 +169,7 @@ def test_transfers_larger_than_a_chunk_are_pipelined_and_exact(transport_engines
     # one long run per buffer (split into chunk-sized pieces) and scattered single rows
     src = [source[0].ctypes.data, *(source[1].ctypes.data + s * 512 for s in (5, 9, 1))]
     dst = [destination[0].ctypes.data, *(destination[1].ctypes.data + d * 512 for d in (0, 63, 7))]
-    assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, [64 * 512, 512, 512, 512]) == 0
+    assert transfer(sender, receiver, src, dst, [64 * 512, 512, 512, 512]) == 0
     np.testing.assert_array_equal(destination[0], source[0])
     np.testing.assert_array_equal(destination[1][[0, 63, 7]], source[1][[5, 9, 1]])
 
@@ -164,8 +179,8 @@ def test_writes_outside_registered_memory_are_refused_over_every_transport(trans
     source, destination = _pools(sender, receiver, layers=1, slots=8, item=2048)
     inside = destination[0].ctypes.data
     beyond = inside + 7 * 2048 + 1024  # the last row's second half and 1 KiB past the buffer
-    status = sender.batch_transfer_sync(
-        receiver.get_session_id(), [source[0].ctypes.data, source[0].ctypes.data], [inside, beyond], [2048, 2048]
+    status = transfer(
+        sender, receiver, [source[0].ctypes.data, source[0].ctypes.data], [inside, beyond], [2048, 2048]
     )
     assert status == -1 and "outside registered KV memory" in sender.last_error()
     assert not destination[0].any()
@@ -176,7 +191,7 @@ def test_reads_outside_the_senders_registered_memory_are_refused(engines):
     unregistered = np.ones(4096, dtype=np.uint8)
     destination = np.zeros(4096, dtype=np.uint8)
     dst = _registered(receiver, destination)
-    assert sender.batch_transfer_sync(receiver.get_session_id(), [unregistered.ctypes.data], [dst], [4096]) == -1
+    assert transfer(sender, receiver, [unregistered.ctypes.data], [dst], [4096]) == -1
     assert sender.last_error().startswith("read of 4096 bytes at")
     assert not destination.any()
 
@@ -226,7 +241,7 @@ def test_device_memory_is_never_written_as_host_memory(engines, fake_cuda):
     dst = _registered(receiver, destination)
     assert receiver._registered.devices() == {0}
     # no CUDA here: the device copy fails, and a host memmove must not have happened instead
-    assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [4096]) == -1
+    assert transfer(sender, receiver, [src], [dst], [4096]) == -1
     assert not destination.any()
 
 
@@ -255,14 +270,14 @@ def test_cuda_pools_round_trip_with_bytes_checked(transports):
         src = [t.data_ptr() + int(s) * item for t in source for s in src_slots]
         dst = [t.data_ptr() + int(d) * item for t in destination for d in dst_slots]
         lengths = [item] * len(src)
-        assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, lengths) == 0, sender.last_error()
+        assert transfer(sender, receiver, src, dst, lengths) == 0, sender.last_error()
         torch.cuda.synchronize()
         index_src, index_dst = torch.from_numpy(src_slots).cuda(), torch.from_numpy(dst_slots).cuda()
         for s_tensor, d_tensor in zip(source, destination):
             assert torch.equal(d_tensor[index_dst], s_tensor[index_src])
         started = time.perf_counter()
         for _ in range(5):
-            assert sender.batch_transfer_sync(receiver.get_session_id(), src, dst, lengths) == 0
+            assert transfer(sender, receiver, src, dst, lengths) == 0
         seconds = (time.perf_counter() - started) / 5
         print(f"\nGPU KV hand-off ({'+'.join(transports) or 'socket'}): {sum(lengths) / seconds / 1e9:.2f} GB/s "
               f"({sum(lengths) / 1e6:.0f} MB, {len(lengths)} blocks)")
@@ -288,7 +303,7 @@ def _ask(sock, kind: bytes, *frames: bytes, timeout_ms: int = 3000) -> list[byte
 
 def _write_frames(dst: int, payload: bytes) -> list[bytes]:
     header = np.array([[dst, len(payload)]], dtype="<u8").tobytes()
-    return [header, struct.pack("<d", time.time() + 30), payload]
+    return [header, struct.pack("<d", time.time() + 30), struct.pack("<QQ", ROOM, 1), payload]
 
 
 def test_writes_need_a_handshake_on_their_own_connection(engines):
@@ -296,7 +311,7 @@ def test_writes_need_a_handshake_on_their_own_connection(engines):
     destination = np.zeros(8, dtype=np.uint8)
     dst = _registered(receiver, destination)
     source = np.ones(8, np.uint8)
-    assert sender.batch_transfer_sync(receiver.get_session_id(), [_registered(sender, source)],
+    assert transfer(sender, receiver, [_registered(sender, source)],
                                       [dst], [8]) == 0  # the engine's own connection handshook
     destination[:] = 0
     intruder = _raw_connection(receiver)  # another connection, skipping the handshake
@@ -316,11 +331,11 @@ def test_a_peer_without_the_deployments_secret_is_refused():
         source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
         dst = _registered(receiver, destination)
         for outsider in outsiders:
-            assert outsider.batch_transfer_sync(receiver.get_session_id(), [_registered(outsider, source)],
+            assert transfer(outsider, receiver, [_registered(outsider, source)],
                                                 [dst], [8]) == -1
             assert "does not hold this deployment's KV secret" in outsider.last_error()
             assert not destination.any()
-        assert insider.batch_transfer_sync(receiver.get_session_id(), [_registered(insider, source)], [dst], [8]) == 0
+        assert transfer(insider, receiver, [_registered(insider, source)], [dst], [8]) == 0
         np.testing.assert_array_equal(destination, source)
     finally:
         for engine in (receiver, insider, *outsiders):
@@ -336,9 +351,133 @@ def test_an_oversized_message_drops_its_connection_and_the_engine_serves_on(monk
         assert _ask(flood, b"W", *_write_frames(0, b"\x00" * (1 << 17)), timeout_ms=1000) is None  # dropped
         source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
         dst = _registered(receiver, destination)
-        assert sender.batch_transfer_sync(receiver.get_session_id(), [_registered(sender, source)], [dst], [8]) == 0
+        assert transfer(sender, receiver, [_registered(sender, source)], [dst], [8]) == 0
         np.testing.assert_array_equal(destination, source)
     finally:
         flood.close(0)
         sender.close()
         receiver.close()
+
+
+def test_a_thread_bound_to_no_room_writes_nothing(engines):
+    sender, receiver = engines
+    source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
+    src, dst = _registered(sender, source), _registered(receiver, destination)
+    assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [8]) == -1
+    assert "for no bootstrap room" in sender.last_error()
+    with sender.writing_for(ROOM, {}.get):  # the peer gave this room no generation
+        assert sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [8]) == -1
+    assert "no receiving generation" in sender.last_error()
+    assert not destination.any()
+
+
+def _one_layer(transport_engines):
+    """A sender and receiver pool of one layer (2 KiB rows, so a same-host peer reads directly)."""
+    name, sender, receiver = transport_engines
+    source, destination = _pools(sender, receiver, layers=1, slots=8, item=2048)  # a K and a V buffer
+    blocks = _blocks(source, destination, [1, 2, 5], [6, 0, 3], 2048)
+    return name, sender, receiver, source, destination, blocks
+
+
+def _landed(source, destination) -> bool:
+    return all(np.array_equal(d[[6, 0, 3]], s[[1, 2, 5]]) for s, d in zip(source, destination))
+
+
+def _untouched(destination) -> bool:
+    return not any(d.any() for d in destination)
+
+
+def _wipe(destination) -> None:
+    for d in destination:
+        d[:] = 0
+
+
+def _write_for(sender, receiver, room, generation, blocks) -> int:
+    with sender.writing_for(room, {receiver.get_session_id(): generation}.get):
+        return sender.batch_transfer_sync(receiver.get_session_id(), *blocks)
+
+
+def test_late_writes_never_land_over_every_transport(transport_engines):
+    """Retired (room, generation), or a stale generation of a reused room: refused, memory unchanged."""
+    name, sender, receiver, source, destination, blocks = _one_layer(transport_engines)
+    session = receiver.get_session_id()
+    first = receiver.open_room(ROOM)
+    assert _write_for(sender, receiver, ROOM, first, blocks) == 0, sender.last_error()
+    assert sender.peer_transports(session)[0] == {"pvm": "pvm", "shm": "shm", "socket": "socket"}[name]
+    assert _landed(source, destination)
+
+    _wipe(destination)
+    receiver.close_room(ROOM, first)  # the request concluded: its slots may be freed now
+    assert _write_for(sender, receiver, ROOM, first, blocks) == -1
+    assert sender.last_error() == f"room {ROOM} generation {first} is no longer receiving (late write refused)"
+    assert sender.refused_late(ROOM, session) and sender.refused_late(ROOM)
+    assert _untouched(destination)
+
+    second = receiver.open_room(ROOM)  # the same room number, used again later
+    assert second != first
+    assert _write_for(sender, receiver, ROOM, first, blocks) == -1  # the earlier attempt's write
+    assert f"generation {first} is no longer receiving" in sender.last_error()
+    assert _untouched(destination)
+    assert _write_for(sender, receiver, ROOM, second, blocks) == 0
+    assert _landed(source, destination)
+    assert not sender.refused_late(ROOM, session)  # its last write landed
+    assert receiver.late_writes_refused == 2
+    receiver.close_room(ROOM, first)  # an old generation's retirement leaves the live one open
+    assert receiver.receiving_generation(ROOM) == second
+
+
+def test_retiring_a_room_waits_for_the_write_in_progress(transport_engines, monkeypatch):
+    name, sender, receiver, source, destination, blocks = _one_layer(transport_engines)
+    started, events = threading.Event(), []
+
+    def slowly(original):
+        def apply(*args, **kwargs):
+            started.set()
+            time.sleep(0.5)
+            original(*args, **kwargs)
+            events.append("write applied")
+        return apply
+
+    # the receiver's two ways of applying a write: scatter from staging, or read from the sender
+    monkeypatch.setattr(CopyPlan, "scatter", slowly(CopyPlan.scatter))
+    monkeypatch.setattr(zmq_engine, "read_from_process", slowly(zmq_engine.read_from_process))
+    generation = receiver.open_room(ROOM)
+    statuses = []
+    writer = threading.Thread(target=lambda: statuses.append(_write_for(sender, receiver, ROOM, generation, blocks)))
+    writer.start()
+    assert started.wait(5)
+    other = receiver.open_room(ROOM + 1)
+    receiver.close_room(ROOM + 1, other)  # another room's retirement does not wait for this write
+    assert events == []
+    receiver.close_room(ROOM, generation)
+    events.append("room retired")
+    writer.join(10)
+    assert events == ["write applied", "room retired"] and statuses == [0]
+    assert _landed(source, destination)
+    _wipe(destination)
+    assert _write_for(sender, receiver, ROOM, generation, blocks) == -1  # and none after it
+    assert _untouched(destination)
+
+
+def test_an_executor_task_writes_for_the_submitting_threads_room(engines):
+    """Mooncake's worker hands some writes to its thread pool: they keep the chunk's room."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from pfs_sglang.transfer.zmq_backend import _RoomBindingExecutor, _RoomBindingQueue
+
+    sender, receiver = engines
+    source, destination = np.ones(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
+    src, dst = _registered(sender, source), _registered(receiver, destination)
+    generation = receiver.open_room(ROOM)
+    manager = SimpleNamespace(engine=sender, _generation_for=lambda room, session: generation if room == ROOM else None)
+    chunks = _RoomBindingQueue(queue.Queue(), manager)
+    chunks.put(SimpleNamespace(room=ROOM))  # put goes through to the worker's queue
+    with ThreadPoolExecutor(1) as pool:
+        executor = _RoomBindingExecutor(pool, sender)
+        chunks.get()  # the worker took a chunk of ROOM: this thread now writes for it
+        write = lambda: sender.batch_transfer_sync(receiver.get_session_id(), [src], [dst], [8])
+        assert executor.submit(write).result() == 0
+        np.testing.assert_array_equal(destination, source)
+        sender.bind(None)
+        assert executor.submit(write).result() == -1

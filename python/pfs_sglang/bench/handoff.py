@@ -42,6 +42,7 @@ from pfs_sglang.transfer.zmq_engine import LOCAL_TRANSPORTS, EngineIdentity, Zmq
 PROMPT_TOKENS = (256, 1024, 2048, 4096, 8192)
 CONCURRENCY = (1, 4, 16)
 LAYOUTS = ("scattered", "consecutive")
+BENCH_ROOM = 1  # the bootstrap room the throughput run's writes are tagged with
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _receiver(conn, shape: KVShape, slots: int, transports: tuple[str, ...]) -> 
     pool = KVPool(shape, slots)
     engine = ZmqTransferEngine(_identity("decode"), "127.0.0.1", timeout_s=120, local_transports=transports)
     pool.register_with(engine)
-    conn.send((engine.get_session_id(), pool.ptrs))
+    # every measured request writes for one room, receiving from now until the end
+    conn.send((engine.get_session_id(), pool.ptrs, engine.open_room(BENCH_ROOM)))
     conn.recv()  # until told to stop
     engine.close()
 
@@ -163,7 +165,7 @@ def measure_throughput(
     receiver.start()
     rows = []
     try:
-        session_id, dst_ptrs = ours.recv()
+        session_id, dst_ptrs, generation = ours.recv()
         pool = KVPool(shape, pool_slots)
         engine = ZmqTransferEngine(_identity("prefill"), "127.0.0.1", timeout_s=120, local_transports=transports)
         pool.register_with(engine)
@@ -187,7 +189,9 @@ def measure_throughput(
                         def one_round() -> float:
                             started = time.perf_counter()
                             def send(blocks) -> Optional[str]:
-                                return engine.last_error() if engine.batch_transfer_sync(session_id, *blocks) else None
+                                with engine.writing_for(BENCH_ROOM, {session_id: generation}.get):
+                                    failed = engine.batch_transfer_sync(session_id, *blocks)
+                                return engine.last_error() if failed else None
 
                             errors = [error for error in threads.map(send, requests) if error]
                             if errors:

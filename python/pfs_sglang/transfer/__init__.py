@@ -11,3 +11,8 @@ PD protocol; ``registration`` makes ``--disaggregation-transfer-backend zmq`` ex
 # peers that present it at the handshake).
 TRANSFER_TIMEOUT_ENV = "PFS_KV_TRANSFER_TIMEOUT_S"
 KV_SECRET_ENV = "PFS_KV_SECRET"
+
+# Fault injection, for tests only (never set in production): ``ROOM:SECONDS`` makes every
+# KV write a prefill server sends for bootstrap room ROOM wait SECONDS before it goes out,
+# so a test can have a write arrive after the decode side gave the request up.
+FAULT_STALL_ENV = "PFS_KV_FAULT_STALL"

@@ -13,6 +13,15 @@ with no RDMA and no CUDA-only calls:
 * the engine's handshake carries the prefill-module fingerprint (invariant 4): a
   decode server refuses KV from a prefill module its model was not trained against,
   and the request fails with that reason.
+* no late KV write ever lands in freed slots: ``ZmqKVReceiver`` opens its room in the
+  decode engine (a new generation) before it hands its slots to the prefill side, sends
+  the generation with them (one more frame of Mooncake's metadata message), and retires
+  the room when it concludes (success, failure, abort, timeout, clear), which returns only
+  once no write for it is in progress. ``ZmqKVManager``'s transfer workers tag every write
+  with their chunk's room and the generation its decode peer sent; a write the peer
+  refused as late fails that request through Mooncake's normal path, without marking the
+  decode server dead and with the drained-abort acknowledgement still sent (the retired
+  room can take no more writes).
 """
 
 from __future__ import annotations
@@ -31,11 +40,14 @@ from sglang.srt.disaggregation.mooncake.conn import (
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
-from pfs_sglang.transfer.zmq_engine import EngineIdentity, ZmqTransferEngine
+from pfs_sglang.transfer.zmq_engine import EngineIdentity, RoomBinding, ZmqTransferEngine
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRANSFER_TIMEOUT_S = 30.0
+# The frame a decode receiver appends to Mooncake's per-room metadata message: its room's
+# receiving generation (stripped on the prefill side before Mooncake parses the message).
+GENERATION_FRAME_PREFIX = b"pfs-kv-generation:"
 
 
 def expected_prefill_fingerprint(model_path: str, mode: DisaggregationMode) -> str:
@@ -78,7 +90,71 @@ class ZmqKVManager(MooncakeKVManager):
         timeout_s = float(os.environ.get(TRANSFER_TIMEOUT_ENV, DEFAULT_TRANSFER_TIMEOUT_S))
         self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s,
                                         secret=os.environ.get(KV_SECRET_ENV, ""))
+        # prefill: room -> {decode session id: the generation that decode rank receives the room under}
+        self._peer_generations: dict[int, dict[str, int]] = {}
         logger.info("pfs zmq KV engine (%s) at %s", mode.value, self.engine.session_id)
+
+    # ----- decode side: the room's generation travels with its destination slots -----
+    def build_receiver_metadata_message(self, *, bootstrap_room: int, **kwargs) -> list[bytes]:
+        """Mooncake's message, plus the generation ``ZmqKVReceiver`` opened the room under."""
+        message = super().build_receiver_metadata_message(bootstrap_room=bootstrap_room, **kwargs)
+        generation = self.engine.receiving_generation(bootstrap_room)
+        if generation is not None:
+            message.append(GENERATION_FRAME_PREFIX + str(generation).encode("ascii"))
+        return message
+
+    # ----- prefill side: every write tagged with its room and the peer's generation -----
+    def _make_worker_recv(self, socket, timeout_ms: int = 500):
+        """On prefill, a room's metadata message leaves its generation here before Mooncake reads it."""
+        recv = super()._make_worker_recv(socket, timeout_ms)
+        if self.disaggregation_mode != DisaggregationMode.PREFILL:
+            return recv
+
+        def recv_noting_generations():
+            message = recv()
+            return self._note_peer_generation(message) if message else message
+
+        return recv_noting_generations
+
+    def _note_peer_generation(self, message: list[bytes]) -> list[bytes]:
+        if len(message) < 5 or not message[-1].startswith(GENERATION_FRAME_PREFIX):
+            return message
+        try:
+            room = int(message[0].decode("ascii"))
+            session_id = message[3].decode("ascii")
+            generation = int(message[-1][len(GENERATION_FRAME_PREFIX):].decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return message
+        if len(self._peer_generations) > 2 * len(self.transfer_infos) + 64:
+            # rooms Mooncake has finished with (this thread adds to transfer_infos, the workers pop)
+            for finished in [r for r in self._peer_generations if r not in self.transfer_infos]:
+                self._peer_generations.pop(finished, None)
+        self._peer_generations.setdefault(room, {})[session_id] = generation
+        return message[:-1]
+
+    def _generation_for(self, room: int, session_id: str) -> Optional[int]:
+        return self._peer_generations.get(room, {}).get(session_id)
+
+    def transfer_worker(self, queue, executor, staging_buffer=None, worker_index=0):
+        """Mooncake's worker, its thread (and the executor threads it uses) bound to each chunk's room."""
+        return super().transfer_worker(
+            _RoomBindingQueue(queue, self), _RoomBindingExecutor(executor, self.engine), staging_buffer, worker_index
+        )
+
+    def _poison_unsettled_send(self, room: int) -> None:
+        """Mooncake's, except after a write refused as late: that decode rank retired the room,
+        so no write of it can land any more and its drained-abort acknowledgement may go."""
+        if self.engine.refused_late(room):
+            return
+        super()._poison_unsettled_send(room)
+
+    @property
+    def failed_sessions(self):
+        return self._failed_sessions
+
+    @failed_sessions.setter
+    def failed_sessions(self, sessions) -> None:
+        self._failed_sessions = _SessionsFailed(sessions, self)
 
     def check_status(self, bootstrap_room: int) -> KVPoll:
         """As SGLang's, but on the prefill side a room that is gone has concluded.
@@ -146,8 +222,101 @@ def record_prefill_module_len(original, bootstrap_queue, req, *args, **kwargs):
 
 
 class ZmqKVReceiver(MooncakeKVReceiver):
-    pass
+    """Mooncake's receiver, whose room receives KV writes only between handing out its slots and concluding.
+
+    ``send_metadata`` opens the room in the decode engine under a new generation before the
+    slots go to the prefill side; ``poll`` (on success or failure, timeouts included),
+    ``abort`` and ``clear`` retire it, returning once no write for it is in progress, so a
+    write that comes later is refused and never lands in slots freed or given to another
+    request. SGLang frees a request's slots only after one of these.
+    """
+
+    _kv_generation: Optional[int] = None
+
+    def send_metadata(self, *args, **kwargs):
+        if getattr(self, "_owns_bootstrap_room", True):
+            self._kv_generation = self.kv_mgr.engine.open_room(self.bootstrap_room)
+        return super().send_metadata(*args, **kwargs)
+
+    def poll(self) -> KVPoll:
+        state = super().poll()
+        if state in (KVPoll.Success, KVPoll.Failed):
+            self._stop_receiving()
+        return state
+
+    def abort(self):
+        self._stop_receiving()
+        return super().abort()
+
+    def clear(self) -> None:
+        self._stop_receiving()
+        return super().clear()
+
+    def _stop_receiving(self) -> None:
+        generation, self._kv_generation = self._kv_generation, None
+        if generation is not None:
+            self.kv_mgr.engine.close_room(self.bootstrap_room, generation)
 
 
 class ZmqKVBootstrapServer(MooncakeKVBootstrapServer):
     pass
+
+
+class _RoomBindingQueue:
+    """A transfer worker's queue: taking a chunk binds the worker thread's writes to the chunk's room."""
+
+    def __init__(self, queue, manager: ZmqKVManager) -> None:
+        self._queue, self._manager = queue, manager
+
+    def get(self):
+        chunk = self._queue.get()
+        room = getattr(chunk, "room", None)
+        self._manager.engine.bind(
+            None if room is None else RoomBinding(room, lambda session_id: self._manager._generation_for(room, session_id))
+        )
+        return chunk
+
+    def __getattr__(self, name):  # put (a deferred chunk goes back), and the rest
+        return getattr(self._queue, name)
+
+
+class _RoomBindingExecutor:
+    """A transfer worker's executor: a submitted task writes for the submitting thread's room."""
+
+    def __init__(self, executor, engine: ZmqTransferEngine) -> None:
+        self._executor, self._engine = executor, engine
+
+    def submit(self, fn, /, *args, **kwargs):
+        binding = self._engine.binding()
+
+        def bound():
+            previous = self._engine.bind(binding)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._engine.bind(previous)
+
+        return self._executor.submit(bound)
+
+    def __getattr__(self, name):
+        return getattr(self._executor, name)
+
+
+class _SessionsFailed(set):
+    """The prefill's failed decode sessions, except that a write refused as late marks none.
+
+    Mooncake marks a session failed (its later requests fail at once until a probe) whenever a
+    write to it fails; a late refusal means only that the decode rank gave this request up.
+    """
+
+    def __init__(self, sessions, manager: ZmqKVManager) -> None:
+        super().__init__(sessions)
+        self._manager = manager
+
+    def add(self, session_id: str) -> None:
+        binding = self._manager.engine.binding()
+        if binding is not None and self._manager.engine.refused_late(binding.room, session_id):
+            logger.info("decode session %s refused room %d's late write: the session stays usable",
+                        session_id, binding.room)
+            return
+        super().add(session_id)

@@ -18,14 +18,30 @@ on one host the staging is shared memory the receiver maps (``shared_staging``),
 only a small message crosses the socket, and between hosts the staged bytes travel as
 one zero-copy ZMQ frame per chunk.
 
-Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, ...]`` where
+Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, room, ...]`` where
 ``header`` is a little-endian uint64 array of ``(dst_ptr, length)`` pairs (kind ``R``:
-``(src_ptr, dst_ptr, length)`` triples) and ``deadline`` a little-endian float64
-wall-clock time; kind ``W`` carries the staged bytes as one more frame, kind ``S``
-names a shared staging buffer (``StagingRef`` JSON) and a uint64 offset into it, kind
-``R`` the sender's pid. The receiving engine checks every destination lies inside
-memory it registered and that the deadline has not passed, writes the bytes, and
-answers ``[b"OK", request_id]`` or ``[b"ERR", request_id, reason]``.
+``(src_ptr, dst_ptr, length)`` triples), ``deadline`` a little-endian float64
+wall-clock time and ``room`` two little-endian uint64: the request's bootstrap room and
+the receiving generation the decode side gave it; kind ``W`` carries the staged bytes as
+one more frame, kind ``S`` names a shared staging buffer (``StagingRef`` JSON) and a
+uint64 offset into it, kind ``R`` the sender's pid. The receiving engine checks every
+destination lies inside memory it registered and that the deadline has not passed, and
+writes the bytes only while that (room, generation) is receiving; it answers
+``[b"OK", request_id]`` or ``[b"ERR", request_id, reason]``.
+
+No late write lands in freed slots: the decode side opens a room (``open_room``: a new
+generation, so a reused room number never accepts an earlier attempt's writes) before
+it hands the room's destination slots to the prefill side, and retires it
+(``close_room``) when the request concludes, before its slots are freed. A write or read
+is checked against the receiving rooms under the lock ``close_room`` takes, and
+``close_room`` returns only once no write it admitted for that room is still being
+applied, so a write in progress finishes before the room retires and none lands
+afterwards (writes for other rooms never hold it up); a late one is refused with
+"room R generation G is no longer receiving (late write refused)". The sender tags its
+writes with the room it works for (``writing_for`` / ``bind``: a thread-local binding)
+and remembers which rooms a peer refused as late (``refused_late``). For tests only,
+``PFS_KV_FAULT_STALL=ROOM:SECONDS`` (``FAULT_STALL_ENV``, a fault-injection knob) holds
+a sender's writes for one room that long before they go out.
 
 Every connection opens with a handshake
 (``[MAGIC, b"H", request_id, identity_json, probe, secret]``): the receiver compares the
@@ -43,6 +59,7 @@ non-zero and the reason is kept for the calling thread (``last_error``).
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -52,12 +69,15 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import zmq
 
+from pfs_sglang.transfer import FAULT_STALL_ENV
 from pfs_sglang.transfer.memory_regions import CopyPlan, OutsideRegisteredMemory, RegisteredMemory
 from pfs_sglang.transfer.process_memory import can_read, read_from_process
 from pfs_sglang.transfer.shared_staging import PeerStagings, StagingBuffer, StagingRef
@@ -66,6 +86,9 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"PFSKV1"
 _HEADER_DTYPE = np.dtype("<u8")
+_ROOM_TAG = struct.Struct("<QQ")  # (bootstrap room, receiving generation)
+LATE_WRITE_REFUSED = "late write refused"  # in the reason of every refused late write
+_LATE_REFUSALS_KEPT = 4096  # (peer, room) pairs remembered by a sender
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,14 @@ DIRECT_READ_MIN_BLOCK = 1024
 
 
 @dataclass(frozen=True)
+class RoomBinding:
+    """The request a thread's writes are for: its bootstrap room, and each peer's generation for it."""
+
+    room: int
+    generation_of: Callable[[str], Optional[int]]  # peer session id -> generation (None: that peer sent none)
+
+
+@dataclass(frozen=True)
 class _Session:
     shared_staging: bool  # the peer maps this process's staging buffers
     direct_read: bool  # the peer may read this process's memory (process_vm_readv)
@@ -165,6 +196,18 @@ class ZmqTransferEngine:
         self._stagings: list[StagingBuffer] = []  # every thread's, to release at close
         self._stopped = threading.Event()
         self._device = _current_cuda_device()
+        # receiver: the rooms receiving now (room -> generation) and the writes admitted and being
+        # applied ((room, generation) -> count), both under _rooms: close_room retires a room and
+        # waits for its admitted writes, so none lands after it returns
+        self._rooms = threading.Condition()
+        self._receiving: dict[int, int] = {}
+        self._applying: dict[tuple[int, int], int] = {}
+        self._generations = itertools.count(1)
+        self.late_writes_refused = 0
+        # sender: (peer session id, room) pairs whose last write the peer refused as late
+        self._late_refusals: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._late_refusals_lock = threading.Lock()
+        self._fault_stall = _parse_fault_stall(os.environ.get(FAULT_STALL_ENV, ""))
 
         self._server = self._context.socket(zmq.ROUTER)
         self._server.setsockopt(zmq.LINGER, 0)
@@ -199,16 +242,33 @@ class ZmqTransferEngine:
     def batch_transfer_sync(
         self, session_id: str, buffers: list[int], peer_buffer_addresses: list[int], lengths: list[int]
     ) -> int:
-        """Write ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's addresses."""
+        """Write ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's addresses.
+
+        The writes are for the room this thread is bound to (``bind``/``writing_for``), tagged
+        with the generation the peer gave that room; a thread bound to no room writes nothing.
+        """
         self._thread_state.last_error = None
+        binding = self.binding()
+        refused_late = False
         try:
+            if binding is None:
+                raise TransferError("KV write for no bootstrap room: refused (bind the thread to a room)")
+            generation = binding.generation_of(session_id)
+            if generation is None:
+                raise TransferError(f"{session_id} gave room {binding.room} no receiving generation: refused")
+            self._stall_if_injected(binding.room)
             session = self._session(session_id)
             self._write(
-                session_id, session,
+                session_id, session, _ROOM_TAG.pack(binding.room, generation),
                 np.asarray(buffers, dtype=np.int64), np.asarray(peer_buffer_addresses, dtype=np.int64),
                 np.asarray(lengths, dtype=np.int64),
             )
             return 0
+        except LateWriteRefused as error:
+            refused_late = True
+            self._thread_state.last_error = str(error)
+            logger.warning("pfs zmq KV transfer to %s refused: %s", session_id, error)
+            return -1
         except (TransferError, OutsideRegisteredMemory) as error:
             self._thread_state.last_error = str(error)
             logger.error("pfs zmq KV transfer to %s failed: %s", session_id, error)
@@ -218,6 +278,9 @@ class ZmqTransferEngine:
             logger.exception("pfs zmq KV transfer to %s failed", session_id)
             self._drop_staging()
             return -1
+        finally:
+            if binding is not None:
+                self._note_late_refusal(session_id, binding.room, refused_late)
 
     def transfer_sync(self, session_id: str, buffer: int, peer_buffer_address: int, length: int) -> int:
         return self.batch_transfer_sync(session_id, [buffer], [peer_buffer_address], [length])
@@ -237,6 +300,64 @@ class ZmqTransferEngine:
     def last_error(self) -> Optional[str]:
         """The reason of this thread's last failed transfer, if any."""
         return getattr(self._thread_state, "last_error", None)
+
+    # ----- rooms: which request a write is for (no late write lands in freed slots) -----
+    def bind(self, binding: Optional[RoomBinding]) -> Optional[RoomBinding]:
+        """Tag this thread's writes with ``binding`` (None: no room) until bound again; the previous binding."""
+        previous = self.binding()
+        self._thread_state.binding = binding
+        return previous
+
+    def binding(self) -> Optional[RoomBinding]:
+        return getattr(self._thread_state, "binding", None)
+
+    @contextmanager
+    def writing_for(self, room: int, generation_of: Callable[[str], Optional[int]]) -> Iterator[None]:
+        """This thread's writes inside the block are for ``room``."""
+        previous = self.bind(RoomBinding(room, generation_of))
+        try:
+            yield
+        finally:
+            self.bind(previous)
+
+    def refused_late(self, room: int, session_id: Optional[str] = None) -> bool:
+        """Whether the last write for ``room`` to ``session_id`` (None: to any peer) was refused as late.
+
+        Such a peer had retired the room (``close_room``): nothing more of it can land
+        there, and the peer itself is alive.
+        """
+        with self._late_refusals_lock:
+            if session_id is not None:
+                return (session_id, room) in self._late_refusals
+            return any(key[1] == room for key in self._late_refusals)
+
+    def open_room(self, room: int) -> int:
+        """Receive writes for ``room`` from now on, under a new generation (returned).
+
+        Called before the room's destination slots are handed to a sender. A generation the
+        room had before is retired: a reused room never accepts an earlier attempt's writes.
+        """
+        with self._rooms:
+            generation = next(self._generations)
+            self._receiving[room] = generation
+        return generation
+
+    def close_room(self, room: int, generation: int) -> None:
+        """Stop receiving writes for ``room``'s ``generation`` (a later generation stays open).
+
+        Returns once no write for it is in progress, and none is applied afterwards: after
+        this, the room's slots may be freed.
+        """
+        with self._rooms:
+            if self._receiving.get(room) == generation:
+                del self._receiving[room]
+            while (room, generation) in self._applying:
+                self._rooms.wait()
+
+    def receiving_generation(self, room: int) -> Optional[int]:
+        """The generation ``room`` receives writes under now, or None."""
+        with self._rooms:
+            return self._receiving.get(room)
 
     def close(self) -> None:
         self._stopped.set()
@@ -295,7 +416,24 @@ class ZmqTransferEngine:
             copies = self._thread_state.device_copies = DeviceCopies()
         return copies
 
-    def _write(self, session_id: str, session: _Session, src, dst, lengths) -> None:
+    def _stall_if_injected(self, room: int) -> None:
+        """Fault injection (``FAULT_STALL_ENV``, tests only): hold this room's writes a while."""
+        if self._fault_stall is not None and self._fault_stall[0] == room:
+            logger.warning("pfs zmq KV engine: fault injection: holding room %d's write %.1fs", room, self._fault_stall[1])
+            time.sleep(self._fault_stall[1])
+
+    def _note_late_refusal(self, session_id: str, room: int, refused: bool) -> None:
+        key = (session_id, room)
+        with self._late_refusals_lock:
+            if not refused:
+                self._late_refusals.pop(key, None)
+                return
+            self._late_refusals[key] = None
+            self._late_refusals.move_to_end(key)
+            while len(self._late_refusals) > _LATE_REFUSALS_KEPT:
+                self._late_refusals.popitem(last=False)
+
+    def _write(self, session_id: str, session: _Session, room_tag: bytes, src, dst, lengths) -> None:
         deadline = time.monotonic() + self.timeout_s
         wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
         src, dst, lengths = _split_blocks(src, dst, lengths, CHUNK_BYTES)
@@ -307,7 +445,7 @@ class ZmqTransferEngine:
             regions = table.locate(src, lengths, "read")
             if all(table.regions[i].device is None for i in np.unique(regions)):
                 header = np.stack([src, dst, lengths], axis=1).astype(_HEADER_DTYPE).tobytes()
-                self._call(session_id, b"R", [header, wall_deadline, struct.pack("<Q", os.getpid())], deadline)
+                self._call(session_id, b"R", [header, wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
                 return
         plans = [CopyPlan.build(table, src[lo:hi], lengths[lo:hi], "read") for lo, hi in zip(bounds, bounds[1:])]
         if not plans:
@@ -324,9 +462,9 @@ class ZmqTransferEngine:
                     self._await(sock, session_id, pending, deadline)
                 header = np.stack([dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
                 if staging.shared:
-                    frames = [b"S", header, wall_deadline, staging.ref.encode(), struct.pack("<Q", offset)]
+                    frames = [b"S", header, wall_deadline, room_tag, staging.ref.encode(), struct.pack("<Q", offset)]
                 else:
-                    frames = [b"W", header, wall_deadline, slot]
+                    frames = [b"W", header, wall_deadline, room_tag, slot]
                 pending = self._send(sock, session_id, frames[0], frames[1:])
             self._await(sock, session_id, pending, deadline)
         except TransferError:
@@ -380,7 +518,8 @@ class ZmqTransferEngine:
             self._drop_socket(session_id)
             raise
         if reply[0] != b"OK":
-            raise TransferError(reply[2].decode(errors="replace") if len(reply) > 2 else "peer refused")
+            reason = reply[2].decode(errors="replace") if len(reply) > 2 else "peer refused"
+            raise (LateWriteRefused if LATE_WRITE_REFUSED in reason else TransferError)(reason)
         return reply
 
     def _call(self, session_id: str, kind: bytes, frames: list, deadline: Optional[float] = None) -> list[bytes]:
@@ -429,9 +568,9 @@ class ZmqTransferEngine:
             return accepted
         if peer not in self._verified_peers:
             raise TransferError("KV request on a connection that has not passed the handshake: refused")
-        if kind == b"R" and len(frames) >= 3:
+        if kind == b"R" and len(frames) >= 4:
             return self._read_from_peer(frames)
-        if kind not in (b"W", b"S") or len(frames) < (3 if kind == b"W" else 4):
+        if kind not in (b"W", b"S") or len(frames) < (4 if kind == b"W" else 5):
             raise TransferError(f"unknown or malformed request kind {kind!r}")
         header = frames[0].buffer
         if header.nbytes % 16:
@@ -439,11 +578,12 @@ class ZmqTransferEngine:
         pairs = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 2).view(np.int64)
         plan = CopyPlan.build(self._registered.table(), pairs[:, 0], pairs[:, 1], "write")
         (deadline,) = struct.unpack("<d", frames[1].bytes)
+        room, generation = _room_tag(frames[2])
         if kind == b"W":
-            payload = frames[2].buffer
+            payload = frames[3].buffer
         else:
-            ref = StagingRef.decode(frames[2].bytes)
-            (offset,) = struct.unpack("<Q", frames[3].bytes)
+            ref = StagingRef.decode(frames[3].bytes)
+            (offset,) = struct.unpack("<Q", frames[4].bytes)
             if offset + plan.nbytes > ref.size:
                 raise TransferError("KV write names bytes outside the sender's staging buffer")
             payload = self._peer_stagings.open(ref)[offset : offset + plan.nbytes]
@@ -451,8 +591,29 @@ class ZmqTransferEngine:
             raise TransferError(f"header names {plan.nbytes} bytes, message carries {payload.nbytes}")
         if time.time() > deadline:
             raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
-        plan.scatter(payload, self._device_copies() if plan.uses_device else None)
+        with self._writing_into(room, generation):
+            plan.scatter(payload, self._device_copies() if plan.uses_device else None)
         return []
+
+    @contextmanager
+    def _writing_into(self, room: int, generation: int) -> Iterator[None]:
+        """Admit a write for ``(room, generation)`` only while it is receiving; ``close_room`` waits for it."""
+        key = (room, generation)
+        with self._rooms:
+            if self._receiving.get(room) != generation:
+                self.late_writes_refused += 1
+                reason = f"room {room} generation {generation} is no longer receiving ({LATE_WRITE_REFUSED})"
+                logger.warning("pfs zmq KV engine: %s", reason)
+                raise LateWriteRefused(reason)
+            self._applying[key] = self._applying.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._rooms:
+                self._applying[key] -= 1
+                if not self._applying[key]:
+                    del self._applying[key]
+                self._rooms.notify_all()
 
     def _accept(self, offer: dict) -> list[str]:
         """Which same-host transports the peer's offer allows (proven on its probe buffer)."""
@@ -481,14 +642,30 @@ class ZmqTransferEngine:
         if any(table.regions[i].device is not None for i in np.unique(regions)):
             raise TransferError("direct reads into device memory are not supported")
         (deadline,) = struct.unpack("<d", frames[1].bytes)
-        (pid,) = struct.unpack("<Q", frames[2].bytes)
+        room, generation = _room_tag(frames[2])
+        (pid,) = struct.unpack("<Q", frames[3].bytes)
         if time.time() > deadline:
             raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
-        try:
-            read_from_process(pid, src, dst, lengths)
-        except OSError as error:
-            raise TransferError(f"direct read of KV failed: {error}") from error
+        with self._writing_into(room, generation):
+            try:
+                read_from_process(pid, src, dst, lengths)
+            except OSError as error:
+                raise TransferError(f"direct read of KV failed: {error}") from error
         return []
+
+
+def _room_tag(frame) -> tuple[int, int]:
+    if len(frame.bytes) != _ROOM_TAG.size:
+        raise TransferError("malformed KV write room tag")
+    return _ROOM_TAG.unpack(frame.bytes)
+
+
+def _parse_fault_stall(value: str) -> Optional[tuple[int, float]]:
+    """``ROOM:SECONDS`` (``FAULT_STALL_ENV``), or None when unset."""
+    if not value:
+        return None
+    room, seconds = value.split(":")
+    return int(room), float(seconds)
 
 
 def _current_cuda_device() -> Optional[int]:
@@ -510,3 +687,7 @@ def _split_blocks(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, limit: 
 
 class TransferError(RuntimeError):
     """A KV transfer could not be completed (peer refused, late, or unreachable)."""
+
+
+class LateWriteRefused(TransferError):
+    """The peer no longer receives the write's (room, generation): it gave the request up."""
