@@ -1,18 +1,20 @@
 """Test helpers: run one stock ``sglang.launch_server`` on CPU, read a server's KV usage,
 send one greedy ``/generate``, wait until a deployment is idle.
 
-The process handling is the launcher's own (``pfs_sglang.launch.processes``).
+The process handling is the launcher's own (``pfs_sglang.launch.processes``); reading
+Prometheus totals, KV slots in use and waiting until idle is the load run's
+(``pfs_sglang.bench.server_state``, re-exported here).
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
+from pfs_sglang.bench.server_state import metric_total, used_kv_tokens, wait_deployment_idle  # noqa: F401
 from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
 
 CPU_SERVER_ARGS = [
@@ -37,34 +39,6 @@ def sglang_server(model_path: Path, log_path: Path, extra_args: list[str] = (), 
         yield server.url
     finally:
         server.stop()
-
-
-def metric_total(url: str, series: str) -> float:
-    """The sum of the Prometheus samples at ``url/metrics`` whose line starts with ``series``."""
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
-
-
-def used_kv_tokens(server_url: str) -> float:
-    """KV slots held by requests on an SGLang server (``sglang:num_used_tokens``; cache excluded)."""
-    return metric_total(server_url, "sglang:num_used_tokens{")
-
-
-def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
-    """Until no router lease and no KV slot is held anywhere, and every server's
-    ``/flush_cache`` succeeds (SGLang answers it only when its scheduler is idle: no
-    queued request, no unprocessed batch result)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        rows = requests.get(f"{router_url}/workers", timeout=10).json()["workers"]
-        held = {row["url"]: (row["in_flight"], used_kv_tokens(row["url"])) for row in rows}
-        if not any(a or b for a, b in held.values()):
-            flushed = requests.post(f"{router_url}/flush_cache", timeout=30)
-            if flushed.status_code == 200:
-                return
-            held["flush_cache"] = (flushed.status_code, flushed.text[:200])
-        assert time.monotonic() < deadline, f"not idle (router leases, KV slots): {held}"
-        time.sleep(0.5)
 
 
 def generate_greedy(url: str, model: str, prompt_ids: list[int], max_new_tokens: int,

@@ -8,6 +8,8 @@
 - ``handoff ARGS...``: the KV hand-off microbenchmark (``pfs_sglang.bench.handoff``).
 - ``startup ARGS...``: launch a deployment repeatedly, time it, read its logs
   (``pfs_sglang.bench.startup``).
+- ``load ARGS...``: closed-loop sessions for a while against one deployment; checks
+  exactly-once answers, no leaked KV slot, bounded memory (``pfs_sglang.bench.load``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ EXAMPLES = """examples:
   python -m pfs_sglang.bench sweep --shape small --sessions-list 2,4,8,16 --out docs/bench/small
   python -m pfs_sglang.bench handoff --help
   python -m pfs_sglang.bench startup --launches 10 --out out/startup
+  python -m pfs_sglang.bench load --sessions 200 --duration 120 --out docs/bench/load
 """
 
 
@@ -90,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--sessions-list", default="2,4,8,16")
     sub.add_parser("handoff", help="KV hand-off microbenchmark (pfs_sglang.bench.handoff)", add_help=False)
     sub.add_parser("startup", help="launch a deployment repeatedly (pfs_sglang.bench.startup)", add_help=False)
+    sub.add_parser("load", help="closed-loop load run with exactly-once, KV and memory checks "
+                                "(pfs_sglang.bench.load)", add_help=False)
     return parser
 
 
@@ -177,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         from pfs_sglang.bench.startup import main as startup_main
 
         return startup_main(argv[1:])
+    if argv[:1] == ["load"]:
+        from pfs_sglang.bench.load import main as load_main
+
+        return load_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return run_command(args) if args.command == "run" else sweep_command(args)
