@@ -496,3 +496,42 @@ def test_metrics_count_requests_tokens_cache_hits_and_kv_transfers_per_model():
             assert line in text, line
         assert "ghost" not in text  # unknown names do not become label values
         assert 'pfs_router_kv_transfers_total{model="planner"}' not in text  # chat replies carry no transfer record
+
+
+def test_a_connection_failure_takes_a_worker_out_only_when_its_port_refuses():
+    import socket
+
+    from pfs_sglang.router.worker_health import WorkerHealthChecker
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    alive = Worker(f"http://127.0.0.1:{listening.getsockname()[1]}")  # reset a connection, but still there
+    gone = Worker(f"http://127.0.0.1:{free_port()}")
+
+    async def report_both() -> None:
+        async with httpx.AsyncClient() as client:
+            checker = WorkerHealthChecker([[alive, gone]], client, FAST_CHECKS)
+            for worker in (alive, gone):
+                checker.connection_failed(worker, httpx.ReadError(""))
+            await asyncio.sleep(0.5)
+            await checker.stop()
+
+    try:
+        asyncio.run(report_both())
+        assert alive.healthy and not gone.healthy
+    finally:
+        listening.close()
+
+
+def test_a_stream_that_fails_midway_is_counted_by_its_error_not_as_200():
+    with cluster(decode_counts={"coder": 1}) as c:
+        decode = c.decode["coder"][0]
+        decode.fail_status, decode.fails = 500, lambda body: False  # the stream opens, then fails
+        with httpx.stream("POST", c.router + "/generate", json={"model": "coder", "text": "x", "stream": True},
+                          timeout=20) as reply:
+            lines = list(reply.iter_lines())
+        assert any("coder-0 failed mid-stream" in line for line in lines)
+        metrics = httpx.get(c.router + "/metrics", timeout=10).text
+        assert 'pfs_router_requests_total{endpoint="/generate",model="coder",status="500"} 1.0' in metrics
+        assert 'status="200"' not in metrics

@@ -64,6 +64,9 @@ T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499
 # SGLang's own /health_generate waits this long for its one-token generation (HEALTH_CHECK_TIMEOUT).
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+# An idle upstream connection is dropped after this, well before the servers' uvicorn drops
+# it (5 s): reusing a connection the server is closing fails the request with a ReadError.
+UPSTREAM_KEEPALIVE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,10 @@ class PrefillShareRouter:
         self.client = client
         self.metrics = RouterMetrics()
         self.locality = PrefixLocality(config.prefill_workers)
-        self.pd = PrefillDecodeClient(client)
-        self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
         pools = [config.prefill_workers, *(pool.workers for pool in config.decode_pools.values())]
         self.health_checker = WorkerHealthChecker(pools, client, config.health_checks)
+        self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
+        self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
 
     def all_workers(self) -> list[Worker]:
         return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
@@ -212,6 +215,8 @@ class PrefillShareRouter:
                         event = json.loads(line[len("data: "):])
                     except ValueError:
                         event = None
+                    if isinstance(event, dict) and "error" in event:  # SGLang's event for a request failing mid-stream
+                        status = _error_status(event)
                     if isinstance(event, dict) and usage_of(event) is not None:
                         last_with_usage = event
                         if ensure_cached_tokens(event):
@@ -483,7 +488,8 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
             if ready is None:
                 raise DeploymentStarting
             timeout = httpx.Timeout(ready.request_timeout_s, connect=ready.connect_timeout_s)
-            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256,
+                                  keepalive_expiry=UPSTREAM_KEEPALIVE_S)
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else None  # the servers need it too
             state["router"] = PrefillShareRouter(ready, httpx.AsyncClient(timeout=timeout, limits=limits,
                                                                           headers=headers))
@@ -570,6 +576,16 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client has disconnected (the body has been read: what comes next is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _error_status(event: dict) -> int:
+    """The HTTP status an SGLang error event stands for (500 when it names none)."""
+    error = event["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    try:
+        return int(code) if 400 <= int(code) < 600 else 500
+    except (TypeError, ValueError):
+        return 500
 
 
 def _error_event(error: UpstreamError) -> dict:

@@ -9,8 +9,9 @@ comes before the decode server has answered (non-200, unreachable, timed out) ca
 the decode request and becomes the answer, so a broken prefill never leaves a client
 waiting. A decode failure cancels the prefill request. Every upstream call has a
 timeout (the client's ``httpx.Timeout``). A server that fails at the connection
-(refused, reset, gone mid-answer) is taken out of rotation at once
-(``worker_health.py``); the request it was serving fails with 503. A caller may ask to hear when the prefill
+(refused, reset, gone mid-answer) fails the request it was serving with 503 and is
+reported (``on_connection_failure``: the router takes it out of rotation if its port
+refuses connections, ``worker_health.py``). A caller may ask to hear when the prefill
 server has answered (``on_prefill_done``): the prompt's KV is then in its prefix tree.
 """
 
@@ -27,7 +28,7 @@ import httpx
 from pfs_sglang.router.openai_errors import upstream_message
 from pfs_sglang.router.pools import Lease, PrefillWorker, Worker
 from pfs_sglang.router.request_body import GENERATE
-from pfs_sglang.router.worker_health import is_connection_failure, take_out
+from pfs_sglang.router.worker_health import is_connection_failure
 
 T = TypeVar("T")
 
@@ -52,26 +53,27 @@ def pd_body(endpoint: str, client_body: dict[str, Any], prefill: PrefillWorker) 
     return body
 
 
-def _transport_error(role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
-    if is_connection_failure(error):
-        take_out(worker, repr(error))
-    if isinstance(error, httpx.TimeoutException):
-        return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
-    return UpstreamError(503, f"{role} server {worker.url} is unreachable: {error!r}")
-
-
 class PrefillDecodeClient:
     """Runs PD hand-offs over one shared ``httpx.AsyncClient``."""
 
-    def __init__(self, client: httpx.AsyncClient):
+    def __init__(self, client: httpx.AsyncClient,
+                 on_connection_failure: Callable[[Worker, httpx.HTTPError], None] = lambda worker, error: None):
         self.client = client
+        self.on_connection_failure = on_connection_failure
         self._background: set[asyncio.Task] = set()
+
+    def _transport_error(self, role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
+        if is_connection_failure(error):
+            self.on_connection_failure(worker, error)
+        if isinstance(error, httpx.TimeoutException):
+            return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
+        return UpstreamError(503, f"{role} server {worker.url} is unreachable: {error!r}")
 
     async def _post_json(self, role: str, lease: Lease, endpoint: str, body: dict) -> dict | None:
         try:
             reply = await self.client.post(lease.worker.url + endpoint, json=body)
         except httpx.HTTPError as error:
-            raise _transport_error(role, lease.worker, error) from error
+            raise self._transport_error(role, lease.worker, error) from error
         finally:
             lease.release()
         if reply.status_code != 200:
@@ -158,14 +160,14 @@ class PrefillDecodeClient:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as error:
-            raise _transport_error("decode", decode.worker, error) from error
+            raise self._transport_error("decode", decode.worker, error) from error
         try:
             if response.status_code != 200:
                 raise UpstreamError(response.status_code, f"decode server: {upstream_message(await response.aread())}")
             async for line in response.aiter_lines():
                 yield line
         except httpx.HTTPError as error:
-            raise _transport_error("decode", decode.worker, error) from error
+            raise self._transport_error("decode", decode.worker, error) from error
         finally:
             await response.aclose()
             decode.release()

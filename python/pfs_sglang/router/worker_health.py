@@ -1,9 +1,10 @@
 """Which servers get requests: a server that fails is taken out at once and comes back
 when its health check passes.
 
-A worker is taken *out* (``Worker.healthy = False``) the moment a request to it fails
-at the connection (refused, reset, closed without an answer: ``is_connection_failure``;
-the process is gone), or after ``failures_to_exclude`` health checks in a row fail (a
+A worker is taken *out* (``Worker.healthy = False``) when a request to it fails at the
+connection (refused, reset, closed without an answer: ``is_connection_failure``) and a
+new TCP connection to its port is then refused (the process is gone: a reset on a live
+server, e.g. a keep-alive connection it closed under load, leaves it in), or after ``failures_to_exclude`` health checks in a row fail (a
 non-200 ``/health``, or none within ``timeout_s``) *unless it is the last worker of its
 pool in rotation*: a health check that fails only says the server is slow or stuck, and
 on a starved machine SGLang's own check fails for servers that still serve, so it never
@@ -22,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -33,6 +35,22 @@ logger = logging.getLogger(__name__)
 def is_connection_failure(error: httpx.HTTPError) -> bool:
     """The server is gone or not listening (not: it is merely slow)."""
     return isinstance(error, (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError))
+
+
+PORT_PROBE_TIMEOUT_S = 2.0
+
+
+async def port_refuses(url: str) -> bool:
+    """True when nothing listens at ``url``'s host and port (a connect that times out is not proof)."""
+    parts = urlsplit(url)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), PORT_PROBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return False
+    except OSError:
+        return True
+    writer.close()
+    return False
 
 
 def take_out(worker: Worker, reason: str) -> None:
@@ -59,15 +77,27 @@ class WorkerHealthChecker:
         self.client = client
         self.settings = settings
         self._task: asyncio.Task | None = None
+        self._probes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*self._probes, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def connection_failed(self, worker: Worker, error: httpx.HTTPError) -> None:
+        """A request to ``worker`` failed at the connection: take it out if its port refuses."""
+        async def probe() -> None:
+            if worker.healthy and await port_refuses(worker.url):
+                take_out(worker, f"{error!r}, and its port refuses connections")
+
+        task = asyncio.ensure_future(probe())
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     async def _run(self) -> None:
         await asyncio.gather(*(self._watch(worker) for pool in self.pools for worker in pool))
@@ -83,8 +113,8 @@ class WorkerHealthChecker:
             reply = await self.client.get(worker.url + "/health", timeout=self.settings.timeout_s)
             failure = None if reply.status_code == 200 else f"/health answered {reply.status_code}"
         except httpx.HTTPError as error:
-            if is_connection_failure(error):
-                take_out(worker, f"/health: {error!r}")
+            if is_connection_failure(error) and await port_refuses(worker.url):
+                take_out(worker, f"/health: {error!r}, and its port refuses connections")
                 return
             failure = f"/health: {error!r}"
         if failure is None:
