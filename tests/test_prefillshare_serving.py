@@ -5,8 +5,11 @@ the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer) 
 on 127.0.0.1 for the whole module. Checks: the greedy oracle of invariant 5 for every
 decode model (single turn, two turns whose second prompt holds the first answer, and a
 cache hit), cross-model prefix sharing (invariant 3), streaming, 3 models x 20
-concurrent requests leaving every KV pool idle, and a client that leaves (streaming or
-not) getting its request aborted and its KV slots freed.
+concurrent requests leaving every KV pool idle, a client that leaves (streaming or
+not) getting its request aborted and its KV slots freed, and, last, a short closed-loop
+load run (``python -m pfs_sglang.bench load --url``: 12 sessions for 15 s) passing its
+own checks (exactly-once answers, only injected errors, no KV slot held, bounded RSS,
+no traceback in a server log; the full 200-session run is in ``docs/bench/load``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import pytest
 import requests
 
+from pfs_sglang.bench import load
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from pfs_sglang.launch.processes import free_port
 from sglang_process import generate_greedy, metric_total, wait_deployment_idle
@@ -31,9 +35,15 @@ MAX_NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def deployment(demo_models, tmp_path_factory):
+def deployment_dir(tmp_path_factory):
+    """The launcher's log, and servers/ with every server's log."""
+    return tmp_path_factory.mktemp("deployment")
+
+
+@pytest.fixture(scope="module")
+def deployment(demo_models, deployment_dir):
     port = free_port()
-    log_path = tmp_path_factory.mktemp("deployment") / "launch_server.log"
+    log_path = deployment_dir / "launch_server.log"
     command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
                "--host", "127.0.0.1", "--port", str(port), "--log-dir", str(log_path.parent / "servers")]
     for name, path in demo_models.decode.items():
@@ -231,3 +241,20 @@ def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(deploymen
     wait_deployment_idle(deployment, timeout_s=20)  # no router lease, no KV slot held, on any server
     assert time.monotonic() - left < 20
     assert client_disconnects(deployment, "compute") == before + 1  # the router aborted it on its servers
+
+
+def test_short_load_run_passes_its_checks(deployment, deployment_dir, tmp_path):
+    summary = load.run_load(deployment, load.LoadConfig(sessions=12, duration_s=15, inject_every=10, progress=False),
+                            tmp_path / "load", log_dir=deployment_dir / "servers")
+    failed = [name for name, ok in summary["checks"].items() if not ok]
+    assert summary["passed"] and not failed, (failed, (tmp_path / "load" / "report.md").read_text())
+    counted = summary["requests"]
+    assert counted["answered"] > 12  # every session got past its first turn
+    assert set(counted["injected"]) == {load.INJECTED_UNKNOWN, load.INJECTED_ABANDON}
+    assert set(counted["by_model"]) == {"extract", "compute", "transform"}
+    assert set(counted["by_kind"]) == {"chat", "chat-stream", "completion"}
+    assert counted["router_requests_delta_by_status"]["200"] >= counted["answered"]
+    assert summary["server_log_tracebacks"] and not any(summary["server_log_tracebacks"].values())
+    assert {"router", "prefill", "decode-extract", "decode-compute", "decode-transform"} <= set(summary["memory"])
+    assert (tmp_path / "load" / "load.png").stat().st_size > 0
+

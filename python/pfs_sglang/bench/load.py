@@ -24,8 +24,7 @@ outcome (answered, or an error of a named kind) and checks every answer's id aga
 rid; at the end the router's ``pfs_router_requests_total`` must have risen by exactly the
 number of routed requests sent (less any abandoned before the router read them), its
 status-200 count by the answers (plus abandoned requests it had finished). The router
-counts an abandoned request as 499, or as 500 when the servers' reply to its abort came
-first, or 200.
+counts an abandoned request as 499, or as 200 when it had finished.
 
 Afterwards the deployment must go idle (``server_state.wait_deployment_idle``) with no KV
 slot held on any server, and memory must be bounded: RSS of the router (the launcher

@@ -120,16 +120,21 @@ class PrefillShareRouter:
     async def _unless_client_leaves(self, request: Request, routed: RoutedRequest, answer: Awaitable[Response]
                                     ) -> Response:
         """``answer``, or, when the client disconnects before it is ready, nothing: the
-        request is aborted on every server (SGLang's ``/abort_request`` by its rid, which
-        frees its KV slots) and the hand-off cancelled (its upstream requests closed). A
-        stream that has begun ends the same way when its client leaves (``_end_stream``)."""
+        hand-off is cancelled (its upstream requests closed), the request counted as 499,
+        and aborted on every server (SGLang's ``/abort_request`` by its rid and its
+        sub-requests', which frees its KV slots). A stream that has begun ends the same
+        way when its client leaves (``_end_stream``)."""
         answering = asyncio.ensure_future(answer)
         client_gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answering, client_gone}, return_when=asyncio.FIRST_COMPLETED)
             if not answering.done():
+                aborts = self._abort_bodies({"rid": routed.body["rid"]})  # before the sub-request rids go
+                answering.cancel()
+                await asyncio.gather(answering, return_exceptions=True)
                 self.metrics.client_disconnects.labels(routed.model).inc()
-                await self.abort_request({"rid": routed.body["rid"]})
+                self.metrics.record_request(routed.model, routed.endpoint, CLIENT_CLOSED_REQUEST)
+                await self._send_aborts(aborts)
         finally:
             client_gone.cancel()
             if not answering.done():
@@ -423,10 +428,14 @@ class PrefillShareRouter:
 
     async def abort_request(self, body: dict[str, Any]) -> Response:
         """SGLang's ``/abort_request`` on every server, for the rid and the sub-request rids made from it."""
+        return await self._send_aborts(self._abort_bodies(body))
+
+    def _abort_bodies(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         rid = body.get("rid") or ""
         rids = [rid, *sorted(r for r in self._fan_out_rids if rid and r.startswith(f"{rid}_"))]
-        bodies = [body] if body.get("abort_all") else [{**body, "rid": r} for r in rids]
+        return [body] if body.get("abort_all") else [{**body, "rid": r} for r in rids]
 
+    async def _send_aborts(self, bodies: list[dict[str, Any]]) -> Response:
         async def send(worker: Worker, abort: dict) -> str | None:
             try:
                 reply = await self.client.post(worker.url + "/abort_request", json=abort,
