@@ -64,8 +64,9 @@ T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499
 # SGLang's own /health_generate waits this long for its one-token generation (HEALTH_CHECK_TIMEOUT).
 HEALTH_GENERATE_TIMEOUT_S = 20.0
-# An idle upstream connection is dropped after this, well before the servers' uvicorn drops
-# it (5 s): reusing a connection the server is closing fails the request with a ReadError.
+# An idle upstream connection is dropped after this, well before the servers drop it (the
+# launcher gives them 60 s; SGLang's default is 5 s): reusing a connection the server is
+# closing fails the request with a ReadError.
 UPSTREAM_KEEPALIVE_S = 2.0
 
 

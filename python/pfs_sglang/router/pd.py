@@ -53,6 +53,17 @@ def pd_body(endpoint: str, client_body: dict[str, Any], prefill: PrefillWorker) 
     return body
 
 
+def _with_cause(error: BaseException) -> str:
+    """``error`` and the first exception under it that says something (httpx's ``ReadError('')`` says nothing)."""
+    def under(exception: BaseException) -> BaseException | None:
+        return exception.__cause__ or (None if exception.__suppress_context__ else exception.__context__)
+
+    cause = under(error)
+    while cause is not None and not str(cause) and under(cause) is not None:
+        cause = under(cause)
+    return f"{error!r} ({cause!r})" if cause is not None else repr(error)
+
+
 class PrefillDecodeClient:
     """Runs PD hand-offs over one shared ``httpx.AsyncClient``."""
 
@@ -67,7 +78,7 @@ class PrefillDecodeClient:
             self.on_connection_failure(worker, error)
         if isinstance(error, httpx.TimeoutException):
             return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
-        return UpstreamError(503, f"{role} server {worker.url} is unreachable: {error!r}")
+        return UpstreamError(503, f"{role} server {worker.url} is unreachable: {_with_cause(error)}")
 
     async def _post_json(self, role: str, lease: Lease, endpoint: str, body: dict) -> dict | None:
         try:
