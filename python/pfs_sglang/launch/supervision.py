@@ -8,10 +8,11 @@ that doubles with each of its restarts (``first_backoff_s``, 2x, 4x ... at most
 ``max_backoff_s``), at most ``max_restarts`` times in the deployment's life; what is left
 of its process group is killed first. Its log keeps every run, each restart after a
 ``--- pfs_sglang: ... ---`` line, and every step is reported (``SupervisionEvent``):
-exited, restarting, serving again, given up. Meanwhile the router has taken the server
-out of rotation at its first failed request or health check and puts it back when its
-health check passes (``router/worker_health.py``), so the launcher never touches the
-router. A server past its limit ends the deployment as without a policy.
+exited, restarting, serving again, given up. Meanwhile the router takes the server out
+of rotation as soon as a request or health check finds its port refusing connections,
+and puts it back when its health check passes (``router/worker_health.py``), so the
+launcher never touches the router; the decode servers fetch KV from a restarted prefill
+server at the same bootstrap address. A server past its limit ends the deployment as without a policy.
 """
 
 from __future__ import annotations

@@ -17,13 +17,13 @@ to every server, for the client's ``rid`` and the sub-request rids derived from 
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
 (200 when every server is), ``/health_generate`` (a one-token generation through the
 PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers`` (each with
-its load and whether it is in rotation). Any other
-path is a 404 with an OpenAI error body. While the deployment starts every endpoint
-answers 503 at once (``/health`` naming the servers still starting). A client that
-disconnects has its request aborted on every server. A server that fails is out of
-rotation until its health check passes again (``worker_health.py``); a request whose
-pool has no server in rotation gets 503 at once. With ``--api-key`` every request but
-``/health*`` and ``/metrics`` needs the key (``api_key.py``).
+its load and whether it is in rotation). Any other path is a 404 with an OpenAI error
+body. While the deployment starts every endpoint answers 503 at once (``/health``
+naming the servers still starting). A client that disconnects has its request aborted
+on every server. A server whose process is gone is out of rotation until its health
+check passes again (``worker_health.py``); a request whose pool has no server in
+rotation gets 503 at once. With ``--api-key`` every request but ``/health*`` and
+``/metrics`` needs the key (``api_key.py``).
 """
 
 from __future__ import annotations

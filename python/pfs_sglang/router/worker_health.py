@@ -1,20 +1,20 @@
-"""Which servers get requests: a server that fails is taken out at once and comes back
-when its health check passes.
+"""Which servers get requests: a server whose process is gone is taken out at once and
+comes back when its health check passes.
 
 A worker is taken *out* (``Worker.healthy = False``) when a request to it fails at the
 connection (refused, reset, closed without an answer: ``is_connection_failure``) and a
-new TCP connection to its port is then refused (the process is gone: a reset on a live
-server, e.g. a keep-alive connection it closed under load, leaves it in), or after ``failures_to_exclude`` health checks in a row fail (a
-non-200 ``/health``, or none within ``timeout_s``) *unless it is the last worker of its
-pool in rotation*: a health check that fails only says the server is slow or stuck, and
-on a starved machine SGLang's own check fails for servers that still serve, so it never
-empties a pool (only a dead process does). A worker that is out gets no new request
-(``pools.py`` chooses among healthy workers and says 503 at once when a pool has none)
-and is checked every ``recheck_s``; its first passing check puts it back. Healthy
-workers are checked every ``interval_s``. SGLang's ``/health`` runs a one-token
-generation, only when the server is idle, and answers 503 itself when its scheduler
-has not answered for 20 s, so ``timeout_s`` is longer than that. The checker is one
-asyncio task of the router's event loop.
+new TCP connection to its port is then refused: the process is gone (a reset from a
+live server leaves it in). It is also taken out after ``failures_to_exclude`` health
+checks in a row fail (a non-200 ``/health``, or none within ``timeout_s``), *unless it
+is the last worker of its pool in rotation*: a failed check only says the server is slow
+or stuck, and on a starved machine SGLang's own check fails for servers that still
+serve, so checks never empty a pool (only a dead process does). A worker that is out
+gets no new request (``pools.py`` chooses among healthy workers and says 503 at once
+when a pool has none) and is checked every ``recheck_s``; its first passing check puts
+it back. Healthy workers are checked every ``interval_s``. SGLang's ``/health`` runs a
+one-token generation, only when the server is idle, and answers 503 itself when its
+scheduler has not answered for 20 s, so ``timeout_s`` is longer than that. The checker
+is one asyncio task of the router's event loop.
 """
 
 from __future__ import annotations
