@@ -535,3 +535,26 @@ def test_a_stream_that_fails_midway_is_counted_by_its_error_not_as_200():
         metrics = httpx.get(c.router + "/metrics", timeout=10).text
         assert 'pfs_router_requests_total{endpoint="/generate",model="coder",status="500"} 1.0' in metrics
         assert 'status="200"' not in metrics
+
+
+def test_a_client_gone_before_its_body_came_is_499_and_nothing_is_routed():
+    """At the ASGI level: the body's first part, then the disconnect (no exception escapes the app)."""
+    config = RouterConfig(prefill_workers=[PrefillWorker(url="http://127.0.0.1:9", bootstrap_port=1)],
+                          decode_pools={"coder": DecodePool("coder", [Worker("http://127.0.0.1:9")])})
+    app = build_router_app(config)
+    messages = iter([{"type": "http.request", "body": b'{"model": ', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "server": ("127.0.0.1", 1),
+             "client": ("127.0.0.1", 2), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499

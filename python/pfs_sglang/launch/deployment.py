@@ -75,7 +75,10 @@ STARTUP_BASE_S = 120.0
 CPU_SERVER_START_S = 90.0
 GPU_SERVER_START_S = 300.0
 FINGERPRINT_HANDOFF_FILE = "prefill_fingerprint.json"
-SERVER_KEEPALIVE_S = 60  # seconds a server keeps an idle connection from the router
+# Seconds the router keeps a client's idle connection: past any client's own reuse window
+# (httpx 5 s, aiohttp 15 s), so a client seconds behind under load never reuses a
+# connection the router is closing (uvicorn's 5 s made such reuses fail in the load run).
+ROUTER_KEEPALIVE_S = 75
 SERVER_AUTH_FILE = "server_auth.yaml"  # the servers' --api-key (mode 0600), read through SGLang's --config
 
 
@@ -109,11 +112,6 @@ def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str,
     The deadline bounds each batch of KV writes (our engine) and SGLang's own waits: a
     prefill request whose decode half never comes, and a decode request whose KV never
     lands, fail after it instead of after SGLang's 300 s defaults.
-
-    Servers keep an idle connection ``SERVER_KEEPALIVE_S``, far longer than the router
-    reuses one (``router/app.py``): with SGLang's 5 s a server could close a connection
-    the router, its event loop seconds behind under load, had just sent a request on (the
-    load run's only unplanned errors were those resets).
     """
     whole_seconds = str(max(1, int(transfer_timeout_s)))
     env = {
@@ -121,7 +119,6 @@ def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str,
         KV_SECRET_ENV: kv_secret,
         "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": whole_seconds,
         "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": whole_seconds,
-        "SGLANG_TIMEOUT_KEEP_ALIVE": str(SERVER_KEEPALIVE_S),
     }
     try:
         loopback = ipaddress.ip_address(host).is_loopback
@@ -299,7 +296,8 @@ class Deployment:
         return self.url
 
     def _start_router(self, app: FastAPI | RequireApiKey, sock: socket.socket) -> None:
-        self._router_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self._router_server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                            timeout_keep_alive=ROUTER_KEEPALIVE_S))
         self._router_thread = threading.Thread(target=self._router_server.run, kwargs={"sockets": [sock]},
                                                name="pfs-router", daemon=True)
         self._router_thread.start()
