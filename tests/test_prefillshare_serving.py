@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
 from pfs_sglang.bench import load
+from pfs_sglang.launch import Topology
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
-from pfs_sglang.launch.processes import free_port
 from sglang_process import generate_greedy, metric_total, wait_deployment_idle
 
 MAX_NEW_TOKENS = 10
@@ -36,41 +32,16 @@ MAX_NEW_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def deployment_dir(tmp_path_factory):
-    """The launcher's log, and servers/ with every server's log."""
+    """The launcher's log and every server's log."""
     return tmp_path_factory.mktemp("deployment")
 
 
 @pytest.fixture(scope="module")
 def deployment(demo_models, deployment_dir):
-    port = free_port()
-    log_path = deployment_dir / "launch_server.log"
-    command = [sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),
-               "--host", "127.0.0.1", "--port", str(port), "--log-dir", str(log_path.parent / "servers")]
-    for name, path in demo_models.decode.items():
-        command += ["--decode-model", f"{name}={path}"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"launch_server exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).ok:
-                    break
-            except requests.RequestException:  # not up yet, or too busy to answer in time
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"deployment not up after 300 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+    models = [f"--decode-model={name}={path}" for name, path in demo_models.decode.items()]
+    with load.demo_deployment(deployment_dir, Topology.max_total_tokens,
+                              ["--base-model", str(demo_models.base), *models], timeout_s=300) as (url, _):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def generate(url: str, model: str, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
@@ -245,7 +216,7 @@ def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(deploymen
 
 def test_short_load_run_passes_its_checks(deployment, deployment_dir, tmp_path):
     summary = load.run_load(deployment, load.LoadConfig(sessions=12, duration_s=15, inject_every=10, progress=False),
-                            tmp_path / "load", log_dir=deployment_dir / "servers")
+                            tmp_path / "load", log_dir=deployment_dir)
     failed = [name for name, ok in summary["checks"].items() if not ok]
     assert summary["passed"] and not failed, (failed, (tmp_path / "load" / "report.md").read_text())
     counted = summary["requests"]
