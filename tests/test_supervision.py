@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import time
 
-from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all
+from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
 from pfs_sglang.launch.supervision import RestartPolicy, SupervisionStep, Supervisor
 from test_startup_order import stand_in
 
@@ -23,13 +23,6 @@ def supervise_until(supervisor: Supervisor, done, timeout_s: float = 30) -> Mana
         time.sleep(0.1)
 
 
-def wait_healthy(server: ManagedProcess, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not server.healthy(timeout_s=1):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-
-
 def test_a_killed_server_is_restarted_on_its_port_with_backoff_until_the_limit(tmp_path):
     port = free_port()
     server = stand_in("decode-x-0", tmp_path, port)
@@ -38,7 +31,7 @@ def test_a_killed_server_is_restarted_on_its_port_with_backoff_until_the_limit(t
                             events.append)
     server.start()
     try:
-        wait_healthy(server)
+        wait_until_healthy([server], 20)
         first_pid = server.process.pid
         for restart in (1, 2):
             seen = len(events)
@@ -67,7 +60,7 @@ def test_without_a_policy_an_exit_ends_the_deployment_and_others_run_on(tmp_path
         server.start()
     try:
         for server in servers:
-            wait_healthy(server)
+            wait_until_healthy([server], 20)
         assert supervisor.check() is None
         servers[1].signal_group(signal.SIGTERM)
         assert supervise_until(supervisor, lambda: False) is servers[1]
