@@ -151,3 +151,25 @@ def test_server_command_lines(tmp_path):
     text = " ".join(placed)
     assert "--nccl-port 4" in text and "--tp-size 2" in text and "--mem-fraction-static 0.5" in text
     assert placed[-2:] == ["--max-running-requests", "8"]  # pass-through still last
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_skip_taken_ones(monkeypatch):
+    """Ports the kernel can hand to bind(0) or a client connection while a server loads are
+    never chosen, and a port already bound is skipped (the CI failure this guards against:
+    a port given to stock SGLang was taken by another listener before its HTTP server bound)."""
+    from pfs_sglang.launch import processes
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken_port = taken.getsockname()[1]
+    # free_ports tries candidates from the end of the list: the taken port first.
+    monkeypatch.setattr(processes, "_ports_below_ephemeral", lambda: [taken_port - 1, taken_port])
+    try:
+        assert processes.free_ports(1) == [taken_port - 1]
+    finally:
+        taken.close()
+    monkeypatch.undo()
+    ephemeral_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = processes.free_ports(20)
+    assert len(set(ports)) == 20
+    assert all(processes.PORT_RANGE[0] <= port < min(processes.PORT_RANGE[1] + 1, ephemeral_low) for port in ports)

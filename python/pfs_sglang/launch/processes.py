@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,16 +48,48 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports free now (all held until every one is chosen). Another
-    process may take one before the server binds it: ``startup.py`` restarts on that."""
-    sockets = [socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) for _ in range(count)]
+    """``count`` distinct ports free now, all held until every one is chosen.
+
+    They come from below the kernel's ephemeral range (``ip_local_port_range``), where
+    no ``bind(0)`` (gloo's listeners, for one) and no outgoing connection can take one
+    before the server binds it, and outside the range SGLang picks its NCCL port from.
+    A process choosing the same fixed port can still take one: ``startup.py`` restarts
+    on that. Where the range cannot be read (off Linux), the kernel chooses.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = _ports_below_ephemeral()
+    held: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        while len(held) < count:
+            port = candidates.pop() if candidates else 0
+            sock = socket.socket(family)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                if port == 0:
+                    raise
+                continue
+            held.append(sock)
+        return [sock.getsockname()[1] for sock in held]
     finally:
-        for sock in sockets:
+        for sock in held:
             sock.close()
+
+
+PORT_RANGE = (10000, 21999)
+"""Where ``free_ports`` looks: below Linux's default ephemeral range (32768 up) and the
+range SGLang picks its NCCL port from (22000-29999, ``get_free_port_below_ephemeral``)."""
+
+
+def _ports_below_ephemeral() -> list[int]:
+    """Candidate ports in random order, empty where the ephemeral range cannot be read."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    low, high = PORT_RANGE[0], min(PORT_RANGE[1], ephemeral_low - 1)
+    return random.sample(range(low, high + 1), min(256, max(0, high - low + 1)))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
