@@ -146,8 +146,8 @@ def test_handoff_subcommand_dispatches(monkeypatch):
 def test_run_on_the_demo_models(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pfs_sglang.bench", "run", "--shape", "tiny", "--sessions", "2", "--rounds", "1",
-               "--systems", "pfs,pfs-noshare", "--models-dir", str(tmp_path / "models"), "--no-progress",
-               "--out", str(out)]
+               "--systems", "pfs,pfs-noshare", "--models", "extract,compute", "--models-dir", str(tmp_path / "models"),
+               "--no-progress", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -157,7 +157,7 @@ def test_run_on_the_demo_models(tmp_path):
     assert set(summary["ratios"]) == RATIO_KEYS
     for figures in summary["systems"].values():
         assert set(figures) == SYSTEM_KEYS
-        assert figures["requests"] == 2 * 3 and figures["errors"] == 0
+        assert figures["requests"] == 2 * 2 and figures["errors"] == 0
         assert figures["kv_bytes"] > 0 and figures["ttft_p50_s"] <= figures["e2e_p50_s"]
         assert summary["floor_prefill_tokens"] <= figures["prefill_tokens"]
     assert summary["same_outputs_pfs_noshare"] is True
@@ -167,7 +167,7 @@ def test_run_on_the_demo_models(tmp_path):
     assert summary["ratios"]["throughput_pfs_over_noshare"] is not None
 
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
-    assert len(records) == 12 and all(len(record["output_ids"]) == 8 for record in records)
+    assert len(records) == 2 * 4 and all(len(record["output_ids"]) == 8 for record in records)
     details = json.loads((out / "details.json").read_text())
     assert details["systems"]["pfs"]["kv_pool_total_tokens"] == summary["workload"]["kv_budget_tokens"]
     assert "| pfs |" in (out / "report.md").read_text()

@@ -1,8 +1,9 @@
 """Batches, ``n > 1`` and SGLang's endpoints through a real deployment, with stock SGLang as the contract.
 
 The same requests go first to a stock (non-PD) ``sglang.launch_server`` serving the
-``extract`` demo model, then through the router of a PrefillShare deployment (base +
-``extract``). The answers must have the same shape key by key (lists and their
+base, then through the router of the session's PrefillShare demo deployment (base and
+the three demo decode models; the requests name ``extract``, which shares the base's
+architecture and tokenizer). The answers must have the same shape key by key (lists and their
 lengths, ``index`` values, ``choices`` order, the token counts of ``usage`` and
 ``meta_info``); only values that depend on the serving mode are left out (timings,
 ``decode_throughput``, cache details). Streams are compared by what a client reads:
@@ -28,11 +29,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from pfs_sglang.launch.deployment import Deployment
-from pfs_sglang.launch.processes import free_port
-from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from router_fuzz import check_answer, hostile_requests
-from sglang_process import sglang_server, wait_deployment_idle
+from sglang_process import wait_deployment_idle
 
 MODEL = "extract"
 GREEDY = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
@@ -72,18 +70,13 @@ def ask_all(url: str, model: str) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def stock(demo_models, tmp_path_factory) -> dict[str, object]:
-    log = tmp_path_factory.mktemp("stock") / "sglang.log"
-    with sglang_server(demo_models.decode[MODEL], log, ["--enable-cache-report"]) as url:
-        return ask_all(url, "default")
+def stock(stock_base) -> dict[str, object]:
+    return ask_all(stock_base, "default")
 
 
 @pytest.fixture(scope="module")
-def deployment(demo_models, tmp_path_factory, stock):  # after the stock server stopped: one at a time
-    topology = Topology(base_model=demo_models.base, decode_models=(DecodeModelSpec(MODEL, demo_models.decode[MODEL]),),
-                        port=free_port(), log_dir=tmp_path_factory.mktemp("deployment"))
-    with Deployment(topology) as running:
-        yield running
+def deployment(demo_deployment):
+    return demo_deployment
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +189,6 @@ def test_client_mistakes_get_a_clear_4xx_and_every_server_stays_up(deployment, e
     assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
     nested = FUZZ_CLIENT.post(deployment.url + endpoint, content=b"[" * 100_000 + b"]" * 100_000)
     assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]["message"]
-    assert not deployment.dead_children()
+    assert deployment.launcher_alive()
     wait_deployment_idle(deployment.url, timeout_s=30)
 

@@ -10,20 +10,16 @@ import pytest
 import requests
 
 from pfs_sglang.oracle import load_tokenizer, prefillshare_greedy
-from sglang_process import sglang_server
 
 PROMPTS = ["the record of city", "What is the total price of order 42?", "a"]
 MAX_NEW_TOKENS = 12
 
 
-# The base only (one stock server less in the suite): the decode modules share its architecture,
-# and the PD oracle tests check them end to end.
-@pytest.fixture(scope="module", params=["base"])
-def served_model(request, demo_models, tmp_path_factory):
-    path = demo_models.base
-    log = tmp_path_factory.mktemp("logs") / f"sglang-{request.param}.log"
-    with sglang_server(path, log) as url:
-        yield path, url
+@pytest.fixture(scope="module")
+def served_model(demo_models, stock_base):
+    """The base only (the session's stock server): the decode modules share its
+    architecture, and the PD oracle tests check them end to end."""
+    return demo_models.base, stock_base
 
 
 def test_generate_greedy_equals_transformers(served_model):
