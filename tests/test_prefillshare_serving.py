@@ -1,8 +1,9 @@
 """End to end: one prefill module, three decode models, one OpenAI endpoint (issue 3).
 
 A real deployment (``python -m pfs_sglang.launch_server``: router, prefill server with
-the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer) runs
-on 127.0.0.1 for the whole module. Checks: the greedy oracle of invariant 5 for every
+the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer; the
+session's ``demo_deployment``, shared with ``test_router_sglang_shapes``) runs on
+127.0.0.1. Checks: the greedy oracle of invariant 5 for every
 decode model (single turn, two turns whose second prompt holds the first answer, and a
 cache hit), cross-model prefix sharing (invariant 3), streaming, 3 models x 20
 concurrent requests leaving every KV pool idle, a client that leaves (streaming or
@@ -23,7 +24,6 @@ import pytest
 import requests
 
 from pfs_sglang.bench import load
-from pfs_sglang.launch import Topology
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from sglang_process import generate_greedy, metric_total, wait_deployment_idle
 
@@ -31,17 +31,14 @@ MAX_NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def deployment_dir(tmp_path_factory):
-    """The launcher's log and every server's log."""
-    return tmp_path_factory.mktemp("deployment")
+def deployment(demo_deployment) -> str:
+    return demo_deployment.url
 
 
 @pytest.fixture(scope="module")
-def deployment(demo_models, deployment_dir):
-    models = [f"--decode-model={name}={path}" for name, path in demo_models.decode.items()]
-    with load.demo_deployment(deployment_dir, Topology.max_total_tokens,
-                              ["--base-model", str(demo_models.base), *models], timeout_s=300) as (url, _):
-        yield url
+def deployment_dir(demo_deployment):
+    """The launcher's log and every server's log."""
+    return demo_deployment.log_dir
 
 
 def generate(url: str, model: str, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
@@ -190,6 +187,72 @@ def test_sglang_frontend_program_runs_on_the_default_model(deployment, demo_mode
     reference = prefillshare_greedy(demo_models.base, demo_models.decode["extract"], prompt_ids, MAX_NEW_TOKENS)
     expected = load_tokenizer(str(demo_models.base)).decode(reference.output_ids, skip_special_tokens=True)
     assert state["answer"] == expected or min(reference.top2_margins) < 1e-3
+
+
+def greedy_text_or_near_tie(demo_models, model: str, text: str, served: str, max_new_tokens: int) -> bool:
+    """``served`` is the oracle's greedy continuation of ``text`` by ``model`` (or the oracle had a near-tie)."""
+    tokenizer = load_tokenizer(str(demo_models.base))
+    reference = prefillshare_greedy(demo_models.base, demo_models.decode[model],
+                                    tokenizer.encode(text, add_special_tokens=False), max_new_tokens)
+    return served == tokenizer.decode(reference.output_ids, skip_special_tokens=True) or \
+        min(reference.top2_margins) < 1e-3
+
+
+def test_one_frontend_program_over_three_models_prefills_its_context_once(deployment, demo_models):
+    import sglang as sgl
+
+    from pfs_sglang.frontend import PrefillShareBackend
+
+    pfs = PrefillShareBackend(deployment)
+    context = "\n".join(f"record {i}: city C{i}, qty {i % 5}, price {i * 7}" for i in range(30)) + "\n"
+    greedy = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+    @sgl.function
+    def pipeline(s):
+        s += context + "city of record 3:"
+        pfs.use(s, "extract")
+        s += sgl.gen("city", **greedy)
+        pfs.use(s, "compute")
+        s += "\nqty plus price of record 3:" + sgl.gen("total", **greedy)
+        s += "\nopen? " + sgl.select("open", choices=["yes", "no"])
+        forks = s.fork(2)
+        for fork, model in zip(forks, ("extract", "transform")):
+            pfs.use(fork, model)
+            fork += "\nnext:" + sgl.gen("next", **greedy)
+        forks.join()
+
+    requests_before = requests.get(f"{deployment}/metrics", timeout=10).text
+    state = pipeline.run(backend=pfs.endpoint("extract"))
+    requests_after = requests.get(f"{deployment}/metrics", timeout=10).text
+    assert not state.error(), state.error()
+
+    city_prompt = context + "city of record 3:"
+    total_prompt = city_prompt + state["city"] + "\nqty plus price of record 3:"
+    assert greedy_text_or_near_tie(demo_models, "extract", city_prompt, state["city"], 4)
+    assert greedy_text_or_near_tie(demo_models, "compute", total_prompt, state["total"], 4)
+    fork_prompt = total_prompt + state["total"] + "\nopen? " + state["open"] + "\nnext:"
+    for fork, model in zip(state["next"], ("extract", "transform")):
+        assert greedy_text_or_near_tie(demo_models, model, fork_prompt, fork, 4), model
+
+    # The context was prefilled once: the second model read it from the shared tree.
+    context_tokens = len(load_tokenizer(str(demo_models.base)).encode(context, add_special_tokens=False))
+    assert state.get_meta_info("total")["cached_tokens"] >= context_tokens - 1
+    for model in ("extract", "compute", "transform"):  # every model was asked, through the router
+        sent = sum(value for name, value in _prometheus_samples(requests_after, "pfs_router_requests_total", model)) \
+            - sum(value for name, value in _prometheus_samples(requests_before, "pfs_router_requests_total", model))
+        assert sent >= 1, model
+
+    streamed = pipeline.run(backend=pfs.endpoint("extract"), stream=True)
+    assert "".join(streamed.text_iter()) and streamed["total"] == state["total"]
+
+    with pytest.raises(RuntimeError, match="does not exist"):
+        pfs.endpoint("no-such-model")
+    wait_deployment_idle(deployment)
+
+
+def _prometheus_samples(text: str, name: str, model: str) -> list[tuple[str, float]]:
+    return [(line.split(" ", 1)[0], float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+            if line.startswith(name + "{") and f'model="{model}"' in line]
 
 
 def client_disconnects(router_url: str, model: str) -> float:

@@ -226,6 +226,24 @@ def test_generate_drops_model_and_uses_the_default_model_when_none_is_named():
         assert info.json() == {"model_path": "/models/coder-0"}  # what SGLang frontend programs read
 
 
+def test_a_models_path_prefix_serves_that_model_and_refuses_another():
+    with cluster(decode_counts={"planner": 1, "coder": 1}, default_model="coder") as c:
+        prefix = "/models/planner"
+        for endpoint, body in (("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 2}}),
+                               ("/v1/completions", {"prompt": "a", "max_tokens": 2}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})):
+            reply = c.post(prefix + endpoint, body)
+            assert reply.status_code == 200, (endpoint, reply.text)
+        assert len(c.decode["planner"][0].bodies) == 3 and not c.decode["coder"][0].bodies
+        info = httpx.get(c.router + prefix + "/get_model_info", timeout=5)
+        assert info.json() == {"model_path": "/models/planner-0"}
+        other = c.post(prefix + "/generate", {"model": "coder", "text": "a"})
+        assert other.status_code == 400 and "names the model 'planner'" in other.json()["error"]["message"]
+        unknown = httpx.get(c.router + "/models/nobody/get_model_info", timeout=5)
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+        assert c.post("/models/nobody/generate", {"text": "a"}).status_code == 404
+
+
 # ----- choice of servers -----
 
 def test_each_model_goes_to_its_own_pool_and_idle_replicas_share_work():

@@ -17,8 +17,10 @@ to every server, for the client's ``rid`` and the sub-request rids derived from 
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
 (200 when every server is), ``/health_generate`` (a one-token generation through the
 PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers`` (each with
-its load and whether it is in rotation). Any other path is a 404 with an OpenAI error
-body. While the deployment starts every endpoint answers 503 at once (``/health``
+its load and whether it is in rotation). Under ``/models/{model}/`` the same generation
+and model-info endpoints serve that one model (a request naming another is a 400), so
+SGLang's own ``RuntimeEndpoint`` pointed there runs a frontend program on that model
+(``pfs_sglang.frontend``). Any other path is a 404 with an OpenAI error body. While the deployment starts every endpoint answers 503 at once (``/health``
 naming the servers still starting). A client that disconnects has its request aborted
 on every server. A server whose process is gone is out of rotation until its health
 check passes again (``worker_health.py``); a request whose pool has no server in
@@ -70,6 +72,8 @@ HEALTH_GENERATE_TIMEOUT_S = 20.0
 # then (3 in 2000 in the 200-session load run); one connection per request on loopback
 # costs less than a millisecond, and that run went from 15 to 25 requests/s without reuse.
 UPSTREAM_IDLE_CONNECTIONS = 0
+# Where one model's endpoints live (``RuntimeEndpoint(router + "/models/NAME")``).
+MODEL_PREFIX = "/models/{model}"
 
 
 @dataclass(frozen=True)
@@ -110,14 +114,15 @@ class PrefillShareRouter:
     def all_workers(self) -> list[Worker]:
         return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
 
-    async def route(self, request: Request, endpoint: str) -> Response:
+    async def route(self, request: Request, endpoint: str, path_model: str | None = None) -> Response:
+        """Answer one generation request; ``path_model`` is the model a ``/models/{model}/`` path names."""
         try:
             body = await request.body()
         except ClientDisconnect:  # gone before its body came: nothing was routed
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         try:
             routed = parse_request(endpoint, body, self.config.decode_pools,
-                                   self.config.fallback_model, self.config.vocab_size)
+                                   self.config.fallback_model, self.config.vocab_size, path_model)
             routed.body.setdefault("rid", uuid.uuid4().hex)  # what an abort names if the client leaves
             plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
@@ -460,9 +465,12 @@ class PrefillShareRouter:
     async def flush_cache(self) -> Response:
         return await self._on_every_worker("POST", "/flush_cache")
 
-    async def default_model_get(self, path: str) -> Response:
-        """A GET answered by a decode server of the default model (what frontend programs read)."""
-        workers = self.config.decode_pools[self.config.fallback_model].workers
+    async def model_get(self, model: str | None, path: str) -> Response:
+        """A GET answered by a decode server of ``model`` (the default model when None): what
+        frontend programs read (``/get_model_info``, ``/get_server_info``)."""
+        if model is not None and model not in self.config.decode_pools:
+            return _unknown_model(model)
+        workers = self.config.decode_pools[model or self.config.fallback_model].workers
         worker = next((w for w in workers if w.healthy), workers[0])
         try:
             reply = await self.client.get(worker.url + path, timeout=self.config.health_timeout_s)
@@ -522,12 +530,13 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
 
     def routed(endpoint: str):
         async def handler(request: Request) -> Response:
-            return await router().route(request, endpoint)
+            return await router().route(request, endpoint, request.path_params.get("model"))
 
         return handler
 
     for endpoint in (CHAT, COMPLETIONS, GENERATE):
         app.add_api_route(endpoint, routed(endpoint), methods=["POST"])
+        app.add_api_route(MODEL_PREFIX + endpoint, routed(endpoint), methods=["POST"])
 
     @app.get("/v1/models")
     async def models():
@@ -536,7 +545,7 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
         if model not in router().config.decode_pools:
-            return error_response(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+            return _unknown_model(model)
         return router().model_card(model)
 
     @app.get("/workers")
@@ -552,10 +561,12 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
         return await router().health_generate()
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.api_route(MODEL_PREFIX + "/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
         return await router().flush_cache()
 
     @app.post("/abort_request")
+    @app.post(MODEL_PREFIX + "/abort_request")
     async def abort_request(request: Request):
         try:
             body = json.loads(await request.body())
@@ -570,13 +581,14 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
         return Response(router().metrics.render(), media_type=CONTENT_TYPE)
 
     def proxied(path: str):
-        async def handler() -> Response:
-            return await router().default_model_get(path)
+        async def handler(request: Request) -> Response:
+            return await router().model_get(request.path_params.get("model"), path)
 
         return handler
 
     for path in ("/get_model_info", "/model_info", "/get_server_info", "/server_info"):
         app.add_api_route(path, proxied(path), methods=["GET"])
+        app.add_api_route(MODEL_PREFIX + path, proxied(path), methods=["GET"])
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def not_served(path: str):
@@ -585,6 +597,10 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
     if api_key:
         return RequireApiKey(app, api_key)
     return app
+
+
+def _unknown_model(model: str) -> Response:
+    return error_response(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
 
 
 async def _disconnected(request: Request) -> None:

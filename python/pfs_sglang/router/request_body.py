@@ -145,8 +145,11 @@ def _integer_out_of_range(value: Any, path: str = "") -> str | None:
 
 
 def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], default_model: str,
-                  vocab_size: int | None = None) -> RoutedRequest:
-    """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed."""
+                  vocab_size: int | None = None, path_model: str | None = None) -> RoutedRequest:
+    """Read and check a request body; raise ``RequestRejected`` (400/404) when it cannot be routed.
+
+    ``path_model`` (from a ``/models/{model}/`` path) is the model of a body that names
+    none, on every endpoint; a body naming another model is refused."""
     try:
         body = json.loads(raw)
         out_of_range = _integer_out_of_range(body)
@@ -160,6 +163,11 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
         raise RequestRejected(400, f"'{out_of_range}' holds an integer outside the 64-bit range", param=out_of_range)
 
     model = body.get("model")
+    if path_model is not None and model is not None and model != path_model:
+        raise RequestRejected(400, f"the path names the model '{path_model}' but the body names {model!r}",
+                              param="model")
+    if model is None and path_model is not None:
+        model, body["model"] = path_model, path_model
     if model is None and endpoint == GENERATE:
         model = default_model
     if not isinstance(model, str) or not model:
