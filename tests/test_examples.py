@@ -1,0 +1,69 @@
+"""The programs in ``examples/`` run as a user runs them and show what they claim.
+
+The two client programs run as subprocesses against the session's ``demo_deployment``
+(base + ``extract``, ``compute``, ``transform``): each exits 0, and the context one
+model read is served from the shared prefill cache to the next. ``topology.yaml``
+passes the launcher's ``--dry-run`` (nothing starts), with ``~`` pointing at the
+session's demo models.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pfs_sglang.launch.cli import main as launcher_main
+from pfs_sglang.launch.processes import free_port
+from pfs_sglang.oracle import load_tokenizer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_react_pipeline_shares_its_growing_context_across_three_models(demo_deployment):
+    done = run_example("react_pipeline.py", "--url", demo_deployment.url, "--steps", "4")
+    assert done.returncode == 0, done.stderr
+    steps = re.findall(r"^step (\d+) \[(\w+)\] '.*': prompt_tokens (\d+), cached_tokens (\d+)$", done.stdout, re.M)
+    assert [(int(step), model) for step, model, _, _ in steps] == [
+        (1, "extract"), (2, "compute"), (3, "transform"), (4, "extract")], done.stdout
+    prompts = [int(prompt) for _, _, prompt, _ in steps]
+    cached = [int(hit) for _, _, _, hit in steps]
+    for step in range(1, len(steps)):  # each model read all but (at most) the last token of the previous prompt
+        assert prompts[step] > prompts[step - 1] and cached[step] >= prompts[step - 1] - 1, done.stdout
+
+
+def test_react_pipeline_says_when_the_router_is_unreachable():
+    done = run_example("react_pipeline.py", "--url", f"http://127.0.0.1:{free_port()}", "--steps", "1")
+    assert done.returncode == 1 and "cannot reach the router" in done.stderr, (done.stdout, done.stderr)
+
+
+def test_frontend_program_prefills_its_context_once_for_two_models(demo_deployment, demo_models):
+    done = run_example("frontend_two_models.py", "--url", demo_deployment.url)
+    assert done.returncode == 0, done.stderr
+    context = ast.literal_eval(re.search(r"^shared context: (.*)$", done.stdout, re.M)[1])
+    calls = dict(re.findall(r"^\[(\w+)\] .* -> '.*': prompt_tokens \d+, cached_tokens (\d+)$", done.stdout, re.M))
+    assert set(calls) == {"extract", "compute"}, done.stdout
+    context_tokens = len(load_tokenizer(str(demo_models.base)).encode(context, add_special_tokens=False))
+    assert int(calls["compute"]) >= context_tokens - 1, done.stdout  # read from what extract's call prefilled
+
+
+def test_topology_yaml_passes_the_launchers_dry_run(demo_models, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    (home / ".cache" / "pfs_sglang").mkdir(parents=True)
+    (home / ".cache" / "pfs_sglang" / "demo_models").symlink_to(demo_models.base.parent)
+    monkeypatch.setenv("HOME", str(home))  # the YAML's ~/.cache/pfs_sglang/demo_models/...
+    code = launcher_main(["--config", str(EXAMPLES / "topology.yaml"), "--device", "cpu", "--dry-run",
+                          "--log-dir", str(tmp_path / "logs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for server in ("prefill-0", "decode-extract-0", "decode-compute-0", "decode-transform-0"):
+        assert f"# {server}: CPU" in out
+    assert "--served-model-name transform --disaggregation-decode-retraction-backup cpu_tensor " \
+           "--max-running-requests 16" in out
+    assert "dry run: nothing was started" in out
