@@ -9,8 +9,11 @@ installed CUDA wheel and dozens of fused CPU ops; the generic path needs one imp
 
 ``install_import_stand_ins()`` is called by the pfs_sglang plugin in every SGLang
 process. It does nothing when CUDA is available or when the real module imports.
+``install_unpinned_host_memory()`` (also from the plugin, also CPU-only) lets SGLang's
+multi-LoRA start: its requests for pinned host memory become plain host memory.
 """
 
 from pfs_kernels.stand_ins import install_import_stand_ins
+from pfs_kernels.unpinned_host_memory import install_unpinned_host_memory
 
-__all__ = ["install_import_stand_ins"]
+__all__ = ["install_import_stand_ins", "install_unpinned_host_memory"]

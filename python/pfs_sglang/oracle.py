@@ -13,6 +13,7 @@ every prompt token it scores over the base KV of ``prompt[:k]``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +21,27 @@ from pathlib import Path
 import torch
 
 
-@lru_cache(maxsize=8)
-def load_causal_lm(model_dir: str):
+def load_model(model_dir: str | Path) -> torch.nn.Module:
+    """A full checkpoint, or a PEFT LoRA adapter merged into the base it names, in float32."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model_dir = Path(model_dir)
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model.eval()
+
+
+@lru_cache(maxsize=8)
+def load_causal_lm(model_dir: str) -> torch.nn.Module:
+    """``load_model``, loaded once per directory (do not modify the result)."""
+    return load_model(model_dir)
 
 
 @lru_cache(maxsize=8)

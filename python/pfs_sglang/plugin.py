@@ -4,7 +4,8 @@ SGLang calls :func:`load` early in every one of its processes (main, scheduler,
 detokenizer, DP controller); registrations made in a parent process are lost across
 ``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
 
-* CPU import stand-ins (``pfs_kernels``) where no CUDA is present;
+* CPU import stand-ins and unpinned host memory for SGLang's multi-LoRA
+  (``pfs_kernels``) where no CUDA is present;
 * the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), per-request KV
   transfer figures in prefill replies, and PD servers that poll rather than spin
   while a hand-off is in flight (with ``--sleep-on-idle``);
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def load() -> None:
-    from pfs_kernels import install_import_stand_ins
+    from pfs_kernels import install_import_stand_ins, install_unpinned_host_memory
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
@@ -34,6 +35,7 @@ def load() -> None:
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
+    install_unpinned_host_memory()
     register_zmq_transfer_backend()
     register_kv_transfer_report()
     register_pd_wait_polling()

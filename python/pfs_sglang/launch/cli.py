@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-restarts", type=int, metavar="N",
                         help="restarts per server with --restart-on-failure (default 5); one more exit stops "
                              "the deployment")
+    parser.add_argument("--colocate-lora", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve every LoRA-adapter decode model from one decode server holding the base's "
+                             "weights once (default); --no-colocate-lora: one such server per adapter")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
@@ -165,6 +168,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "log_dir": args.log_dir,
         "startup_timeout_s": args.startup_timeout_s,
         "startup_concurrency": args.startup_concurrency,
+        "colocate_lora": args.colocate_lora,
         "api_key": args.api_key,
         "gpus": parse_gpus(args.gpus) if args.gpus is not None else None,
         "pack": args.pack,

@@ -64,7 +64,7 @@ from pfs_sglang.launch.server_commands import (
 )
 from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
 from pfs_sglang.launch.supervision import RestartPolicy, SupervisionEvent, Supervisor
-from pfs_sglang.launch.topology import DecodeModelSpec, Topology
+from pfs_sglang.launch.topology import DecodeServerSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 from pfs_sglang.router.api_key import RequireApiKey
 from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
@@ -131,9 +131,9 @@ def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str,
 
 @dataclass
 class PlannedServer:
-    """One server of the deployment: its decode model (None: a prefill server), ports and process."""
+    """One server of the deployment: what it decodes (None: a prefill server), ports and process."""
 
-    decode_model: DecodeModelSpec | None
+    decode_server: DecodeServerSpec | None
     child: ManagedProcess
     ports: ServerPorts | None = None
 
@@ -207,7 +207,7 @@ class Deployment:
         threads = cpu_threads_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
         planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)]
-        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.decode_models
+        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.decode_servers()
                     for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
@@ -221,7 +221,7 @@ class Deployment:
     def _choose_ports(self, server: PlannedServer) -> None:
         """Fresh ports for ``server`` (at planning, and again after a port collision)."""
         t, placement = self.topology, self.placements[server.name]
-        prefill = server.decode_model is None
+        prefill = server.decode_server is None
         needed = 1 + prefill + (t.device == "cuda")
         http, *others = free_ports(needed, t.server_host)
         server.ports = ServerPorts(http=http, bootstrap=others.pop(0) if prefill else None,
@@ -232,10 +232,12 @@ class Deployment:
                                                           t.device, t.max_total_tokens, t.prefill_args, placement,
                                                           auth_file)
         else:
-            spec = server.decode_model
-            server.child.command = decode_server_command(spec.name, spec.path, t.server_host, server.ports,
-                                                         t.transfer_backend, t.device, t.max_total_tokens,
-                                                         t.decode_args_of(spec), placement, auth_file)
+            spec = server.decode_server
+            adapters = tuple((model.name, model.path) for model in spec.models) if spec.lora else ()
+            server.child.command = decode_server_command(spec.name, t.base_model if spec.lora else spec.models[0].path,
+                                                         t.server_host, server.ports, t.transfer_backend, t.device,
+                                                         t.max_total_tokens, t.decode_args_of(spec), placement,
+                                                         auth_file, adapters)
         server.child.url = f"http://{t.server_host}:{server.ports.http}"
 
     def _describe(self, server: PlannedServer) -> str:
@@ -246,10 +248,13 @@ class Deployment:
         """The router's view of the servers, at their current ports."""
         t = self.topology
         prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.server_host, bootstrap_port=s.ports.bootstrap)
-                           for s in self.servers if s.decode_model is None]
-        pools = {spec.name: DecodePool(spec.name, [Worker(url=s.child.url) for s in self.servers
-                                                   if s.decode_model is spec])
-                 for spec in t.decode_models}
+                           for s in self.servers if s.decode_server is None]
+        workers = {s.name: Worker(url=s.child.url) for s in self.servers if s.decode_server is not None}
+        pools = {}
+        for spec in t.decode_models:  # a co-located LoRA server's Worker is in each of its models' pools
+            serving = [s for s in self.servers if s.decode_server is not None and spec in s.decode_server.models]
+            pools[spec.name] = DecodePool(spec.name, [workers[s.name] for s in serving],
+                                          lora_adapter=spec.name if serving[0].decode_server.lora else None)
         vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
         return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
                             vocab_size=vocab_size)

@@ -75,7 +75,7 @@ def _pools(topology: Topology) -> list[_Pool]:
     t = topology
     pools = [_Pool("prefill", tuple(f"prefill-{i}" for i in range(t.prefill_replicas)), t.prefill_tp,
                    t.prefill_mem_fraction)]
-    for spec in t.decode_models:
+    for spec in t.decode_servers():
         pools.append(_Pool(f"decode '{spec.name}'", tuple(f"decode-{spec.name}-{i}" for i in range(t.decode_replicas)),
                            t.decode_tp_of(spec), t.decode_mem_fraction_of(spec)))
     return pools

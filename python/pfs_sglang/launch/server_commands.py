@@ -117,8 +117,11 @@ def prefill_server_command(
 def decode_server_command(
     name: str, model: Path, host: str, ports: ServerPorts, backend: str, device: str,
     max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
-    auth_file: Path | None = None,
+    auth_file: Path | None = None, lora_adapters: tuple[tuple[str, Path], ...] = (),
 ) -> list[str]:
+    """A decode server of ``model``; with ``lora_adapters`` ((name, adapter dir), ...),
+    ``model`` is the base and SGLang's multi-LoRA serves each adapter under its name
+    (the router names it per request as ``lora_path``)."""
     args = [
         *_common(model, host, ports, backend, device, max_total_tokens, auth_file),
         *_placement_args(ports, placement),
@@ -129,4 +132,9 @@ def decode_server_command(
         # Retraction keeps an exact copy of the request's KV (invariant 1); SGLang's
         # default host pool needs cudaHostRegister, a plain CPU tensor does not.
         args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+    if lora_adapters:
+        args += ["--enable-lora", "--max-loras-per-batch", str(len(lora_adapters)),
+                 "--lora-paths", *(f"{adapter}={path}" for adapter, path in lora_adapters)]
+        if device == "cpu":
+            args += ["--lora-backend", "torch_native"]  # SGLang's only LoRA backend without GPU kernels
     return [*args, *extra]

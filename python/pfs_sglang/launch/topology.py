@@ -15,6 +15,12 @@ served. GPU placement (``gpus``, ``pack``, TP and memory shares per pool) is pla
     prefill_tp: 2
     port: 8000
     decode_args: --max-running-requests 64
+
+A decode model whose directory is a PEFT LoRA adapter (``adapter_config.json``, as
+``python -m pfs_sglang.train --mode lora`` writes) is served by a decode server running
+the base's weights with SGLang's multi-LoRA; with ``colocate_lora`` (the default) every
+adapter shares one such server (``decode-lora-N``), so N task models cost one copy of
+the base plus N adapters (``decode_servers()``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from typing import Any
 import yaml
 
 TRANSFER_BACKENDS = ("zmq", "mooncake", "nixl")
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA adapter directory
+COLOCATED_LORA_SERVER = "lora"  # the name of the decode server co-located adapters share
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,33 @@ class DecodeModelSpec:
     tp: int | None = None
     mem_fraction: float | None = None
     args: tuple[str, ...] = ()  # appended after the topology's decode_args
+
+    @property
+    def is_lora_adapter(self) -> bool:
+        return (Path(self.path) / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class DecodeServerSpec:
+    """What one decode server (and each of its replicas) serves: one full-weight decode
+    module, or LoRA adapters over the base's weights (``lora``), each under its own
+    model name. ``tp``, ``mem_fraction`` and ``args`` as in ``DecodeModelSpec``."""
+
+    name: str  # its servers are decode-{name}-{replica}
+    models: tuple[DecodeModelSpec, ...]
+    lora: bool
+    tp: int | None = None
+    mem_fraction: float | None = None
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, name: str, models: tuple[DecodeModelSpec, ...], lora: bool) -> "DecodeServerSpec":
+        settings = {(m.tp, m.mem_fraction, m.args) for m in models}
+        if len(settings) > 1:
+            raise ValueError(f"co-located LoRA decode models {[m.name for m in models]} must have the same "
+                             "tp, memory fraction and args (or pass --no-colocate-lora)")
+        tp, mem_fraction, args = settings.pop()
+        return cls(name, models, lora, tp, mem_fraction, args)
 
 
 @dataclass(frozen=True)
@@ -63,6 +98,7 @@ class Topology:
     log_dir: Path | None = None
     startup_timeout_s: float | None = None  # None: scaled to the servers started (deployment.py)
     startup_concurrency: int | None = None  # servers starting at once; None: the launcher's default
+    colocate_lora: bool = True  # every LoRA decode model on one decode server (with the base's weights)
     api_key: str | None = None  # required by the router and by every server (passed on by the router)
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
     restart_on_failure: bool = False  # restart a server that exits while serving (supervision.py)
@@ -74,13 +110,28 @@ class Topology:
     prefill_mem_fraction: float | None = None  # share of each of its GPUs' memory
     decode_mem_fraction: float | None = None
 
-    def decode_tp_of(self, spec: DecodeModelSpec) -> int:
+    def decode_servers(self) -> tuple[DecodeServerSpec, ...]:
+        """The decode servers to start (each ``decode_replicas`` times): one per full-weight
+        decode model, and one for all LoRA adapters (one per adapter without ``colocate_lora``)."""
+        adapters = tuple(spec for spec in self.decode_models if spec.is_lora_adapter)
+        servers = [DecodeServerSpec.of(spec.name, (spec,), lora=False)
+                   for spec in self.decode_models if not spec.is_lora_adapter]
+        if self.colocate_lora and len(adapters) > 1:
+            if COLOCATED_LORA_SERVER in (spec.name for spec in self.decode_models):
+                raise ValueError(f"a decode model may not be named {COLOCATED_LORA_SERVER!r} when LoRA adapters "
+                                 "share a server (its name); rename it or pass --no-colocate-lora")
+            servers.append(DecodeServerSpec.of(COLOCATED_LORA_SERVER, adapters, lora=True))
+        else:
+            servers += [DecodeServerSpec.of(spec.name, (spec,), lora=True) for spec in adapters]
+        return tuple(servers)
+
+    def decode_tp_of(self, spec: DecodeModelSpec | DecodeServerSpec) -> int:
         return spec.tp if spec.tp is not None else self.decode_tp
 
-    def decode_mem_fraction_of(self, spec: DecodeModelSpec) -> float | None:
+    def decode_mem_fraction_of(self, spec: DecodeModelSpec | DecodeServerSpec) -> float | None:
         return spec.mem_fraction if spec.mem_fraction is not None else self.decode_mem_fraction
 
-    def decode_args_of(self, spec: DecodeModelSpec) -> tuple[str, ...]:
+    def decode_args_of(self, spec: DecodeModelSpec | DecodeServerSpec) -> tuple[str, ...]:
         return (*self.decode_args, *spec.args)
 
     def validate(self) -> None:

@@ -106,13 +106,19 @@ class PrefillShareRouter:
         self.client = client
         self.metrics = RouterMetrics()
         self.locality = PrefixLocality(config.prefill_workers)
-        pools = [config.prefill_workers, *(pool.workers for pool in config.decode_pools.values())]
+        pools = [config.prefill_workers]
+        for pool in config.decode_pools.values():  # co-located LoRA adapters' pools hold the same servers
+            if not any(len(pool.workers) == len(seen) and all(a is b for a, b in zip(pool.workers, seen))
+                       for seen in pools):
+                pools.append(pool.workers)
         self.health_checker = WorkerHealthChecker(pools, client, config.health_checks)
         self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
         self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
 
     def all_workers(self) -> list[Worker]:
-        return [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
+        """Every server once (a co-located LoRA server is in several pools)."""
+        workers = [*self.config.prefill_workers, *(w for pool in self.config.decode_pools.values() for w in pool.workers)]
+        return list({id(worker): worker for worker in workers}.values())
 
     async def route(self, request: Request, endpoint: str, path_model: str | None = None) -> Response:
         """Answer one generation request; ``path_model`` is the model a ``/models/{model}/`` path names."""
@@ -199,7 +205,8 @@ class PrefillShareRouter:
         """One prompt, one sample: the decode server's reply (``cached_tokens`` filled in, transfer counted)."""
         prefill, decode = self._leases(model, prompt)
         reply, prefill_reply = await self.pd.complete(prefill, decode, endpoint,
-                                                      pd_body(endpoint, body, prefill.worker), on_prefill_done)
+                                                      pd_body(endpoint, body, prefill.worker), on_prefill_done,
+                                                      self._decode_fields(model))
         ensure_cached_tokens(reply)
         transfer = kv_transfer_of(reply) or kv_transfer_of(prefill_reply)
         if transfer is not None:
@@ -210,7 +217,12 @@ class PrefillShareRouter:
                            on_prefill_done: Callable[[], None] | None = None) -> DecodeLines:
         prefill, decode = self._leases(model, prompt)
         return await self.pd.stream(prefill, decode, endpoint, pd_body(endpoint, body, prefill.worker),
-                                    on_prefill_done)
+                                    on_prefill_done, self._decode_fields(model))
+
+    def _decode_fields(self, model: str) -> dict[str, str]:
+        """What only ``model``'s decode server gets: its LoRA adapter, when it is one."""
+        adapter = self.config.decode_pools[model].lora_adapter
+        return {"lora_path": adapter} if adapter is not None else {}
 
     def _record_reply(self, routed: RoutedRequest, reply: dict | None, status: int = 200) -> None:
         self.metrics.record_request(routed.model, routed.endpoint, status)

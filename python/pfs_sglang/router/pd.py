@@ -132,23 +132,30 @@ class PrefillDecodeClient:
             raise
 
     async def complete(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
-                       body: dict, on_prefill_done: Callable[[], None] | None = None) -> tuple[dict, dict | None]:
-        """The decode server's JSON reply, and the prefill server's if it has already come."""
+                       body: dict, on_prefill_done: Callable[[], None] | None = None,
+                       decode_fields: dict | None = None) -> tuple[dict, dict | None]:
+        """The decode server's JSON reply, and the prefill server's if it has already come.
+
+        ``decode_fields`` go to the decode server only (a LoRA adapter's ``lora_path``:
+        the prefill module computes the prompt's KV without it, invariant 1)."""
         prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill, on_prefill_done)
-        decode_task = self._start(self._post_json("decode", decode, endpoint, body), decode)
+        decode_task = self._start(self._post_json("decode", decode, endpoint, {**body, **(decode_fields or {})}),
+                                  decode)
         reply = await self._unless_prefill_fails(prefill_task, decode_task)
         finished = prefill_task.done() and prefill_task.exception() is None
         self._finish_in_background(prefill_task)
         return reply, prefill_task.result() if finished else None
 
     async def stream(self, prefill: Lease[PrefillWorker], decode: Lease[Worker], endpoint: str,
-                     body: dict, on_prefill_done: Callable[[], None] | None = None) -> "DecodeLines":
+                     body: dict, on_prefill_done: Callable[[], None] | None = None,
+                     decode_fields: dict | None = None) -> "DecodeLines":
         """The decode server's SSE lines; opening it fails with the prefill's error if that comes first.
 
         The decode lease is released when the lines end (or fail, or are closed).
+        ``decode_fields`` as in ``complete``.
         """
         prefill_task = self._start(self._post_json("prefill", prefill, endpoint, body), prefill, on_prefill_done)
-        lines = self._decode_lines(decode, endpoint, body)
+        lines = self._decode_lines(decode, endpoint, {**body, **(decode_fields or {})})
         first_task = asyncio.ensure_future(self._first_line(decode.worker, lines))
         try:
             first = await self._unless_prefill_fails(prefill_task, first_task)

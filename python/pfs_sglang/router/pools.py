@@ -83,11 +83,14 @@ class LeastLoaded(Generic[W]):
 
 
 class DecodePool:
-    """The decode replicas serving one model name."""
+    """The decode replicas serving one model name; with ``lora_adapter``, servers holding
+    the base's weights that apply that LoRA adapter (named per request as ``lora_path``).
+    A server co-locating several adapters is one ``Worker`` in each of their pools."""
 
-    def __init__(self, model: str, workers: Sequence[Worker]):
+    def __init__(self, model: str, workers: Sequence[Worker], lora_adapter: str | None = None):
         self.model = model
         self.workers = list(workers)
+        self.lora_adapter = lora_adapter
         self._balance: LeastLoaded[Worker] = LeastLoaded(self.workers, f"decode ({model!r})")
 
     def acquire(self) -> Lease[Worker]:

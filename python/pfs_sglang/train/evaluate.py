@@ -13,14 +13,14 @@ Without ``prefill`` the model reads its own KV. The three settings of the replic
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from pfs_sglang.oracle import load_model
 from pfs_sglang.train.collate import collate_split
 from pfs_sglang.train.data import Example, load_examples
 from pfs_sglang.train.objective import base_prefix_cache
@@ -37,21 +37,6 @@ class EvalResult:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total
-
-
-def load_model(model_dir: str | Path) -> torch.nn.Module:
-    """A full checkpoint, or a PEFT LoRA adapter merged into the base it names."""
-    model_dir = Path(model_dir)
-    adapter_config = model_dir / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model.eval()
 
 
 @torch.no_grad()
