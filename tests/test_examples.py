@@ -4,12 +4,15 @@ The two client programs run as subprocesses against the session's ``demo_deploym
 (base + ``extract``, ``compute``, ``transform``): each exits 0, and the context one
 model read is served from the shared prefill cache to the next. ``topology.yaml``
 passes the launcher's ``--dry-run`` (nothing starts), with ``~`` pointing at the
-session's demo models.
+session's demo models. ``lora_walkthrough.py`` trains its adapter and evaluates it for
+real, then stops at the launcher's ``--dry-run`` (serving adapters is
+``test_lora_serving.py``'s, on deployments of their own).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -22,8 +25,9 @@ from pfs_sglang.oracle import load_tokenizer
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=120)
+def run_example(name: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                          timeout=timeout_s)
 
 
 def test_react_pipeline_shares_its_growing_context_across_three_models(demo_deployment):
@@ -67,3 +71,18 @@ def test_topology_yaml_passes_the_launchers_dry_run(demo_models, tmp_path, monke
     assert "--served-model-name transform --disaggregation-decode-retraction-backup cpu_tensor " \
            "--max-running-requests 16" in out
     assert "dry run: nothing was started" in out
+
+
+def test_lora_walkthrough_trains_an_adapter_that_learns_its_task_and_plans_it_next_to_the_demo_models(
+        demo_models, tmp_path):
+    adapter = tmp_path / "larger-lora"
+    done = run_example("lora_walkthrough.py", "--out", str(adapter), "--demo-dir", str(demo_models.base.parent),
+                       "--dry-run", timeout_s=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    evaluation = json.loads(next(line for line in done.stdout.splitlines() if line.startswith('{"setting"')))
+    assert evaluation["accuracy"] >= 0.75, evaluation  # a two-hop question the demo models were never taught
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "prefillshare.json").is_file()
+    plan = done.stdout[done.stdout.index("# decode-larger-0: CPU"):]
+    assert f"--model-path {demo_models.base} " in plan.splitlines()[1]
+    assert f"--enable-lora --max-loras-per-batch 1 --lora-paths larger={adapter}" in plan
+    assert "dry run: nothing was started" in done.stdout
