@@ -1,6 +1,8 @@
-"""Shared fixtures: the demo models (written once per session), the GPU marker, and the
-two servers several modules use: stock SGLang serving the base, and a PrefillShare
-demo deployment started from the command line.
+"""Shared fixtures: the demo models (written once per session), two LoRA decode modules
+trained against the demo base, the GPU marker, and the two servers several modules use:
+stock SGLang serving the base, and a PrefillShare demo deployment started from the
+command line (the three demo decode models, and the two adapters co-located on one
+decode server).
 
 Starting an SGLang server costs ~40 s of CPU on the 2-core CI box (its three
 processes import SGLang), so each of the two shared servers starts once per session.
@@ -20,6 +22,8 @@ import torch
 from pfs_sglang.bench import load
 from pfs_sglang.launch import Topology
 from pfs_sglang.models import DemoModels, write_demo_models
+from pfs_sglang.train.corpus import CorpusFiles, CorpusSizes, write_corpus
+from pfs_sglang.train.trainer import FinetuneConfig, finetune
 from sglang_process import sglang_server
 
 SHARED_SERVERS = ("stock_base", "demo_deployment")
@@ -39,6 +43,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> DemoModels:
     return write_demo_models(tmp_path_factory.mktemp("demo_models"))
+
+
+def train_lora_adapter(base: Path, data: Path, out_dir: Path, steps: int = 40) -> Path:
+    """A LoRA decode module of ``base`` (a few steps: enough to change what the base says)."""
+    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, mode="lora", max_steps=steps, batch_size=16,
+                            learning_rate=3e-3, logging_steps=1000, save_steps=1000))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def lora_corpus(tmp_path_factory) -> CorpusFiles:
+    return write_corpus(tmp_path_factory.mktemp("lora_corpus"), seed=3, sizes=CorpusSizes(16, 400, 20))
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(demo_models, lora_corpus, tmp_path_factory) -> dict[str, Path]:
+    """``extract-lora`` and ``compute-lora``: LoRA adapters of the demo base, by model name."""
+    root = tmp_path_factory.mktemp("lora_adapters")
+    return {f"{task}-lora": train_lora_adapter(demo_models.base, lora_corpus.train[task], root / task)
+            for task in ("extract", "compute")}
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +85,11 @@ class RunningDeployment:
 
 
 @pytest.fixture(scope="session")
-def demo_deployment(demo_models, tmp_path_factory) -> RunningDeployment:
-    """``python -m pfs_sglang.launch_server`` with the base and the three demo decode models."""
+def demo_deployment(demo_models, lora_adapters, tmp_path_factory) -> RunningDeployment:
+    """``python -m pfs_sglang.launch_server`` with the base, the three demo decode models
+    (``decode-NAME-0``) and the two LoRA adapters (both on ``decode-lora-0``)."""
     log_dir = tmp_path_factory.mktemp("demo_deployment")
-    models = [f"--decode-model={name}={path}" for name, path in demo_models.decode.items()]
+    models = [f"--decode-model={name}={path}" for name, path in {**demo_models.decode, **lora_adapters}.items()]
     with load.demo_deployment(log_dir, Topology.max_total_tokens, ["--base-model", str(demo_models.base), *models],
-                              timeout_s=300) as (url, launcher):
+                              timeout_s=600) as (url, launcher):
         yield RunningDeployment(url, log_dir, launcher)

@@ -1,9 +1,9 @@
 """End to end: one prefill module, three decode models, one OpenAI endpoint (issue 3).
 
 A real deployment (``python -m pfs_sglang.launch_server``: router, prefill server with
-the ``pfs`` prefix tree, one decode server per demo model, ``zmq`` KV transfer; the
-session's ``demo_deployment``, shared with ``test_router_sglang_shapes``) runs on
-127.0.0.1. Checks: the greedy oracle of invariant 5 for every
+the ``pfs`` prefix tree, one decode server per demo model and one for two LoRA adapters,
+``zmq`` KV transfer; the session's ``demo_deployment``, shared with other modules) runs
+on 127.0.0.1. Checks: the greedy oracle of invariant 5 for every
 decode model (single turn, two turns whose second prompt holds the first answer, and a
 cache hit), cross-model prefix sharing (invariant 3), streaming, 3 models x 20
 concurrent requests leaving every KV pool idle, a client that leaves (streaming or
@@ -78,9 +78,9 @@ def assert_chat_matches_oracle(content, demo_models, model, messages, max_tokens
         assert min(reference.top2_margins) < 1e-3, f"{model}: {content!r} != {tokenizer.decode(reference.output_ids)!r}"
 
 
-def test_lists_every_decode_model(deployment, demo_models):
+def test_lists_every_decode_model(deployment, demo_models, lora_adapters):
     served = {entry["id"] for entry in requests.get(f"{deployment}/v1/models", timeout=10).json()["data"]}
-    assert served == set(demo_models.decode)
+    assert served == {*demo_models.decode, *lora_adapters}
 
 
 def test_greedy_oracle_for_every_decode_model(deployment, demo_models):
