@@ -69,6 +69,59 @@ def test_same_host_uses_ipc_and_other_hosts_tcp(engines):
     assert SessionAddress("10.9.9.9", address.port).endpoint_from({"127.0.0.1"}) == f"tcp://10.9.9.9:{address.port}"
 
 
+def _round_trip(sender: ZmqTransferEngine, receiver: ZmqTransferEngine) -> None:
+    source = np.arange(4096, dtype=np.uint8)
+    destination = np.zeros(4096, dtype=np.uint8)
+    assert transfer(sender, receiver, [_registered(sender, source)], [_registered(receiver, destination)], [4096]) == 0
+    np.testing.assert_array_equal(destination, source)
+
+
+def test_tcp_only_engines_on_one_host_talk_tcp_over_the_socket(caplog):
+    """``PFS_KV_FORCE_TCP`` (``tcp_only``): the cross-host path, on one machine."""
+    sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5, tcp_only=True)
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5, tcp_only=True)
+    try:
+        with caplog.at_level("INFO", logger=zmq_engine.__name__):
+            _round_trip(sender, receiver)
+        session = receiver.get_session_id()
+        assert sender.peer_transports(session) == ["socket"]
+        assert f"connected to {session} over tcp://{session}, transport socket" in caplog.text
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_peer_on_another_host_gets_tcp_and_no_same_host_offer(caplog):
+    sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5)
+    receiver = ZmqTransferEngine(DECODE, "localhost", timeout_s=5)  # advertised as localhost:PORT
+    sender._local_hosts = {"127.0.0.1"}  # so, to the sender, an address of another host
+    try:
+        with caplog.at_level("INFO", logger=zmq_engine.__name__):
+            _round_trip(sender, receiver)
+        session = receiver.get_session_id()
+        assert session.startswith("localhost:") and sender.peer_transports(session) == ["socket"]
+        assert f"over tcp://{session}, transport socket" in caplog.text
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_force_tcp_switch_and_the_address_a_wildcard_bind_advertises(monkeypatch):
+    from pfs_sglang.transfer import FORCE_TCP_ENV
+    from pfs_sglang.transfer.zmq_backend import _bind_host, force_tcp_from_env
+
+    monkeypatch.delenv(FORCE_TCP_ENV, raising=False)
+    assert force_tcp_from_env() is False
+    monkeypatch.setenv(FORCE_TCP_ENV, "1")
+    assert force_tcp_from_env() is True
+    monkeypatch.setenv(FORCE_TCP_ENV, "yes")
+    with pytest.raises(ValueError, match="PFS_KV_FORCE_TCP is 1 .* or 0, got 'yes'"):
+        force_tcp_from_env()
+    # A wildcard bind advertises the address SGLang gives its own PD sockets, which peers reach.
+    monkeypatch.setenv("SGLANG_HOST_IP", "10.1.2.3")
+    assert _bind_host("0.0.0.0") == "10.1.2.3" and _bind_host("10.9.9.9") == "10.9.9.9"
+
+
 def test_write_outside_registered_memory_is_refused(engines):
     sender, receiver = engines
     source = np.ones(16, dtype=np.uint8)

@@ -14,6 +14,11 @@ serving stops the deployment with that server's log tail, unless
 requested stop, the child's own code when a server dies during start-up, 1 for any
 other launch failure. ``--api-key`` can also come from the YAML (``api_key:``), which
 keeps it out of ``ps``.
+
+Across hosts (``docs/multi_host.md``) each host runs one launcher with ``--role``:
+``prefill`` or ``decode:NAME`` starts that one server on ``--port`` (and the prefill's
+``--bootstrap-port``) at ``--server-host``, ``router`` only the router, over the servers
+the YAML lists under ``external_servers``; ``all`` (the default) is the whole deployment.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pfs_sglang.launch.deployment import Deployment
+from pfs_sglang.launch.deployment import Deployment, is_loopback
 from pfs_sglang.launch.processes import LaunchError
 from pfs_sglang.launch.startup import StartupEvent, StartupStep
 from pfs_sglang.launch.supervision import SupervisionEvent, SupervisionStep
 from pfs_sglang.launch.topology import (
+    SGLANG_BOOTSTRAP_PORT,
     TRANSFER_BACKENDS,
+    Role,
     Topology,
     default_device,
     load_yaml_topology,
@@ -51,6 +58,11 @@ EXAMPLES = """examples:
   python -m pfs_sglang.launch_server --base-model BASE --decode-model coder=CODER --decode-model critic=CRITIC \
       --gpus 0-3 --prefill-tp 2 --decode-args critic="--chunked-prefill-size 4096" --dry-run
   python -m pfs_sglang.launch_server ... --gpus 0 --pack --prefill-mem-fraction 0.4 --decode-mem-fraction 0.2
+  # one deployment on three hosts (docs/multi_host.md); topology.yaml holds kv_secret and external_servers:
+  python -m pfs_sglang.launch_server --config topology.yaml --role prefill --server-host 0.0.0.0 --port 30001 \
+      --bootstrap-port 30002
+  python -m pfs_sglang.launch_server --config topology.yaml --role decode:coder --server-host 0.0.0.0 --port 30001
+  python -m pfs_sglang.launch_server --config topology.yaml --role router --host 0.0.0.0 --port 8000
 """
 
 
@@ -64,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "a decode pool per model, and the router.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML topology (same keys as the flags; flags win)")
+    parser.add_argument("--role", help="what this host runs: all (default), prefill, decode:NAME (a decode model's "
+                                       "server, or 'lora' for co-located LoRA adapters) or router (over the YAML's "
+                                       "external_servers); see docs/multi_host.md")
     parser.add_argument("--base-model", type=Path, help="the prefill module (frozen base model directory)")
     parser.add_argument("--decode-model", action="append", metavar="NAME=PATH",
                         help="a decode module served as model NAME (repeatable)")
@@ -73,10 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transfer-backend", choices=TRANSFER_BACKENDS, help="KV transfer (default zmq)")
     parser.add_argument("--transfer-timeout", type=float, dest="transfer_timeout_s",
                         help="seconds one KV hand-off may take before the request fails (zmq; default 120)")
+    parser.add_argument("--transfer-force-tcp", action="store_true", default=None,
+                        help="zmq: KV moves over TCP sockets even between servers on one host (as between hosts), "
+                             "not IPC or shared memory: to try the cross-host path on one machine")
     parser.add_argument("--host", help="router host (default 127.0.0.1)")
     parser.add_argument("--server-host", help="host every SGLang server binds (HTTP, KV bootstrap, KV engine; default "
-                                              "127.0.0.1: only this machine, the router included, reaches them)")
-    parser.add_argument("--port", type=int, help="router port (default 30000)")
+                                              "127.0.0.1: only this machine, the router included, reaches them); "
+                                              "across hosts 0.0.0.0 or an address of this host that the others reach")
+    parser.add_argument("--port", type=int, help="router port (default 30000); with --role prefill or decode:NAME, "
+                                                 "the port of this host's server")
+    parser.add_argument("--bootstrap-port", type=int,
+                        help=f"with --role prefill, the prefill server's KV bootstrap port (default "
+                             f"{SGLANG_BOOTSTRAP_PORT}, SGLang's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--max-total-tokens", type=int, help="KV pool size of each server on CPU")
     parser.add_argument("--prefill-args", help='extra SGLang arguments for prefill servers, e.g. "--chunked-prefill-size 512"')
@@ -156,6 +179,9 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "decode_replicas": args.decode_replicas,
         "transfer_backend": args.transfer_backend,
         "transfer_timeout_s": args.transfer_timeout_s,
+        "transfer_force_tcp": args.transfer_force_tcp,
+        "role": Role.parse(args.role) if args.role is not None else None,
+        "bootstrap_port": args.bootstrap_port,
         "host": args.host,
         "server_host": args.server_host,
         "restart_on_failure": args.restart_on_failure,
@@ -181,7 +207,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
     if "device" not in settings:  # GPUs named: place on them; else cuda where there is one
         settings["device"] = "cuda" if settings.get("gpus") is not None or settings.get("pack") else default_device()
     topology = Topology(**{"base_model": None, **settings})
-    if topology.base_model is None:
+    if topology.base_model is None and topology.role.kind != "router":  # a router needs no model
         if topology.decode_models:
             raise LaunchError("--decode-model needs --base-model (the prefill module it was trained against)")
         topology = with_demo_models(topology)
@@ -230,8 +256,7 @@ def serve(deployment: Deployment) -> int:
     """Start the deployment and keep it up until a signal or a dead server; always stop it."""
     try:
         deployment.start()
-        _say(f"serving on {deployment.url} (OpenAI API at {deployment.url}/v1)")
-        _say(f"models: {', '.join(deployment.model_names)}")
+        _say_serving(deployment)
         while True:
             time.sleep(1.0)
             dead = deployment.supervise()
@@ -251,6 +276,32 @@ def serve(deployment: Deployment) -> int:
         deployment.stop()
 
 
+def _say_serving(deployment: Deployment) -> None:
+    role = deployment.topology.role
+    if role.runs_router:
+        _say(f"serving on {deployment.url} (OpenAI API at {deployment.url}/v1)")
+        _say(f"models: {', '.join(deployment.model_names)}")
+        return
+    for server in deployment.servers:
+        bootstrap = f", KV bootstrap port {server.ports.bootstrap}" if server.ports.bootstrap else ""
+        _say(f"{server.name} serving on {server.child.url}{bootstrap} (--role {role}: no router on this host; "
+             "the router's external_servers list this server at an address of this host it reaches)")
+
+
+def _describe_launch(topology: Topology, deployment: Deployment) -> str:
+    t = topology
+    models = ", ".join(f"{s.name}={s.path}" for s in (t.decode_models if t.role.kind == "all" else
+                                                       t.local_decode_models()))
+    if t.role.kind == "router":
+        decode = "; ".join(f"{pool.model} -> {', '.join(pool.urls)}" for pool in t.external_servers.decode)
+        return (f"--role router: prefill servers {', '.join(s.url for s in t.external_servers.prefill)}; "
+                f"decode servers {decode}")
+    if t.role.kind == "prefill":
+        return f"--role prefill: prefill module {t.base_model}; logs in {deployment.log_dir}"
+    role = f"--role {t.role}: " if t.role.serves_alone else ""
+    return f"{role}prefill module {t.base_model}; decode models {models}; logs in {deployment.log_dir}"
+
+
 def say_supervision(event: SupervisionEvent) -> None:
     _say(f"{event.server} {event.step.value}: {event.detail}",
          error=event.step in (SupervisionStep.EXITED, SupervisionStep.GIVEN_UP))
@@ -264,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ValueError, OSError) as error:
         _say(f"launch failed: {error}", error=True)
         return 1
-    _say(f"prefill module {topology.base_model}; decode models "
-         f"{', '.join(f'{s.name}={s.path}' for s in topology.decode_models)}; logs in {deployment.log_dir}")
+    _say(_describe_launch(topology, deployment))
+    if topology.role.serves_alone and is_loopback(topology.server_host):
+        _say(f"--server-host {topology.server_host}: only this machine reaches this server; for other hosts give "
+             "0.0.0.0 or an address of this host they reach")
     if args.dry_run:
         try:
             print(deployment.dry_run(), flush=True)
@@ -276,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_stop)
-    deployment.on_startup = progress = StartupProgress(servers=len(deployment.placements))
+    deployment.on_startup = progress = StartupProgress(servers=len(deployment.placements)
+                                                       + len(deployment.remote_servers))
     deployment.on_supervision = say_supervision
     try:
         return serve(deployment)

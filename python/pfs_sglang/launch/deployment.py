@@ -12,12 +12,20 @@ healthy), brings up the prefill pool and one decode pool per model (commands fro
 ``startup.py``), and hands the router the servers' final addresses. While it serves,
 ``supervise()`` (called by the launcher every second) restarts a server that exits,
 when the topology says so (``supervision.py``). Servers bind ``server_host``
-(127.0.0.1 unless told otherwise), the router ``host``. Every server gets
-the deployment's random KV secret (the ``zmq`` engines refuse writes without it) and,
-with ``api_key``, the key the router then requires of clients and passes on.
-``dry_run()`` does the checks and returns every server's environment and command line
-instead of starting them. ``stop()``, or leaving the ``with`` block, stops the router
-and every child::
+(127.0.0.1 unless told otherwise), the router ``host``. Every server gets the
+deployment's KV secret (made at launch, or given: ``kv_secret``, ``PFS_KV_SECRET``; the
+``zmq`` engines refuse writes without it) and, with ``api_key``, the key the router then
+requires of clients and passes on. ``dry_run()`` does the checks and returns every
+server's environment and command line instead of starting them.
+
+A deployment can span hosts (``topology.role``, ``docs/multi_host.md``): a server role
+(``prefill``, ``decode:NAME``) checks and starts only its own server, on the fixed ports
+the topology gives (``port``, ``bootstrap_port``) and with the KV secret every host
+shares (given, never made), and runs no router; the ``router`` role starts no server and
+checks no model (it needs no weights), routes to ``external_servers`` and waits for
+their ``/health`` as for its own servers (``startup.py``, ``RemoteServer``).
+
+``stop()``, or leaving the ``with`` block, stops the router and every child::
 
     with Deployment(topology) as deployment:
         requests.post(deployment.url + "/v1/completions", json={"model": "coder", ...})
@@ -54,7 +62,14 @@ from pfs_sglang.identity import (
 )
 from pfs_sglang.launch.guards import check_guards
 from pfs_sglang.launch.placement import ServerPlacement, plan_placement
-from pfs_sglang.launch.processes import LaunchError, ManagedProcess, free_ports, listening_socket, stop_all
+from pfs_sglang.launch.processes import (
+    LaunchError,
+    ManagedProcess,
+    RemoteServer,
+    free_ports,
+    listening_socket,
+    stop_all,
+)
 from pfs_sglang.launch.server_commands import (
     ServerPorts,
     cpu_threads_env,
@@ -67,7 +82,7 @@ from pfs_sglang.launch.supervision import RestartPolicy, SupervisionEvent, Super
 from pfs_sglang.launch.topology import DecodeServerSpec, Topology
 from pfs_sglang.router import DecodePool, PrefillWorker, RouterConfig, Worker, build_router_app
 from pfs_sglang.router.api_key import RequireApiKey
-from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
+from pfs_sglang.transfer import FORCE_TCP_ENV, KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 
 ROUTER_START_TIMEOUT_S = 30.0
 # Start-up deadlines (``default_startup_timeout_s``), from start-ups measured on a 2-core box.
@@ -83,8 +98,9 @@ SERVER_AUTH_FILE = "server_auth.yaml"  # the servers' --api-key (mode 0600), rea
 
 
 def check_decode_models(topology: Topology) -> Fingerprint:
-    """Fingerprint the base (once) and refuse any decode model not trained against it, or
-    whose tokenizer, special tokens, chat template or stop ids differ (``LaunchError``)."""
+    """Fingerprint the base (once) and refuse any decode model this host serves (its
+    ``role``'s) not trained against it, or whose tokenizer, special tokens, chat template
+    or stop ids differ (``LaunchError``)."""
     base_dir = topology.base_model
     if base_dir is None or not Path(base_dir).is_dir():
         raise LaunchError(f"base model {base_dir} is not a directory")
@@ -93,7 +109,7 @@ def check_decode_models(topology: Topology) -> Fingerprint:
         base_tokens = token_sequence_of(base_dir)
     except Exception as error:  # any unreadable config/tokenizer/weights: say which model
         raise LaunchError(f"cannot fingerprint base model {base_dir}: {error}") from error
-    for spec in topology.decode_models:
+    for spec in topology.local_decode_models():
         try:
             record = DecodeModuleRecord.load(spec.path)
         except (DecodeModuleRecordError, OSError, ValueError) as error:
@@ -104,10 +120,14 @@ def check_decode_models(topology: Topology) -> Fingerprint:
     return base
 
 
-def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str, str]:
+def child_env(host: str, transfer_timeout_s: float, kv_secret: str, force_tcp: bool = False) -> dict[str, str]:
     """Environment added to every server: the KV hand-off deadline, the deployment's KV
-    secret (``zmq`` engines refuse KV writes from peers without it), and PD side channels
-    (bootstrap, ZMQ) on loopback when the deployment is.
+    secret (``zmq`` engines refuse KV writes from peers without it), TCP between ``zmq``
+    engines even on one host with ``force_tcp`` (``FORCE_TCP_ENV``), and the address SGLang's
+    PD side channels (bootstrap registration, ZMQ sockets) and our KV engine listen on and
+    advertise: loopback when the servers bind it, the server host when it is one IP
+    address; on a wildcard (0.0.0.0) SGLang's own choice (``SGLANG_HOST_IP`` from the
+    launcher's environment, else this host's first non-loopback address).
 
     The deadline bounds each batch of KV writes (our engine) and SGLang's own waits: a
     prefill request whose decode half never comes, and a decode request whose KV never
@@ -120,13 +140,26 @@ def child_env(host: str, transfer_timeout_s: float, kv_secret: str) -> dict[str,
         "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": whole_seconds,
         "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": whole_seconds,
     }
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if loopback:
+    if force_tcp:
+        env[FORCE_TCP_ENV] = "1"
+    if is_loopback(host):
         env["SGLANG_HOST_IP"] = "127.0.0.1"
+    elif _is_ip_address(host) and not ipaddress.ip_address(host).is_unspecified:
+        env["SGLANG_HOST_IP"] = host
     return env
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine reaches ``host``."""
+    return host == "localhost" or (_is_ip_address(host) and ipaddress.ip_address(host).is_loopback)
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name
+    return True
 
 
 @dataclass
@@ -146,10 +179,30 @@ def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPl
     """Start-up deadline scaled to what starts: on CPU the servers' imports share the cores
     (``CPU_SERVER_START_S`` per server on 2 cores, about 3x what was measured), on GPUs
     the servers that share a GPU start one after another (``GPU_SERVER_START_S`` each)."""
+    if topology.role.kind == "router":  # the servers start on their own hosts, at once
+        return STARTUP_BASE_S + GPU_SERVER_START_S
     if topology.device == "cpu":
         return STARTUP_BASE_S + CPU_SERVER_START_S * len(placements) * 2 / max(2, os.cpu_count() or 1)
     one_after_another = 1 + max((len(placement.after) for placement in placements.values()), default=0)
     return STARTUP_BASE_S + GPU_SERVER_START_S * one_after_another
+
+
+def base_vocab_size(base_model: Path | None) -> int | None:
+    """The base's vocab size (the router checks token-id prompts against it); None where this
+    host has no copy of the base (a router role needs no weights)."""
+    if base_model is None or not (Path(base_model) / "config.json").is_file():
+        return None
+    return json.loads((Path(base_model) / "config.json").read_text()).get("vocab_size")
+
+
+def _remote_servers(topology: Topology) -> list[RemoteServer]:
+    """The servers a router role awaits: each URL of ``external_servers`` once."""
+    if topology.role.kind != "router":
+        return []
+    external = topology.external_servers
+    urls = [*(("prefill", s.url) for s in external.prefill),
+            *(("decode", url) for pool in external.decode for url in pool.urls)]
+    return [RemoteServer(f"{role} {url}", url) for role, url in dict.fromkeys(urls)]
 
 
 class Deployment:
@@ -162,18 +215,27 @@ class Deployment:
         self.on_startup = on_startup or (lambda event: None)
         self.on_supervision = on_supervision or (lambda event: None)
         self._supervisor: Supervisor | None = None
-        self.kv_secret = secrets.token_hex(16)  # this deployment's, handed to its servers only
+        given_secret = topology.kv_secret or os.environ.get(KV_SECRET_ENV)
+        if not given_secret and topology.role.serves_alone and topology.transfer_backend == "zmq":
+            raise LaunchError(f"--role {topology.role}: the servers of every host must share one KV secret (the "
+                              "zmq engines refuse KV from peers without it): set kv_secret in the YAML topology or "
+                              f"{KV_SECRET_ENV} in the environment, the same on every host")
+        self.kv_secret = given_secret or secrets.token_hex(16)  # handed to this deployment's servers only
+        self._kv_secret_shown = "<given>" if given_secret else "<made at launch>"
         self.servers: list[PlannedServer] = []
+        self.remote_servers = _remote_servers(topology)
         self._router_server: uvicorn.Server | None = None
         self._router_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
+        """The router's (with a server role, which runs none, where it would listen)."""
         return f"http://{self.topology.host}:{self.topology.port}"
 
     @property
     def model_names(self) -> list[str]:
-        return [spec.name for spec in self.topology.decode_models]
+        t = self.topology
+        return t.external_servers.models if t.role.kind == "router" else [spec.name for spec in t.decode_models]
 
     @property
     def children(self) -> list[ManagedProcess]:
@@ -190,6 +252,8 @@ class Deployment:
         """How many servers may be starting at once; by default all (``after`` still orders
         servers sharing a GPU). Measured on 2 cores, demo models (4 servers): all at once
         125 and 135 s to serving, two at a time 143 and 131 s, one at a time 180 s."""
+        if self.remote_servers:  # awaited, not started here: all at once
+            return len(self.remote_servers)
         return self.topology.startup_concurrency or len(self.placements)
 
     def check(self) -> Path:
@@ -206,12 +270,12 @@ class Deployment:
         t = self.topology
         threads = cpu_threads_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
-        planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)]
-        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.decode_servers()
+        planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)] if t.role.runs_prefill else []
+        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.local_decode_servers()
                     for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
-            env = {**child_env(t.server_host, t.transfer_timeout_s, self.kv_secret), **threads,
+            env = {**child_env(t.server_host, t.transfer_timeout_s, self.kv_secret, t.transfer_force_tcp), **threads,
                    **self.placements[name].env, **handoff}
             child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
             server = PlannedServer(spec, child)
@@ -219,13 +283,14 @@ class Deployment:
             self.servers.append(server)
 
     def _choose_ports(self, server: PlannedServer) -> None:
-        """Fresh ports for ``server`` (at planning, and again after a port collision)."""
+        """Fresh ports for ``server`` (at planning, and again after a port collision); a
+        server role's HTTP and bootstrap ports are the topology's (other hosts are told them)."""
         t, placement = self.topology, self.placements[server.name]
-        prefill = server.decode_server is None
-        needed = 1 + prefill + (t.device == "cuda")
-        http, *others = free_ports(needed, t.server_host)
-        server.ports = ServerPorts(http=http, bootstrap=others.pop(0) if prefill else None,
-                                   nccl=others.pop(0) if t.device == "cuda" else None)
+        prefill, fixed = server.decode_server is None, t.role.serves_alone
+        free = free_ports((0 if fixed else 1 + prefill) + (t.device == "cuda"), t.server_host)
+        http = t.port if fixed else free.pop(0)
+        bootstrap = (t.prefill_bootstrap_port if fixed else free.pop(0)) if prefill else None
+        server.ports = ServerPorts(http=http, bootstrap=bootstrap, nccl=free.pop(0) if t.device == "cuda" else None)
         auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
         if prefill:
             server.child.command = prefill_server_command(t.base_model, t.server_host, server.ports, t.transfer_backend,
@@ -245,7 +310,14 @@ class Deployment:
         return f"{server.child.url}{bootstrap}; log {server.child.log_path}"
 
     def _router_config(self) -> RouterConfig:
-        """The router's view of the servers, at their current ports."""
+        """The router's view of the servers: this host's at their current ports, or (``--role
+        router``) the external ones."""
+        t = self.topology
+        prefill_workers, pools = self._external_pools() if t.role.kind == "router" else self._local_pools()
+        return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
+                            vocab_size=base_vocab_size(t.base_model))
+
+    def _local_pools(self) -> tuple[list[PrefillWorker], dict[str, DecodePool]]:
         t = self.topology
         prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.server_host, bootstrap_port=s.ports.bootstrap)
                            for s in self.servers if s.decode_server is None]
@@ -255,47 +327,81 @@ class Deployment:
             serving = [s for s in self.servers if s.decode_server is not None and spec in s.decode_server.models]
             pools[spec.name] = DecodePool(spec.name, [workers[s.name] for s in serving],
                                           lora_adapter=spec.name if serving[0].decode_server.lora else None)
-        vocab_size = json.loads((Path(t.base_model) / "config.json").read_text()).get("vocab_size")
-        return RouterConfig(prefill_workers=prefill_workers, decode_pools=pools, default_model=t.default_model,
-                            vocab_size=vocab_size)
+        return prefill_workers, pools
+
+    def _external_pools(self) -> tuple[list[PrefillWorker], dict[str, DecodePool]]:
+        external = self.topology.external_servers
+        prefill_workers = [PrefillWorker(url=s.url, bootstrap_host=s.bootstrap_host, bootstrap_port=s.bootstrap_port)
+                           for s in external.prefill]
+        # a server listed under several models (co-located LoRA adapters) is one Worker in each of their pools
+        workers = {url: Worker(url=url) for pool in external.decode for url in pool.urls}
+        pools = {pool.model: DecodePool(pool.model, [workers[url] for url in pool.urls],
+                                        lora_adapter=pool.model if pool.lora else None) for pool in external.decode}
+        return prefill_workers, pools
 
     def dry_run(self) -> str:
         """Check everything ``start`` checks and describe every server and the router; start nothing."""
-        self._plan(self.check())
-        config = self._router_config()
+        t = self.topology
+        if t.role.kind != "router":
+            self._plan(self.check())
         lines = []
         for child in self.children:
             lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}")
-            env = {**child.env, KV_SECRET_ENV: "<made at launch>"}
+            env = {**child.env, KV_SECRET_ENV: self._kv_secret_shown}
             lines.append(" ".join([*(f"{key}={shlex.quote(value)}" for key, value in env.items()),
                                    shlex.join(child.command)]))
+        if not t.role.runs_router:
+            lines.append(f"# no router on this host (--role {t.role}): list its server under the router's "
+                         "external_servers")
+            return "\n".join(lines)
+        config = self._router_config()
         pools = "; ".join(f"{name} -> {', '.join(worker.url for worker in pool.workers)}"
                           for name, pool in config.decode_pools.items())
+        wait = f"waits up to {self.startup_timeout_s:.0f} s for their /health" if self.remote_servers else \
+            f"servers start {self.startup_concurrency} at a time, deadline {self.startup_timeout_s:.0f} s"
         lines.append(f"# router (in the launcher process): {self.url}; prefill pool "
-                     f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}; "
-                     f"servers start {self.startup_concurrency} at a time, deadline {self.startup_timeout_s:.0f} s")
+                     f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}; {wait}")
         return "\n".join(lines)
 
     def bring_up(self) -> BringUp:
-        """The start-up of the planned servers (``startup.py``): order, concurrency, retries, deadline."""
+        """The start-up of the planned servers (``startup.py``): order, concurrency, retries,
+        deadline; with ``--role router``, the wait for the external servers."""
+        fixed_ports = self.topology.role.serves_alone
         launches = [ServerLaunch(server.child, describe=partial(self._describe, server),
-                                 new_ports=partial(self._choose_ports, server),
+                                 new_ports=None if fixed_ports else partial(self._choose_ports, server),
                                  after=self.placements[server.name].after) for server in self.servers]
+        launches += [ServerLaunch(remote, describe=lambda: "waiting until its /health answers")
+                     for remote in self.remote_servers]
         return BringUp(launches, self.startup_concurrency, self.startup_timeout_s, self.on_startup)
 
+    def _check_fixed_ports(self) -> None:
+        """A server role's ports are fixed (other hosts are told them): refuse at once when one is taken."""
+        t = self.topology
+        for port in (t.port, *([t.prefill_bootstrap_port] if t.role.runs_prefill else [])):
+            listening_socket(t.server_host, port).close()
+
     def start(self) -> str:
-        """Check, start the router (answering 503 while starting), every server, then route; return the router URL."""
-        fingerprint_file = self.check()
-        router_socket = listening_socket(self.topology.host, self.topology.port)
-        self._plan(fingerprint_file)
+        """Check, start the router (answering 503 while starting) and this host's servers (or
+        await the external ones), then route; return the router URL."""
+        t = self.topology
+        servers_here = t.role.kind != "router"
+        fingerprint_file = self.check() if servers_here else None
+        if t.role.serves_alone:
+            self._check_fixed_ports()
+        router_socket = listening_socket(t.host, t.port) if t.role.runs_router else None
+        if servers_here:
+            self._plan(fingerprint_file)
         bring_up = self.bring_up()
         try:
-            router_app = build_router_app(still_starting=bring_up.not_healthy, api_key=self.topology.api_key)
-            self._start_router(router_app, router_socket)
+            if router_socket is not None:
+                router_app = build_router_app(still_starting=bring_up.not_healthy, api_key=t.api_key)
+                self._start_router(router_app, router_socket)
             bring_up.run()
-            router_app.state.serve(self._router_config())
+            if router_socket is not None:
+                router_app.state.serve(self._router_config())
         except BaseException:
-            router_socket.close()
+            if router_socket is not None:
+                router_socket.close()
             self.stop()
             raise
         return self.url

@@ -138,16 +138,18 @@ def check_architecture(model_dir: Path, label: str) -> None:
 
 
 def check_guards(topology: Topology) -> None:
-    """Refuse (``LaunchError``) what the deployment cannot serve correctly; see the module docstring."""
+    """Refuse (``LaunchError``) what the servers this host starts cannot serve correctly
+    (its ``role``'s; with one topology file on every host, each decode pool's arguments are
+    compared with the prefill pool's); see the module docstring."""
     t = topology
     check_architecture(t.base_model, "base model")
-    for spec in t.decode_models:
+    for spec in t.local_decode_models():
         check_architecture(spec.path, f"decode model '{spec.name}'")
     defaults = sglang_args((), "default")
     placed = t.device == "cuda"
     prefill = sglang_args(t.prefill_args, "--prefill-args")
     _check_server("prefill servers", prefill, defaults, placed, t.pack or t.prefill_mem_fraction is not None)
-    for spec in t.decode_models:
+    for spec in t.local_decode_models():
         label = f"decode model '{spec.name}'"
         decode = sglang_args(t.decode_args_of(spec), f"{label} --decode-args")
         _check_server(label, decode, defaults, placed, t.pack or t.decode_mem_fraction_of(spec) is not None)

@@ -1,7 +1,8 @@
 """Which GPUs, TP size and memory share each server of a deployment gets.
 
 Every server is one SGLang process: the prefill pool's replicas, then each decode
-model's replicas (names as the launcher gives them: ``prefill-0``, ``decode-coder-1``).
+model's replicas (names as the launcher gives them: ``prefill-0``, ``decode-coder-1``),
+of those this host runs (``Topology.role``).
 
 - **Own GPUs** (default): each server gets ``tp`` GPUs of its own, taken in order
   from ``--gpus`` (all visible GPUs when not given); too few GPUs is a
@@ -72,10 +73,11 @@ class _Pool:
 
 
 def _pools(topology: Topology) -> list[_Pool]:
+    """The pools this host runs (``Topology.role``): all of them, one, or none (the router)."""
     t = topology
     pools = [_Pool("prefill", tuple(f"prefill-{i}" for i in range(t.prefill_replicas)), t.prefill_tp,
-                   t.prefill_mem_fraction)]
-    for spec in t.decode_servers():
+                   t.prefill_mem_fraction)] if t.role.runs_prefill else []
+    for spec in t.local_decode_servers():
         pools.append(_Pool(f"decode '{spec.name}'", tuple(f"decode-{spec.name}-{i}" for i in range(t.decode_replicas)),
                            t.decode_tp_of(spec), t.decode_mem_fraction_of(spec)))
     return pools
@@ -114,7 +116,7 @@ def _demand(pools: list[_Pool]) -> str:
 def plan_placement(topology: Topology, visible: Sequence[str] | None = None) -> dict[str, ServerPlacement]:
     """Every server's placement by name, or a :class:`PlacementError` saying why the GPUs cannot hold it."""
     pools = _pools(topology)
-    if topology.device == "cpu":
+    if topology.device == "cpu" or not pools:
         return {name: ServerPlacement(name, pool.tp) for pool in pools for name in pool.servers}
     devices = _devices(topology, visible_devices() if visible is None else visible)
     widest = max(pools, key=lambda pool: pool.tp)

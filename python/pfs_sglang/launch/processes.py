@@ -154,10 +154,7 @@ class ManagedProcess:
         return None if self.process is None else self.process.poll()
 
     def healthy(self, timeout_s: float = 5.0) -> bool:
-        try:
-            return requests.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
-        except requests.RequestException:
-            return False
+        return answers_health(self.url, timeout_s)
 
     def signal_group(self, sig: signal.Signals) -> bool:
         """Send ``sig`` to the child's process group; False if the group is gone."""
@@ -176,6 +173,26 @@ class ManagedProcess:
         if self.process is not None:
             self.process.poll()  # reap the leader, so a zombie does not count
         return self.signal_group(0)
+
+
+def answers_health(url: str, timeout_s: float = 5.0) -> bool:
+    """The SGLang server at ``url`` answers ``/health`` with 200."""
+    try:
+        return requests.get(f"{url}/health", timeout=timeout_s).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@dataclass
+class RemoteServer:
+    """A server another host's launcher runs (``--role router`` waits for it): there is no
+    process here to start, watch or stop, and its log is on its own host."""
+
+    name: str
+    url: str
+
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        return answers_health(self.url, timeout_s)
 
 
 def stop_all(processes: Sequence[ManagedProcess], grace_s: float = 20.0) -> None:

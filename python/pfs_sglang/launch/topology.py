@@ -21,6 +21,20 @@ A decode model whose directory is a PEFT LoRA adapter (``adapter_config.json``, 
 the base's weights with SGLang's multi-LoRA; with ``colocate_lora`` (the default) every
 adapter shares one such server (``decode-lora-N``), so N task models cost one copy of
 the base plus N adapters (``decode_servers()``).
+
+A deployment can span machines (``docs/multi_host.md``): ``role`` says what this host
+runs of it (``Role``: everything, the prefill server, one decode server, or only the
+router); the server roles listen on fixed ports (``port``, ``bootstrap_port``) at
+``server_host``, and the router role routes to the servers listed under
+``external_servers`` (``ExternalServers``)::
+
+    role: router
+    external_servers:
+      prefill:
+        - {url: http://10.0.0.1:30001, bootstrap: 10.0.0.1:30002}
+      decode:
+        extract: [http://10.0.0.2:30001]
+        sql: {urls: [http://10.0.0.3:30001], lora: true}
 """
 
 from __future__ import annotations
@@ -31,12 +45,81 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
 TRANSFER_BACKENDS = ("zmq", "mooncake", "nixl")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA adapter directory
 COLOCATED_LORA_SERVER = "lora"  # the name of the decode server co-located adapters share
+SGLANG_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port: the prefill role's default
+
+
+@dataclass(frozen=True)
+class Role:
+    """What this host runs of the topology (``--role``): ``all`` (every server and the
+    router), ``prefill`` (the prefill server), ``decode:NAME`` (the decode server NAME of
+    ``Topology.decode_servers()``: a model name, or ``lora`` for co-located adapters) or
+    ``router`` (the router alone, over ``Topology.external_servers``)."""
+
+    kind: str = "all"
+    decode_server: str | None = None  # with kind "decode"
+
+    @classmethod
+    def parse(cls, text: str) -> "Role":
+        kind, sep, name = str(text).partition(":")
+        if kind in ("all", "prefill", "router") and not sep:
+            return cls(kind)
+        if kind == "decode" and name:
+            return cls(kind, name)
+        raise ValueError(f"--role takes all, prefill, decode:NAME or router; got {text!r}")
+
+    def __str__(self) -> str:
+        return f"decode:{self.decode_server}" if self.kind == "decode" else self.kind
+
+    @property
+    def runs_prefill(self) -> bool:
+        return self.kind in ("all", "prefill")
+
+    @property
+    def runs_router(self) -> bool:
+        return self.kind in ("all", "router")
+
+    @property
+    def serves_alone(self) -> bool:
+        """A server role: one server of the topology, on the fixed ports other hosts are told."""
+        return self.kind in ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ExternalPrefillServer:
+    """A prefill server another host runs: its HTTP URL and its KV bootstrap address."""
+
+    url: str
+    bootstrap_host: str
+    bootstrap_port: int
+
+
+@dataclass(frozen=True)
+class ExternalDecodePool:
+    """The decode servers other hosts run for ``model``; with ``lora`` they hold the base's
+    weights and serve ``model`` as the LoRA adapter of that name (``--role decode:lora``)."""
+
+    model: str
+    urls: tuple[str, ...]
+    lora: bool = False
+
+
+@dataclass(frozen=True)
+class ExternalServers:
+    """The servers a router role routes to (YAML ``external_servers``)."""
+
+    prefill: tuple[ExternalPrefillServer, ...]
+    decode: tuple[ExternalDecodePool, ...]
+
+    @property
+    def models(self) -> list[str]:
+        return [pool.model for pool in self.decode]
 
 
 @dataclass(frozen=True)
@@ -109,6 +192,11 @@ class Topology:
     decode_tp: int = 1
     prefill_mem_fraction: float | None = None  # share of each of its GPUs' memory
     decode_mem_fraction: float | None = None
+    role: Role = Role()  # what this host runs (multi-host: docs/multi_host.md)
+    bootstrap_port: int | None = None  # --role prefill: its KV bootstrap port (None: SGLANG_BOOTSTRAP_PORT)
+    transfer_force_tcp: bool = False  # zmq engines talk TCP over the socket even on one host
+    kv_secret: str | None = None  # the KV secret every host's servers share (None: made at launch, role all)
+    external_servers: ExternalServers | None = None  # --role router: the servers started elsewhere
 
     def decode_servers(self) -> tuple[DecodeServerSpec, ...]:
         """The decode servers to start (each ``decode_replicas`` times): one per full-weight
@@ -124,6 +212,21 @@ class Topology:
         else:
             servers += [DecodeServerSpec.of(spec.name, (spec,), lora=True) for spec in adapters]
         return tuple(servers)
+
+    def local_decode_servers(self) -> tuple[DecodeServerSpec, ...]:
+        """The decode servers this host's ``role`` starts (each ``decode_replicas`` times)."""
+        if self.role.kind == "all":
+            return self.decode_servers()
+        return tuple(spec for spec in self.decode_servers() if spec.name == self.role.decode_server)
+
+    def local_decode_models(self) -> tuple[DecodeModelSpec, ...]:
+        """The decode models this host serves, so checks against the base here."""
+        return tuple(model for spec in self.local_decode_servers() for model in spec.models)
+
+    @property
+    def prefill_bootstrap_port(self) -> int:
+        """The fixed KV bootstrap port of ``--role prefill``."""
+        return self.bootstrap_port if self.bootstrap_port is not None else SGLANG_BOOTSTRAP_PORT
 
     def decode_tp_of(self, spec: DecodeModelSpec | DecodeServerSpec) -> int:
         return spec.tp if spec.tp is not None else self.decode_tp
@@ -146,10 +249,13 @@ class Topology:
         names = [spec.name for spec in self.decode_models]
         if len(set(names)) != len(names):
             raise ValueError(f"decode model names must be unique, got {names}")
-        if not names:
+        served = self._validate_role(names)
+        if not served and self.role.kind != "prefill":
             raise ValueError("at least one decode model is needed")
-        if self.default_model is not None and self.default_model not in names:
-            raise ValueError(f"default model {self.default_model!r} is not one of the decode models {names}")
+        if self.default_model is not None and self.default_model not in served:
+            raise ValueError(f"default model {self.default_model!r} is not one of the decode models {served}")
+        if self.transfer_force_tcp and self.transfer_backend != "zmq":
+            raise ValueError(f"--transfer-force-tcp is for the zmq transfer backend, not {self.transfer_backend!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cpu" and (self.gpus is not None or self.pack):
@@ -168,6 +274,43 @@ class Topology:
                              *((f"decode '{s.name}'", s.mem_fraction) for s in self.decode_models)]:
             if share is not None and not 0 < share < 1:
                 raise ValueError(f"{label} memory fraction must be between 0 and 1, got {share}")
+
+    def _validate_role(self, names: list[str]) -> list[str]:
+        """Refuse what ``role`` cannot run; the model names the router serves."""
+        role = self.role
+        if self.bootstrap_port is not None and role.kind != "prefill":
+            instead = "chooses free ports" if role.kind == "all" else "starts no prefill server"
+            raise ValueError(f"--bootstrap-port is the KV bootstrap port of --role prefill; with --role {role} "
+                             f"the launcher {instead}")
+        if role.kind == "prefill":
+            if self.prefill_replicas != 1:
+                raise ValueError("--role prefill runs one prefill server on fixed ports (--port, --bootstrap-port); "
+                                 "for more, run one launcher per replica, each on its own ports, and list every "
+                                 "one under the router's external_servers")
+            if self.port == self.prefill_bootstrap_port:
+                raise ValueError(f"--role prefill: --port and --bootstrap-port are both {self.port}")
+        if role.kind == "decode":
+            servers = [spec.name for spec in self.decode_servers()]
+            if role.decode_server not in servers:
+                raise ValueError(f"--role {role}: no decode server of that name; the decode servers are {servers} "
+                                 f"(a decode model's name, or {COLOCATED_LORA_SERVER!r} for co-located LoRA adapters)")
+            if self.decode_replicas != 1:
+                raise ValueError(f"--role {role} runs one decode server on a fixed port (--port); for more, run one "
+                                 "launcher per replica, each on its own port, and list every one under the "
+                                 "router's external_servers")
+        if role.kind == "all" and self.external_servers is not None:
+            raise ValueError("external_servers lists servers started on other hosts, for --role router; "
+                             "with --role all the launcher starts its own")
+        if role.kind != "router":
+            return names
+        if self.external_servers is None:
+            raise ValueError("--role router routes to servers started elsewhere: list them under external_servers "
+                             "in the YAML topology (--config)")
+        served = self.external_servers.models
+        if names and sorted(names) != sorted(served):
+            raise ValueError(f"decode_models {sorted(names)} and the models of external_servers {sorted(served)} "
+                             "differ: the router serves the models its decode servers serve")
+        return served
 
 
 def parse_decode_model(text: str) -> DecodeModelSpec:
@@ -250,6 +393,10 @@ def load_yaml_topology(path: Path) -> dict[str, Any]:
             data[key] = _yaml_args(data[key])
     if data.get("gpus") is not None:
         data["gpus"] = parse_gpus(data["gpus"])
+    if data.get("role") is not None:
+        data["role"] = Role.parse(data["role"])
+    if data.get("external_servers") is not None:
+        data["external_servers"] = parse_external_servers(data["external_servers"], f"{path}: external_servers")
     known = set(Topology.__dataclass_fields__)
     unknown = set(data) - known
     if unknown:
@@ -278,3 +425,58 @@ def _yaml_decode_model(path: Path, name: str, value: Any) -> DecodeModelSpec:
         mem_fraction=float(value["mem_fraction"]) if value.get("mem_fraction") is not None else None,
         args=_yaml_args(value.get("args") or ()),
     )
+
+
+def parse_external_servers(value: Any, where: str = "external_servers") -> ExternalServers:
+    """``{prefill: [{url, bootstrap}, ...], decode: {model: URLS or {urls, lora}}}`` -> ``ExternalServers``.
+
+    ``bootstrap`` is ``HOST:PORT``, or a port on the host of ``url``; a model's ``URLS`` is
+    one URL or a list of them. Every URL is ``http(s)://HOST:PORT``.
+    """
+    if not isinstance(value, dict) or set(value) != {"prefill", "decode"}:
+        raise ValueError(f"{where} takes prefill (a list of servers) and decode (model: URLs), got {value!r}")
+    prefill, decode = value["prefill"], value["decode"]
+    if not isinstance(prefill, list) or not prefill:
+        raise ValueError(f"{where}.prefill is a non-empty list of {{url, bootstrap}}, got {prefill!r}")
+    if not isinstance(decode, dict) or not decode:
+        raise ValueError(f"{where}.decode maps each model to its decode servers' URLs, got {decode!r}")
+    return ExternalServers(
+        prefill=tuple(_external_prefill(f"{where}.prefill[{index}]", entry) for index, entry in enumerate(prefill)),
+        decode=tuple(_external_decode(f"{where}.decode.{model}", str(model), entry) for model, entry in decode.items()),
+    )
+
+
+def _external_prefill(where: str, entry: Any) -> ExternalPrefillServer:
+    if not isinstance(entry, dict) or set(entry) != {"url", "bootstrap"}:
+        raise ValueError(f"{where} takes url and bootstrap, got {entry!r}")
+    url = _server_url(where, entry["url"])
+    host, sep, port = str(entry["bootstrap"]).rpartition(":")
+    host = host.strip("[]") if sep else urlsplit(url).hostname
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{where}: bootstrap is HOST:PORT or a port on the url's host, got {entry['bootstrap']!r}")
+    return ExternalPrefillServer(url, host, int(port))
+
+
+def _external_decode(where: str, model: str, entry: Any) -> ExternalDecodePool:
+    """``URL``, ``[URL, ...]`` or ``{urls: URL or [URL, ...], lora: BOOL}``."""
+    lora = False
+    if isinstance(entry, dict):
+        if "urls" not in entry or set(entry) - {"urls", "lora"} or not isinstance(entry.get("lora", False), bool):
+            raise ValueError(f"{where} takes urls and lora (true or false), got {entry!r}")
+        entry, lora = entry["urls"], entry.get("lora", False)
+    urls = [entry] if isinstance(entry, str) else entry
+    if not isinstance(urls, list) or not urls:
+        raise ValueError(f"{where}: a URL or a non-empty list of URLs, got {entry!r}")
+    return ExternalDecodePool(model, tuple(_server_url(where, url) for url in urls), lora)
+
+
+def _server_url(where: str, text: Any) -> str:
+    """``http(s)://HOST:PORT`` (a trailing ``/`` dropped)."""
+    parts = urlsplit(str(text).rstrip("/"))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None or parts.path or parts.query:
+        raise ValueError(f"{where}: a server URL is http://HOST:PORT, got {text!r}")
+    return f"{parts.scheme}://{parts.netloc}"

@@ -12,6 +12,12 @@ PD protocol; ``registration`` makes ``--disaggregation-transfer-backend zmq`` ex
 TRANSFER_TIMEOUT_ENV = "PFS_KV_TRANSFER_TIMEOUT_S"
 KV_SECRET_ENV = "PFS_KV_SECRET"
 
+# ``1``: the engine reaches every peer over TCP and moves the bytes over that socket, also a
+# peer on its own host (where it would use IPC and process_vm_readv or shared memory), just
+# as between hosts: so the cross-host path runs on one machine. ``0`` or unset: off. Set by
+# the launcher's ``--transfer-force-tcp`` for its servers; read by ``zmq_backend``.
+FORCE_TCP_ENV = "PFS_KV_FORCE_TCP"
+
 # Fault injection, for tests only (never set in production): ``ROOM:SECONDS`` makes every
 # KV write a prefill server sends for bootstrap room ROOM wait SECONDS before it goes out,
 # so a test can have a write arrive after the decode side gave the request up.

@@ -27,6 +27,7 @@ with no RDMA and no CUDA-only calls:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,7 @@ from sglang.srt.disaggregation.mooncake.conn import (
 )
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
-from pfs_sglang.transfer import KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
+from pfs_sglang.transfer import FORCE_TCP_ENV, KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, RoomBinding, ZmqTransferEngine
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,23 @@ def expected_prefill_fingerprint(model_path: str, mode: DisaggregationMode) -> s
 
 
 def _bind_host(server_host: str) -> str:
+    """Where the engine listens, which is also the address it gives peers (its session id):
+    the server's host, or for a wildcard (0.0.0.0, ::) the address SGLang advertises for
+    its own PD sockets (``SGLANG_HOST_IP``, else this host's first non-loopback address),
+    so a peer on another host can reach it."""
     if server_host and server_host not in ("0.0.0.0", "::"):
         return server_host
     from sglang.srt.utils.network import get_local_ip_auto
 
     return get_local_ip_auto()
+
+
+def force_tcp_from_env() -> bool:
+    """``FORCE_TCP_ENV``: ``1`` on, ``0`` or unset off; anything else is an error."""
+    value = os.environ.get(FORCE_TCP_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FORCE_TCP_ENV} is 1 (TCP to every peer) or 0, got {value!r}")
+    return value == "1"
 
 
 class ZmqKVManager(MooncakeKVManager):
@@ -77,8 +90,6 @@ class ZmqKVManager(MooncakeKVManager):
     kv_status_msg_carries_reason = True
 
     def init_engine(self) -> None:
-        import os
-
         mode = self.disaggregation_mode
         identity = EngineIdentity(
             role=mode.value,
@@ -88,11 +99,13 @@ class ZmqKVManager(MooncakeKVManager):
             kv_layout=str(self.kv_args.kv_layout),
         )
         timeout_s = float(os.environ.get(TRANSFER_TIMEOUT_ENV, DEFAULT_TRANSFER_TIMEOUT_S))
+        tcp_only = force_tcp_from_env()
         self.engine = ZmqTransferEngine(identity, _bind_host(self.server_args.host), timeout_s,
-                                        secret=os.environ.get(KV_SECRET_ENV, ""))
+                                        secret=os.environ.get(KV_SECRET_ENV, ""), tcp_only=tcp_only)
         # prefill: room -> {decode session id: the generation that decode rank receives the room under}
         self._peer_generations: dict[int, dict[str, int]] = {}
-        logger.info("pfs zmq KV engine (%s) at %s", mode.value, self.engine.session_id)
+        logger.info("pfs zmq KV engine (%s) at %s%s", mode.value, self.engine.session_id,
+                    f", TCP to every peer ({FORCE_TCP_ENV}=1)" if tcp_only else "")
 
     # ----- decode side: the room's generation travels with its destination slots -----
     def build_receiver_metadata_message(self, *, bootstrap_room: int, **kwargs) -> list[bytes]:

@@ -4,7 +4,11 @@ SGLang's Mooncake backend drives a transfer engine with a tiny interface: regist
 memory regions, ``batch_transfer_sync(session, src_ptrs, dst_ptrs, lengths)``, a
 session id, and a liveness probe. This module gives that interface over ZMQ, so the
 whole Mooncake PD protocol (bootstrap, page grouping, aux rows, aborts, heartbeats)
-runs unchanged on any host: TCP between hosts, IPC when both ends share a host.
+runs unchanged on any host: TCP between hosts, IPC when both ends share a host
+(``tcp_only``, the ``PFS_KV_FORCE_TCP`` switch: TCP and socket frames to every peer,
+the cross-host path on one machine). A peer is on this host when the address it
+advertises (its session id) is one of this engine's own (``SessionAddress.endpoint_from``);
+each new connection logs its endpoint and transport.
 
 A call moves a request's KV as a few large operations, never block by block in
 Python. Between engines on one host the receiver, once it has checked every destination
@@ -140,6 +144,9 @@ class SessionAddress:
         """IPC when the peer listens on this host, else TCP."""
         if self.host in local_hosts or self.host.startswith("127."):
             return ipc_endpoint_for(self.port)
+        return self.tcp_endpoint()
+
+    def tcp_endpoint(self) -> str:
         return f"tcp://{self.host}:{self.port}"
 
 
@@ -178,13 +185,15 @@ class ZmqTransferEngine:
         check_peer: Optional[Callable[[EngineIdentity], Optional[str]]] = None,
         local_transports: tuple[str, ...] = LOCAL_TRANSPORTS,
         secret: str = "",
+        tcp_only: bool = False,
     ) -> None:
         self.identity = identity
+        self.tcp_only = tcp_only  # every peer over TCP and socket frames, also one on this host
         self._secret = secret.encode()
         self._verified_peers: set[bytes] = set()  # ZMQ routing ids of connections that passed the handshake
         self.timeout_s = timeout_s
         self._check_peer = check_peer or identity.mismatch_with
-        self._local_transports = tuple(local_transports)
+        self._local_transports = () if tcp_only else tuple(local_transports)
         self._registered = RegisteredMemory()
         self._peer_stagings = PeerStagings()
         self._probe = StagingBuffer(0, shared=True) if self._local_transports else None
@@ -388,9 +397,15 @@ class ZmqTransferEngine:
         accepted = reply[2].decode().split(",") if len(reply) > 2 else []
         with self._sessions_lock:
             self._sessions[session_id] = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted)
+        logger.info("pfs zmq KV engine: connected to %s over %s, transport %s", session_id,
+                    self._endpoint(session_id), "+".join(self.peer_transports(session_id)))
+
+    def _endpoint(self, session_id: str) -> str:
+        address = SessionAddress.decode(session_id)
+        return address.tcp_endpoint() if self.tcp_only else address.endpoint_from(self._local_hosts)
 
     def _is_local(self, session_id: str) -> bool:
-        return SessionAddress.decode(session_id).endpoint_from(self._local_hosts).startswith("ipc://")
+        return self._endpoint(session_id).startswith("ipc://")
 
     def _staging(self, shared: bool) -> StagingBuffer:
         stagings = getattr(self._thread_state, "stagings", None)
@@ -479,7 +494,7 @@ class ZmqTransferEngine:
         if sock is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(SessionAddress.decode(session_id).endpoint_from(self._local_hosts))
+            sock.connect(self._endpoint(session_id))
             sockets[session_id] = sock
             try:
                 self._handshake(session_id, sock)
