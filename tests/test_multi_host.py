@@ -1,10 +1,11 @@
 """One deployment over several hosts (``--role``, ``external_servers``; docs/multi_host.md).
 
 * Three launchers on this machine stand for three hosts: ``--role prefill``, ``--role
-  decode:extract`` and ``--role router`` over the other two (one topology file for all
-  three, as a ConfigMap would give them), the KV forced over TCP. The router answers 503
-  naming the servers while they start elsewhere; then a greedy ``/generate`` through it
-  equals the oracle, a chat completion is served, the prefill server's log shows the KV
+  decode:extract-lora`` (a LoRA decode module served alone: a decode server of the base's
+  weights and that one adapter) and ``--role router`` over the other two (one topology
+  file for all three, as a ConfigMap would give them), the KV forced over TCP. The router
+  answers 503 naming the servers while they start elsewhere; then a greedy ``/generate``
+  through it equals the oracle (base KV of ``prompt[:-1]``, the adapter from ``prompt[-1]``), a chat completion is served, the prefill server's log shows the KV
   went over TCP sockets, and SIGTERM to each launcher stops its servers.
 * Without servers: ``--role`` and ``external_servers`` parsing and every refusal, each
   role's ``--dry-run``, the router role's wait for servers that never come, a taken
@@ -35,6 +36,7 @@ from pfs_sglang.transfer import KV_SECRET_ENV
 from sglang_process import generate_greedy
 
 MODEL = "extract"
+ADAPTER = "extract-lora"  # the session's LoRA decode module (conftest.lora_adapters)
 PROMPT = [21, 48, 95, 130, 77, 64, 33]
 SECRET = "multi-host-test-secret"
 # Two servers starting at once on a shared 2-core box (each ~40 s of CPU when alone).
@@ -48,9 +50,13 @@ def write_topology(path: Path, demo_models, **settings) -> Path:
     return path
 
 
-def external(prefill_port: int, bootstrap_port: int, decode_port: int) -> dict:
+def external(prefill_port: int, bootstrap_port: int, decode_port: int, lora_model: str | None = None) -> dict:
+    """The router's view of the other hosts: their prefill server, and a decode server of
+    ``MODEL`` (or of the LoRA adapter ``lora_model``)."""
+    decode = {lora_model: {"urls": [f"http://127.0.0.1:{decode_port}"], "lora": True}} if lora_model else \
+        {MODEL: [f"http://127.0.0.1:{decode_port}"]}
     return {"prefill": [{"url": f"http://127.0.0.1:{prefill_port}", "bootstrap": f"127.0.0.1:{bootstrap_port}"}],
-            "decode": {MODEL: [f"http://127.0.0.1:{decode_port}"]}}
+            "decode": decode}
 
 
 def launcher(name: str, tmp_path: Path, config: Path, url: str, *flags: str) -> ManagedProcess:
@@ -88,14 +94,16 @@ def first_router_answer(url: str, router: ManagedProcess, timeout_s: float = 120
     raise AssertionError(f"the router never answered; its launcher's log ends:\n{router.log_tail()}")
 
 
-def test_prefill_decode_and_router_on_three_hosts_over_tcp(demo_models, tmp_path):
+def test_prefill_decode_and_router_on_three_hosts_over_tcp(demo_models, lora_adapters, tmp_path):
     prefill_port, bootstrap_port, decode_port, router_port = free_ports(4)
+    adapter = lora_adapters[ADAPTER]
     config = write_topology(tmp_path / "topology.yaml", demo_models, transfer_force_tcp=True, max_total_tokens=2048,
-                            external_servers=external(prefill_port, bootstrap_port, decode_port))
+                            decode_models={ADAPTER: str(adapter)},
+                            external_servers=external(prefill_port, bootstrap_port, decode_port, ADAPTER))
     router_url = f"http://127.0.0.1:{router_port}"
     prefill = launcher("prefill", tmp_path, config, f"http://127.0.0.1:{prefill_port}", "--role", "prefill",
                        "--port", str(prefill_port), "--bootstrap-port", str(bootstrap_port))
-    decode = launcher("decode", tmp_path, config, f"http://127.0.0.1:{decode_port}", "--role", f"decode:{MODEL}",
+    decode = launcher("decode", tmp_path, config, f"http://127.0.0.1:{decode_port}", "--role", f"decode:{ADAPTER}",
                       "--port", str(decode_port))
     router = launcher("router", tmp_path, config, router_url, "--role", "router", "--port", str(router_port))
     hosts = [prefill, decode, router]
@@ -108,17 +116,20 @@ def test_prefill_decode_and_router_on_three_hosts_over_tcp(demo_models, tmp_path
                                                        f"prefill http://127.0.0.1:{prefill_port}"]
         wait_until_healthy(hosts, timeout_s=STARTUP_TIMEOUT_S + 30)
 
-        served = generate_greedy(router_url, MODEL, PROMPT, 6)["output_ids"]
-        reference = prefillshare_greedy(demo_models.base, demo_models.decode[MODEL], PROMPT, len(served))
+        served = generate_greedy(router_url, ADAPTER, PROMPT, 6)["output_ids"]
+        reference = prefillshare_greedy(demo_models.base, adapter, PROMPT, len(served))
         assert first_real_divergence(served, reference) is None, (served, reference.output_ids)
+        base_alone = prefillshare_greedy(demo_models.base, demo_models.base, PROMPT, len(served)).output_ids
+        assert served != base_alone  # the adapter was applied
         chat = requests.post(f"{router_url}/v1/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": [{"role": "user", "content": "name: tom. name?"}], "max_tokens": 4})
+            "model": ADAPTER, "messages": [{"role": "user", "content": "name: tom. name?"}], "max_tokens": 4})
         assert chat.status_code == 200, chat.text
         assert isinstance(chat.json()["choices"][0]["message"]["content"], str)
         assert chat.json()["usage"]["prompt_tokens"] > 0
 
         prefill_log = (tmp_path / "prefill" / "prefill-0.log").read_text()
-        decode_log = (tmp_path / "decode" / f"decode-{MODEL}-0.log").read_text()
+        decode_log = (tmp_path / "decode" / f"decode-{ADAPTER}-0.log").read_text()
+        assert "'enable_lora': True" in decode_log and f"'model_path': '{demo_models.base}'" in decode_log
         for log in (prefill_log, decode_log):
             assert "TCP to every peer (PFS_KV_FORCE_TCP=1)" in log
         connections = [line for line in prefill_log.splitlines() if "pfs zmq KV engine: connected to" in line]
