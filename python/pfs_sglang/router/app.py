@@ -20,8 +20,10 @@ PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers`` (eac
 its load and whether it is in rotation). Under ``/models/{model}/`` the same generation
 and model-info endpoints serve that one model (a request naming another is a 400), so
 SGLang's own ``RuntimeEndpoint`` pointed there runs a frontend program on that model
-(``pfs_sglang.frontend``). Any other path is a 404 with an OpenAI error body. While the deployment starts every endpoint answers 503 at once (``/health``
-naming the servers still starting). A client that disconnects has its request aborted
+(``pfs_sglang.frontend``). A LoRA decode model's adapter goes to its decode server only,
+as ``lora_path``. Any other path is a 404 with an OpenAI error body. While the
+deployment starts every endpoint answers 503 at once (``/health`` naming the servers
+still starting). A client that disconnects has its request aborted
 on every server. A server whose process is gone is out of rotation until its health
 check passes again (``worker_health.py``); a request whose pool has no server in
 rotation gets 503 at once. With ``--api-key`` every request but ``/health*`` and
