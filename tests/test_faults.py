@@ -266,7 +266,7 @@ def test_a_killed_decode_replica_fails_its_request_the_other_serves_and_it_rejoi
 
 def test_a_killed_prefill_server_is_503_at_once_and_service_resumes_after_its_restart(supervised, demo_models):
     url = supervised.deployment.url
-    decode_pids = {s.name: s.child.process.pid for s in supervised.deployment.servers if s.decode_model is not None}
+    decode_pids = {s.name: s.child.process.pid for s in supervised.deployment.servers if s.decode_server is not None}
     killed_pid = supervised.kill("prefill-0")
     time.sleep(0.5)
     for body in ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
@@ -280,5 +280,5 @@ def test_a_killed_prefill_server_is_503_at_once_and_service_resumes_after_its_re
     supervised.wait_serving_again("prefill-0", killed_pid)
     _assert_exact(url, demo_models)
     assert {s.name: s.child.process.pid for s in supervised.deployment.servers
-            if s.decode_model is not None} == decode_pids  # the decode servers kept running
+            if s.decode_server is not None} == decode_pids  # the decode servers kept running
     wait_deployment_idle(url)
