@@ -277,7 +277,7 @@ def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(deploymen
     assert client_disconnects(deployment, "compute") == before + 1  # the router aborted it on its servers
 
 
-def test_short_load_run_passes_its_checks(deployment, deployment_dir, tmp_path):
+def test_short_load_run_passes_its_checks(deployment, deployment_dir, demo_models, lora_adapters, tmp_path):
     summary = load.run_load(deployment, load.LoadConfig(sessions=12, duration_s=15, inject_every=10, progress=False),
                             tmp_path / "load", log_dir=deployment_dir)
     failed = [name for name, ok in summary["checks"].items() if not ok]
@@ -285,7 +285,7 @@ def test_short_load_run_passes_its_checks(deployment, deployment_dir, tmp_path):
     counted = summary["requests"]
     assert counted["answered"] > 12  # every session got past its first turn
     assert set(counted["injected"]) == {load.INJECTED_UNKNOWN, load.INJECTED_ABANDON}
-    assert set(counted["by_model"]) == {"extract", "compute", "transform"}
+    assert set(counted["by_model"]) == {*demo_models.decode, *lora_adapters}  # the LoRA adapters too
     assert set(counted["by_kind"]) == {"chat", "chat-stream", "completion"}
     assert counted["router_requests_delta_by_status"]["200"] >= counted["answered"]
     assert summary["server_log_tracebacks"] and not any(summary["server_log_tracebacks"].values())
