@@ -242,6 +242,8 @@ def test_a_models_path_prefix_serves_that_model_and_refuses_another():
         unknown = httpx.get(c.router + "/models/nobody/get_model_info", timeout=5)
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
         assert c.post("/models/nobody/generate", {"text": "a"}).status_code == 404
+        own_adapter = c.post("/generate", {"model": "planner", "text": "a", "lora_path": "x"})
+        assert own_adapter.status_code == 400 and own_adapter.json()["error"]["param"] == "lora_path"
 
 
 # ----- choice of servers -----

@@ -176,6 +176,9 @@ def parse_request(endpoint: str, raw: bytes, served_models: Collection[str], def
         raise RequestRejected(404, f"The model '{model}' does not exist. Served models: {sorted(served_models)}",
                               param="model", code="model_not_found")
 
+    if body.get("lora_path") is not None:  # the router names a model's adapter, to its decode server only
+        raise RequestRejected(400, "'lora_path' is not taken here: a LoRA decode module is chosen by its model name "
+                              "(the router passes its adapter to the decode server only)", param="lora_path")
     fields = _PROMPT_FIELDS[endpoint]
     if not any(body.get(name) for name in fields):
         raise RequestRejected(400, f"the request needs a non-empty {' or '.join(repr(f) for f in fields)} field",
