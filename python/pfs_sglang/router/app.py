@@ -108,12 +108,10 @@ class PrefillShareRouter:
         self.client = client
         self.metrics = RouterMetrics()
         self.locality = PrefixLocality(config.prefill_workers)
-        pools = [config.prefill_workers]
-        for pool in config.decode_pools.values():  # co-located LoRA adapters' pools hold the same servers
-            if not any(len(pool.workers) == len(seen) and all(a is b for a, b in zip(pool.workers, seen))
-                       for seen in pools):
-                pools.append(pool.workers)
-        self.health_checker = WorkerHealthChecker(pools, client, config.health_checks)
+        # each set of decode servers once: co-located LoRA adapters' pools hold the same servers
+        decode = {tuple(map(id, pool.workers)): pool.workers for pool in config.decode_pools.values()}
+        self.health_checker = WorkerHealthChecker([config.prefill_workers, *decode.values()], client,
+                                                  config.health_checks)
         self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
         self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
 
