@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from pfs_sglang.identity import DecodeModuleRecord, DecodeModuleRecordError, check_compatible, fingerprint_of
 from pfs_sglang.train.collate import collate_split
-from pfs_sglang.train.corpus import TASKS, CorpusSizes, write_corpus
+from pfs_sglang.models import DEMO_DECODE_MODULES
+from pfs_sglang.train.corpus import CorpusSizes, write_corpus
 from pfs_sglang.train.data import load_examples
 from pfs_sglang.train.evaluate import exact_match, load_model
 from pfs_sglang.train.objective import cache_conditioned_logits, completion_loss
@@ -86,9 +87,9 @@ def test_checkpoints_and_resume(demo_models, corpus, tmp_path):
 
 
 def test_embedded_demo_decode_modules_do_their_own_tasks(demo_models, corpus):
-    for task in TASKS:
+    for task in DEMO_DECODE_MODULES:
         own = exact_match(demo_models.decode[task], corpus.test[task], prefill_dir=demo_models.base)
         assert own.accuracy >= 0.5, (task, own.mistakes)
-        for other in set(TASKS) - {task}:
+        for other in set(DEMO_DECODE_MODULES) - {task}:
             assert exact_match(demo_models.decode[other], corpus.test[task],
                                prefill_dir=demo_models.base).accuracy < 0.2

@@ -7,11 +7,17 @@ import torch
 from transformers import AutoTokenizer
 
 from pfs_sglang.oracle import prefillshare_greedy
-from pfs_sglang.train.collate import collate_split
+from pfs_sglang.train.collate import IGNORE_INDEX, collate_split
 from pfs_sglang.train.corpus import TASKS, CorpusSizes, write_corpus
 from pfs_sglang.train.data import load_examples
 from pfs_sglang.train.evaluate import greedy_answers, load_model
-from pfs_sglang.train.objective import cache_conditioned_logits, own_kv_logits
+from pfs_sglang.train.objective import (
+    cache_conditioned_logits,
+    completion_loss,
+    language_model_logits,
+    language_model_targets,
+    own_kv_logits,
+)
 
 torch.set_num_threads(1)
 
@@ -66,3 +72,22 @@ def test_batched_evaluation_matches_the_greedy_oracle(demo_models, mixed_example
         reference = prefillshare_greedy(demo_models.base, demo_models.decode["transform"], example.prompt_ids, 8,
                                         stop_token_ids=(tokenizer.eos_token_id,))
         assert answer == tokenizer.decode(reference.output_ids, skip_special_tokens=True)
+
+
+def test_language_model_objective_is_next_token_loss_over_whole_rows(demo_models, mixed_examples):
+    """Padding aside, the lm targets are every row's tokens shifted by one, prompt included,
+    and the batched loss is the loss of each row alone."""
+    tokenizer, examples = mixed_examples
+    model = load_model(demo_models.base)
+    batch = collate_split(examples, tokenizer.pad_token_id)
+    targets = language_model_targets(batch)
+    for row, example in enumerate(examples):
+        sequence = example.prompt_ids + example.completion_ids
+        assert targets[row][targets[row] != IGNORE_INDEX].tolist() == sequence[1:]
+    with torch.no_grad():
+        batched = completion_loss(language_model_logits(model, batch), targets)
+        alone = [completion_loss(model(torch.tensor([e.prompt_ids + e.completion_ids[:-1]])).logits,
+                                 torch.tensor([(e.prompt_ids + e.completion_ids)[1:]])) for e in examples]
+    counts = [len(e.prompt_ids) + len(e.completion_ids) - 1 for e in examples]
+    expected = sum(loss * count for loss, count in zip(alone, counts)) / sum(counts)
+    torch.testing.assert_close(batched, expected, atol=1e-4, rtol=1e-4)

@@ -4,19 +4,21 @@
     python -m pfs_sglang.train eval DATA.jsonl --model M [--prefill BASE]
     python -m pfs_sglang.train eval DATA.jsonl --base BASE --full-ft F --decode-module D
     python -m pfs_sglang.train replicate OUT_DIR [--seeds 0 1] [--report-dir DIR] [--export-demo DIR]
+    python -m pfs_sglang.train sweep OUT_DIR [--device cuda|cpu] [--quick] [--workers N] [--budgets ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-COMMANDS = ("finetune", "eval", "replicate")
+COMMANDS = ("finetune", "eval", "replicate", "sweep")
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +26,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="JSONL: chat 'messages' or 'prompt'/'completion'")
     parser.add_argument("--out", required=True, type=Path, help="where the trained model is written")
     parser.add_argument("--mode", choices=("full", "lora"), default="full")
-    parser.add_argument("--objective", choices=("prefillshare", "own-kv"), default="prefillshare",
+    parser.add_argument("--objective", choices=("prefillshare", "own-kv", "lm"), default="prefillshare",
                         help="prefillshare: cache-conditioned on the frozen base (a decode module); "
-                             "own-kv: ordinary fine-tuning (baselines, pretraining)")
+                             "own-kv: ordinary fine-tuning (baselines); lm: language modelling over whole "
+                             "rows, prompt included (pretraining)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
@@ -61,13 +64,13 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pfs_sglang.train.evaluate import exact_match, three_ways
+    from pfs_sglang.train.evaluate import evaluate_settings, exact_match
 
     if args.model is not None:
         results = {"model": exact_match(args.model, args.data, args.prefill, args.batch_size, args.max_new_tokens)}
     elif None not in (args.base, args.full_ft, args.decode_module):
-        results = three_ways(args.base, args.full_ft, args.decode_module, args.data,
-                             args.batch_size, args.max_new_tokens)
+        results = evaluate_settings(args.base, args.data, args.full_ft, {"prefillshare": args.decode_module},
+                                    args.batch_size, args.max_new_tokens)
     else:
         print("eval needs --model, or all of --base, --full-ft and --decode-module", file=sys.stderr)
         return 2
@@ -89,6 +92,19 @@ def run_replicate(args: argparse.Namespace) -> int:
     print((args.out_dir / "results.md").read_text())
     if args.export_demo is not None:
         print(f"demo models exported to {export_demo_models(result, args.export_demo)}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from pfs_sglang.train.sweep import FULL_GRID, QUICK_GRID, SweepConfig, sweep
+
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    grid = replace(grid, seeds=tuple(args.seeds or grid.seeds), budgets=tuple(args.budgets or grid.budgets),
+                   pretrain_steps=args.pretrain_steps or grid.pretrain_steps)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    workers = args.workers or (min(12, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1)
+    sweep(SweepConfig(out_dir=args.out_dir, grid=grid, device=device, workers=workers, work_dir=args.work_dir))
+    print((args.out_dir / "sweep.md").read_text())
     return 0
 
 
@@ -121,10 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--report-dir", type=Path, help="also write results.md and results.png here")
     rep.add_argument("--export-demo", type=Path, help="copy base + first-seed decode modules here (demo assets)")
 
+    swp = commands.add_parser("sweep", help="the (i)-(ii) gap against base capacity and training budget")
+    swp.add_argument("out_dir", type=Path, help="gets sweep.json, sweep.md and sweep.png")
+    swp.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+    swp.add_argument("--quick", action="store_true", help="a tiny grid: a smoke test of the whole path")
+    swp.add_argument("--workers", type=int, help="parallel training processes (default: 1 on CPU, "
+                                                   "min(12, cores - 2) on CUDA)")
+    swp.add_argument("--seeds", type=int, nargs="+")
+    swp.add_argument("--budgets", type=int, nargs="+", help="training steps of the task models")
+    swp.add_argument("--pretrain-steps", type=int)
+    swp.add_argument("--work-dir", type=Path, help="keep corpora and bases here (default: a temporary dir, removed)")
+
     args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return {"finetune": run_finetune, "eval": run_eval, "replicate": run_replicate}[args.command](args)
+    commands = {"finetune": run_finetune, "eval": run_eval, "replicate": run_replicate, "sweep": run_sweep}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@ Greedy generation with transformers' ``generate``. With ``prefill`` given, that 
 computes the KV of ``prompt[:-1]`` and ``generate`` continues from it with the
 evaluated model, which runs ``prompt[-1]`` and every generated token: the serving split
 of invariant 2, and the greedy oracle of invariant 5 (``pfs_sglang.oracle``) batched.
-Without ``prefill`` the model reads its own KV. The three settings of the replication:
+Without ``prefill`` the model reads its own KV. The settings of the replication
+(``evaluate_settings``):
 
 - (i) full fine-tuning, own KV:           ``model=full_ft``
 - (ii) PrefillShare, base KV:             ``model=decode_module, prefill=base``
+  (a full decode module, or a LoRA one: ``prefillshare_lora``)
 - (iii) naive reuse, base KV, no training: ``model=full_ft, prefill=base``
+- the untuned base, for reference:        ``model=base``
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy completions (decoded, special tokens dropped) of every example's prompt."""
     answers = []
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(examples), batch_size), desc="eval", leave=False):
-        batch = collate_split(examples[start:start + batch_size], tokenizer.pad_token_id)
+        batch = collate_split(examples[start:start + batch_size], tokenizer.pad_token_id).to(device)
         prompt_ids = torch.cat([batch.prefix_ids, batch.decode_ids[:, :1]], dim=1)
         prompt_mask = torch.cat([batch.prefix_mask, batch.decode_mask[:, :1]], dim=1)
         past = base_prefix_cache(prefill, batch) if prefill is not None else None
@@ -74,12 +78,13 @@ def exact_match(
     prefill_dir: str | Path | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Accuracy of ``model_dir`` on ``data``, reading prompt KV from ``prefill_dir`` if given."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer)
-    model = load_model(model_dir)
-    prefill = load_model(prefill_dir) if prefill_dir is not None else None
+    model = load_model(model_dir).to(device)
+    prefill = load_model(prefill_dir).to(device) if prefill_dir is not None else None
     answers = greedy_answers(model, tokenizer, examples, prefill, batch_size, max_new_tokens)
     correct = 0
     mistakes = []
@@ -93,17 +98,24 @@ def exact_match(
                       total=len(examples), mistakes=mistakes)
 
 
-SETTINGS = ("full_ft", "prefillshare", "naive_reuse", "base")
+SETTINGS = ("full_ft", "prefillshare", "prefillshare_lora", "naive_reuse", "base")
 
 
-def three_ways(base_dir: str | Path, full_ft_dir: str | Path, decode_dir: str | Path, data: str | Path,
-               batch_size: int = 64, max_new_tokens: int = 16) -> dict[str, EvalResult]:
-    """Settings (i), (ii), (iii) of the module docstring, plus the untuned base for reference."""
-    runs = {
-        "full_ft": (full_ft_dir, None),
-        "prefillshare": (decode_dir, base_dir),
-        "naive_reuse": (full_ft_dir, base_dir),
-        "base": (base_dir, None),
-    }
-    return {setting: exact_match(model, data, prefill, batch_size, max_new_tokens)
-            for setting, (model, prefill) in runs.items()}
+def evaluate_settings(base_dir: str | Path, data: str | Path, full_ft_dir: str | Path | None = None,
+                      decode_dirs: dict[str, str | Path] | None = None, batch_size: int = 64,
+                      max_new_tokens: int = 16, device: torch.device | str = "cpu") -> dict[str, EvalResult]:
+    """The settings of the module docstring that the given models allow, in ``SETTINGS`` order.
+
+    ``decode_dirs`` maps a setting (``prefillshare``, ``prefillshare_lora``) to its decode
+    module; ``full_ft_dir`` gives settings (i) and (iii); the base is always evaluated.
+    """
+    runs: dict[str, tuple[str | Path, str | Path | None]] = {"base": (base_dir, None)}
+    if full_ft_dir is not None:
+        runs["full_ft"] = (full_ft_dir, None)
+        runs["naive_reuse"] = (full_ft_dir, base_dir)
+    for setting, decode_dir in (decode_dirs or {}).items():
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r}; settings are {SETTINGS}")
+        runs[setting] = (decode_dir, base_dir)
+    return {setting: exact_match(runs[setting][0], data, runs[setting][1], batch_size, max_new_tokens, device)
+            for setting in SETTINGS if setting in runs}

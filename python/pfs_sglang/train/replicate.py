@@ -1,12 +1,20 @@
 """The small-scale replication of the PrefillShare accuracy claim, end to end, in one call.
 
 Owns the pipeline, not its parts: write the synthetic corpus (``corpus.py``), pretrain
-a tiny Llama base on it (own-KV objective), then for every seed and task train a full
-fine-tuning baseline (own KV) and a PrefillShare decode module (cache-conditioned on
-the frozen base, invariant 2), evaluate settings (i), (ii), (iii) of ``evaluate.py`` on
-held-out data, and write ``results.json``, ``results.md`` and ``results.png``
-(``report.py``). ``export_demo_models`` copies the base and the first seed's decode
-modules to the package's demo assets (``pfs_sglang/models/assets``).
+a tiny Llama base on it as a general model of the corpus (language modelling over its
+records and a broad question mix, the tasks held out), then for every seed and task
+train the arms from that base:
+
+- ``full_ft``: full fine-tuning on its own KV (the baseline, setting (i));
+- ``prefillshare``: a full decode module, cache-conditioned on the frozen base (ii);
+- ``prefillshare_lora``: a LoRA decode module, cache-conditioned the same way (ii-LoRA);
+
+evaluate every setting of ``evaluate.py`` on held-out data (naive reuse (iii) and the
+untuned base need no training of their own), and write ``results.json``, ``results.md``
+and ``results.png`` (``report.py``). ``pretrain_base`` and ``train_task`` are the
+pipeline's two stages, which the sweep (``sweep.py``) runs over a grid.
+``export_demo_models`` copies the base and the first seed's full decode modules of the
+demo tasks to the package's demo assets (``pfs_sglang/models/assets``).
 """
 
 from __future__ import annotations
@@ -15,14 +23,16 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
+from tqdm import tqdm
 
-from pfs_sglang.models.demo import TinyLlamaShape, write_base_model
-from pfs_sglang.train.corpus import TASKS, CorpusSizes, tokenizer_text, write_corpus
-from pfs_sglang.train.evaluate import three_ways
+from pfs_sglang.models.demo import DEMO_DECODE_MODULES, TinyLlamaShape, write_base_model
+from pfs_sglang.train.corpus import TASKS, CorpusFiles, CorpusSizes, tokenizer_text, write_corpus
+from pfs_sglang.train.evaluate import evaluate_settings
 from pfs_sglang.train.report import Accuracy, write_report
 from pfs_sglang.train.trainer import FinetuneConfig, finetune
 
@@ -30,6 +40,8 @@ from pfs_sglang.train.trainer import FinetuneConfig, finetune
 # Four layers: the decode module computes only prompt[-1] onwards, so it needs depth to read
 # the base's KV (two layers left PrefillShare far behind on `compute` in trial runs).
 REPLICATION_SHAPE = TinyLlamaShape(num_layers=4, initializer_range=0.02)
+ARMS = ("full_ft", "prefillshare", "prefillshare_lora")
+Arm = Literal["full_ft", "prefillshare", "prefillshare_lora"]
 
 
 @dataclass(frozen=True)
@@ -37,95 +49,149 @@ class ReplicationConfig:
     out_dir: Path
     seeds: tuple[int, ...] = (0, 1)  # fine-tuning seeds (the corpus and the base use corpus_seed)
     corpus_seed: int = 0
+    tasks: tuple[str, ...] = TASKS
+    arms: tuple[Arm, ...] = ARMS
     sizes: CorpusSizes = CorpusSizes()
     shape: TinyLlamaShape = REPLICATION_SHAPE
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 3000
     pretrain_lr: float = 3e-3
-    task_steps: int = 1500
-    task_lr: float = 1e-3
+    task_steps: int = 1000  # every arm's budget
+    task_lr: float = 1e-3  # full_ft and prefillshare
+    lora_lr: float = 3e-3
+    lora_rank: int = 16
     batch_size: int = 32
     threads: int = 1  # torch intra-op threads (the replication is sized for 2 CPU cores)
+    device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
     report_dir: Path | None = None  # also write results.md and results.png here (e.g. docs/replication)
+
+    @property
+    def torch_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Base:
+    """What ``pretrain_base`` leaves: the corpus files and the pretrained base (the prefill module)."""
+
+    corpus: CorpusFiles
+    model: Path
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    seed: int
+    task: str
+    models: dict[str, Path]  # arm -> trained model
+    accuracies: list[Accuracy]
+    mistakes: dict[str, list[dict[str, str]]]  # setting -> a mistake, if any (prompt tail, expected, got)
 
 
 @dataclass(frozen=True)
 class ReplicationResult:
     out_dir: Path
     base: Path
-    decode_modules: dict[int, dict[str, Path]]  # seed -> task -> PrefillShare decode module
-    accuracies: list[Accuracy] = field(default_factory=list)
+    tasks: list[TaskResult] = field(default_factory=list)
     wall_seconds: float = 0.0
 
+    @property
+    def accuracies(self) -> list[Accuracy]:
+        return [accuracy for task in self.tasks for accuracy in task.accuracies]
 
-def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, objective: str, seed: int,
-           steps: int, lr: float) -> Path:
-    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, objective=objective, seed=seed,
-                            max_steps=steps, learning_rate=lr, batch_size=config.batch_size,
-                            warmup_ratio=0.05, save_steps=steps + 1, logging_steps=25))
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # nothing to resume once finished
+
+def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, seed: int, arm: Arm | None) -> Path:
+    """Train one arm (``None``: pretrain the base) and drop its checkpoints (nothing to resume)."""
+    if arm is None:
+        settings = dict(objective="lm", mode="full", max_steps=config.pretrain_steps, learning_rate=config.pretrain_lr)
+    else:
+        settings = dict(objective="own-kv" if arm == "full_ft" else "prefillshare",
+                        mode="lora" if arm == "prefillshare_lora" else "full", max_steps=config.task_steps,
+                        learning_rate=config.lora_lr if arm == "prefillshare_lora" else config.task_lr)
+    steps = settings["max_steps"]
+    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, batch_size=config.batch_size,
+                            warmup_ratio=0.05, save_steps=steps + 1, logging_steps=25, lora_rank=config.lora_rank,
+                            lora_alpha=2 * config.lora_rank, device=config.device, **settings))
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir
 
 
-def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
-    shape = config.shape
-    return (
-        "# Small-scale replication: held-out exact match (%)\n\n"
-        f"Tiny Llama ({shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads / "
-        f"{shape.num_kv_heads} KV heads, head_dim {shape.head_dim}, float32), base pretrained "
-        f"{config.pretrain_steps} steps on the synthetic records; each task model fine-tuned "
-        f"{config.task_steps} steps (batch {config.batch_size}, lr {config.task_lr}) from that base; "
-        f"{config.sizes.train_per_task} training and {config.sizes.test_per_task} held-out examples per task. "
-        f"Cells: mean over fine-tuning seeds {list(config.seeds)} (per-seed values in brackets). "
-        f"Wall time {wall_seconds / 60:.1f} min on {config.threads} CPU thread(s) "
-        f"({platform.processor() or platform.machine()}).\n"
-    )
-
-
-def replicate(config: ReplicationConfig) -> ReplicationResult:
-    started = time.monotonic()
+def pretrain_base(config: ReplicationConfig) -> Base:
+    """Write the corpus and pretrain the base on it (``out_dir/corpus``, ``out_dir/models/base``)."""
     torch.set_num_threads(config.threads)
     out = Path(config.out_dir)
     corpus = write_corpus(out / "corpus", seed=config.corpus_seed, sizes=config.sizes)
     init = write_base_model(out / "models" / "init", config.shape, seed=config.corpus_seed,
                             tokenizer_text=tokenizer_text(config.corpus_seed))
-    base = _train(config, init, corpus.pretrain, out / "models" / "base", "own-kv", config.corpus_seed,
-                  config.pretrain_steps, config.pretrain_lr)
-    decode_modules: dict[int, dict[str, Path]] = {}
-    accuracies: list[Accuracy] = []
-    for seed in config.seeds:
-        decode_modules[seed] = {}
-        for task in TASKS:
-            seed_dir = out / "models" / f"seed{seed}"
-            full_ft = _train(config, base, corpus.train[task], seed_dir / "full_ft" / task, "own-kv", seed,
-                             config.task_steps, config.task_lr)
-            decode = _train(config, base, corpus.train[task], seed_dir / "prefillshare" / task, "prefillshare",
-                            seed, config.task_steps, config.task_lr)
-            decode_modules[seed][task] = decode
-            for setting, result in three_ways(base, full_ft, decode, corpus.test[task]).items():
-                accuracies.append(Accuracy(seed, task, setting, result.correct, result.total))
-                print(f"seed {seed} {task:9s} {setting:12s} {100 * result.accuracy:5.1f}%  {result.mistakes[:1]}")
-    wall_seconds = time.monotonic() - started
-    result = ReplicationResult(out, base, decode_modules, accuracies, wall_seconds)
+    return Base(corpus, _train(config, init, corpus.pretrain, out / "models" / "base", config.corpus_seed, None))
+
+
+def train_task(config: ReplicationConfig, base: Base, seed: int, task: str) -> TaskResult:
+    """Train every arm of ``config`` for one seed and task, and evaluate every setting they allow."""
+    torch.set_num_threads(config.threads)
+    seed_dir = Path(config.out_dir) / "models" / f"seed{seed}"
+    models = {arm: _train(config, base.model, base.corpus.train[task], seed_dir / arm / task, seed, arm)
+              for arm in config.arms}
+    decode_dirs = {arm: path for arm, path in models.items() if arm != "full_ft"}
+    results = evaluate_settings(base.model, base.corpus.test[task], models.get("full_ft"), decode_dirs,
+                                batch_size=200, device=config.torch_device)
+    accuracies = [Accuracy(seed, task, setting, result.correct, result.total) for setting, result in results.items()]
+    mistakes = {setting: result.mistakes[:1] for setting, result in results.items()}
+    return TaskResult(seed, task, models, accuracies, mistakes)
+
+
+def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
+    shape = config.shape
+    machine = f"{config.threads} CPU thread(s) ({platform.processor() or platform.machine()})" \
+        if config.torch_device == "cpu" else torch.cuda.get_device_name()
+    return (
+        "# Small-scale replication: held-out exact match (%)\n\n"
+        f"Tiny Llama ({shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads / "
+        f"{shape.num_kv_heads} KV heads, head_dim {shape.head_dim}, float32). Base pretrained "
+        f"{config.pretrain_steps} steps (language modelling over {config.sizes.pretrain} rows of records and "
+        f"general questions about them, the tasks held out); each task model trained {config.task_steps} steps "
+        f"(batch {config.batch_size}; lr {config.task_lr} full, {config.lora_lr} LoRA rank {config.lora_rank}) "
+        f"from that base; {config.sizes.train_per_task} training and {config.sizes.test_per_task} held-out "
+        f"examples per task. Cells: mean over fine-tuning seeds {list(config.seeds)} (per-seed values in "
+        f"brackets). Wall time {wall_seconds / 60:.1f} min on {machine}.\n"
+    )
+
+
+def write_results(config: ReplicationConfig, accuracies: list[Accuracy], wall_seconds: float) -> None:
     results = json.dumps({
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "wall_seconds": wall_seconds,
         "accuracies": [asdict(a) for a in accuracies],
     }, indent=2) + "\n"
-    for report_dir in (out, config.report_dir):
+    for report_dir in (config.out_dir, config.report_dir):
         if report_dir is not None:
             write_report(accuracies, Path(report_dir), _preamble(config, wall_seconds))
             (Path(report_dir) / "results.json").write_text(results)
+
+
+def replicate(config: ReplicationConfig) -> ReplicationResult:
+    started = time.monotonic()
+    config = replace(config, out_dir=Path(config.out_dir))
+    base = pretrain_base(config)
+    jobs = [(seed, task) for seed in config.seeds for task in config.tasks]
+    tasks = []
+    for seed, task in tqdm(jobs, desc="seeds x tasks", unit="task"):
+        tasks.append(train_task(config, base, seed, task))
+        for accuracy in tasks[-1].accuracies:
+            tqdm.write(f"seed {seed} {task:9s} {accuracy.setting:17s} {100 * accuracy.value:5.1f}%  "
+                       f"{tasks[-1].mistakes[accuracy.setting]}")
+    result = ReplicationResult(config.out_dir, base.model, tasks, time.monotonic() - started)
+    write_results(config, result.accuracies, result.wall_seconds)
     return result
 
 
 def export_demo_models(result: ReplicationResult, assets_dir: Path) -> Path:
-    """Copy the base and the first seed's decode modules to ``assets_dir`` (the demo models)."""
+    """Copy the base and the first seed's full decode modules of the demo tasks to ``assets_dir``."""
     assets_dir = Path(assets_dir)
     if assets_dir.exists():
         shutil.rmtree(assets_dir)
     ignore = shutil.ignore_patterns("checkpoints")
     shutil.copytree(result.base, assets_dir / "base", ignore=ignore)
-    first_seed = min(result.decode_modules)
-    for task, path in result.decode_modules[first_seed].items():
-        shutil.copytree(path, assets_dir / task, ignore=ignore)
+    first_seed = min(task.seed for task in result.tasks)
+    for task in result.tasks:
+        if task.seed == first_seed and task.task in DEMO_DECODE_MODULES:
+            shutil.copytree(task.models["prefillshare"], assets_dir / task.task, ignore=ignore)
     return assets_dir

@@ -1,8 +1,11 @@
-"""The replication's results table (markdown) and bar chart (PNG) from its accuracies.
+"""The replication's and the sweep's tables (markdown) and charts (PNG) from their accuracies.
 
-Owns presentation only: given held-out exact-match accuracy per seed, task and setting
-(``evaluate.SETTINGS``), it writes ``results.md`` and ``results.png``. Accuracies are
-shown as mean over seeds with the per-seed values beside them.
+Owns presentation only. Given held-out exact-match accuracy per seed, task and setting
+(``evaluate.SETTINGS``), it writes ``results.md`` and ``results.png`` (a bar per
+setting and task); accuracies are shown as mean over seeds with the per-seed values
+beside them. Given the sweep's points (``SweepPoint``: one capacity, budget, seed and
+task), it writes ``sweep.md`` (the (i) - (ii) gap per capacity, budget and task) and
+``sweep.png`` (that gap against the budget, one panel per task, one line per capacity).
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from statistics import mean
 SETTING_LABELS = {
     "full_ft": "(i) full FT, own KV",
     "prefillshare": "(ii) PrefillShare, base KV",
+    "prefillshare_lora": "(ii-LoRA) PrefillShare LoRA, base KV",
     "naive_reuse": "(iii) naive reuse, base KV",
     "base": "base, untuned",
 }
+GAPS = {"prefillshare": "(ii) - (i)", "prefillshare_lora": "(ii-LoRA) - (i)"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,10 @@ def _values(rows: list[Accuracy], tasks: list[str], task: str, setting: str) -> 
 
 
 def markdown_table(rows: list[Accuracy], tasks: list[str], settings: list[str]) -> str:
-    header = "| task | " + " | ".join(SETTING_LABELS[s] for s in settings) + " | (ii) - (i) |"
-    lines = [header, "|" + "---|" * (len(settings) + 2)]
+    gaps = [setting for setting in GAPS if setting in settings and "full_ft" in settings]
+    header = "| task | " + " | ".join(SETTING_LABELS[s] for s in settings)
+    header += "".join(f" | {GAPS[setting]}" for setting in gaps) + " |"
+    lines = [header, "|" + "---|" * (len(settings) + len(gaps) + 1)]
     for task in tasks + ["mean"]:
         cells, means = [], {}
         for setting in settings:
@@ -53,8 +60,8 @@ def markdown_table(rows: list[Accuracy], tasks: list[str], settings: list[str]) 
             means[setting] = mean(values)
             per_seed = ", ".join(f"{100 * v:.1f}" for v in values)
             cells.append(f"{100 * means[setting]:.1f} ({per_seed})")
-        gap = 100 * (means["prefillshare"] - means["full_ft"])
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {gap:+.1f} |")
+        cells += [f"{100 * (means[setting] - means['full_ft']):+.1f}" for setting in gaps]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -65,7 +72,7 @@ def bar_chart(rows: list[Accuracy], tasks: list[str], settings: list[str], path:
     import matplotlib.pyplot as plt
 
     width = 0.8 / len(settings)
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure, axes = plt.subplots(figsize=(9, 4))
     for index, setting in enumerate(settings):
         values = [_per_seed(rows, task, setting) for task in tasks]
         centers = [task_index + (index - (len(settings) - 1) / 2) * width for task_index in range(len(tasks))]
@@ -95,3 +102,94 @@ def write_report(rows: list[Accuracy], out_dir: Path, preamble: str) -> tuple[Pa
     table_path.write_text(preamble + "\n" + markdown_table(rows, tasks, settings))
     chart_path = bar_chart(rows, tasks, settings, out_dir / "results.png")
     return table_path, chart_path
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One run of the sweep: a base capacity, a training budget, a seed and a task."""
+
+    capacity: str  # "4L h64"
+    layers: int
+    hidden: int
+    budget: int  # training steps of both arms
+    seed: int
+    task: str
+    accuracies: dict[str, float]  # setting -> held-out exact match (0-1)
+
+    @property
+    def gap(self) -> float:
+        """(ii) - (i): PrefillShare's accuracy minus full fine-tuning's."""
+        return self.accuracies["prefillshare"] - self.accuracies["full_ft"]
+
+
+def _sweep_cells(points: list[SweepPoint]) -> dict[tuple[str, int, str], list[SweepPoint]]:
+    cells: dict[tuple[str, int, str], list[SweepPoint]] = {}
+    for point in sorted(points, key=lambda p: (p.layers * p.hidden, p.budget, p.seed)):
+        cells.setdefault((point.capacity, point.budget, point.task), []).append(point)
+    return cells
+
+
+def sweep_table(points: list[SweepPoint], tasks: list[str]) -> str:
+    """Rows: capacity x budget; per task (i) / (ii) and the gap (mean over seeds); the mean gap."""
+    cells = _sweep_cells(points)
+    header = "| base | budget (steps) | " + " | ".join(f"{task}: (i) / (ii), gap" for task in tasks) + " | mean gap |"
+    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+    for capacity, budget in dict.fromkeys((c, b) for c, b, _ in cells):
+        row, gaps = [], []
+        for task in tasks:
+            runs = cells.get((capacity, budget, task), [])
+            if not runs:
+                row.append("-")
+                continue
+            full_ft = mean(run.accuracies["full_ft"] for run in runs)
+            ours = mean(run.accuracies["prefillshare"] for run in runs)
+            gaps.append(ours - full_ft)
+            row.append(f"{100 * full_ft:.1f} / {100 * ours:.1f}, {100 * (ours - full_ft):+.1f}")
+        mean_gap = f"{100 * mean(gaps):+.1f}" if len(gaps) == len(tasks) else "-"
+        lines.append(f"| {capacity} | {budget} | " + " | ".join(row) + f" | {mean_gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def gap_chart(points: list[SweepPoint], tasks: list[str], path: Path, target: float = -2.0) -> Path:
+    """The (ii) - (i) gap (points) against the budget, a panel per task, a line per capacity (min-max over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = _sweep_cells(points)
+    capacities = list(dict.fromkeys(capacity for capacity, _, _ in cells))
+    all_budgets = sorted({budget for _, budget, _ in cells})
+    lines = {}
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), sharey=True, squeeze=False)
+    for panel, task in zip(axes[0], tasks):
+        for capacity in capacities:
+            budgets = sorted(b for c, b, t in cells if c == capacity and t == task)
+            gaps = [[100 * run.gap for run in cells[(capacity, b, task)]] for b in budgets]
+            if not budgets:
+                continue
+            centers = [mean(g) for g in gaps]
+            errors = [[c - min(g) for c, g in zip(centers, gaps)], [max(g) - c for c, g in zip(centers, gaps)]]
+            lines[capacity] = panel.errorbar(budgets, centers, yerr=errors, marker="o", capsize=3, label=capacity)
+        panel.axhline(0, color="black", linewidth=0.8)
+        panel.axhline(target, color="gray", linestyle="--", linewidth=0.8)
+        panel.set_xscale("log")
+        panel.set_xticks(all_budgets, [str(budget) for budget in all_budgets])
+        panel.minorticks_off()
+        panel.set_title(task, fontsize=10)
+        panel.set_xlabel("training steps")
+    axes[0][0].set_ylabel("(ii) - (i), exact-match points")
+    axes[0][-1].legend(list(lines.values()), list(lines), fontsize=8, title="base", title_fontsize=8)
+    figure.suptitle(f"PrefillShare minus full fine-tuning (dashed: {target:+.0f} points)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_sweep_report(points: list[SweepPoint], tasks: list[str], out_dir: Path, preamble: str) -> tuple[Path, Path]:
+    """Write ``sweep.md`` (``preamble`` then the table) and ``sweep.png`` to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = out_dir / "sweep.md"
+    table_path.write_text(preamble + "\n" + sweep_table(points, tasks))
+    return table_path, gap_chart(points, tasks, out_dir / "sweep.png")

@@ -7,8 +7,10 @@ one of two objectives (see ``objective.py``):
   computes the prompt KV; the trained model is a *decode module* and its output records
   the base's fingerprint (invariant 4), so the identity check and the launcher accept it.
 - ``own-kv``: ordinary fine-tuning, the model computes its own prompt KV. Used for the
-  full fine-tuning baseline and for pretraining the replication's base. Its output is
-  not a decode module and gets no record: the launcher refuses it as one.
+  full fine-tuning baseline. Its output is not a decode module and gets no record: the
+  launcher refuses it as one.
+- ``lm``: language modelling over whole rows (the loss covers the prompt's tokens too);
+  pretrains the replication's base. Not a decode module either.
 
 The loop, optimizer, schedule, gradient accumulation, bf16 autocast, checkpoints and
 resume are the Trainer's; this module supplies the loss and writes the outputs.
@@ -35,12 +37,18 @@ from pfs_sglang.identity import fingerprint_of, token_sequence_of, write_decode_
 from pfs_sglang.identity.compat import PREFILL_TOKEN_SEQUENCE
 from pfs_sglang.train.collate import SplitBatch, collate_split
 from pfs_sglang.train.data import Example, load_examples
-from pfs_sglang.train.objective import cache_conditioned_logits, completion_loss, own_kv_logits
+from pfs_sglang.train.objective import (
+    cache_conditioned_logits,
+    completion_loss,
+    language_model_logits,
+    language_model_targets,
+    own_kv_logits,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # What else decides the token sequence (pfs_sglang.identity.token_sequence), copied when the base has it.
 TOKEN_SEQUENCE_FILES = ("chat_template.jinja", "chat_template.json", "generation_config.json")
-Objective = Literal["prefillshare", "own-kv"]
+Objective = Literal["prefillshare", "own-kv", "lm"]
 Mode = Literal["full", "lora"]
 
 
@@ -66,6 +74,7 @@ class FinetuneConfig:
     save_steps: int = 500
     logging_steps: int = 10
     resume: bool = False
+    device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
 
 
 @dataclass(frozen=True)
@@ -84,26 +93,29 @@ class LossInProgressBar(ProgressCallback):
 
 
 class SplitTrainer(Trainer):
-    """Trainer whose loss is the completion loss of ``objective.py``.
+    """Trainer whose loss is the objective's loss of ``objective.py``.
 
     ``prefill_model`` is the frozen base for cache-conditioned training, or ``None``
-    for own-KV training. The loss is a per-batch mean (the Trainer scales it for
-    gradient accumulation).
+    for own-KV and language-model training. The loss is a per-batch mean (the Trainer
+    scales it for gradient accumulation).
     """
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, prefill_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, objective: Objective, prefill_model: torch.nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.objective = objective
         self.prefill_model = prefill_model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = SplitBatch(**inputs)
-        if self.prefill_model is None:
-            logits = own_kv_logits(model, batch)
+        if self.objective == "lm":
+            logits, targets = language_model_logits(model, batch), language_model_targets(batch)
+        elif self.objective == "own-kv":
+            logits, targets = own_kv_logits(model, batch), batch.target_ids
         else:
-            logits = cache_conditioned_logits(self.prefill_model, model, batch)
-        loss = completion_loss(logits, batch.target_ids)
+            logits, targets = cache_conditioned_logits(self.prefill_model, model, batch), batch.target_ids
+        loss = completion_loss(logits, targets)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -143,7 +155,7 @@ def training_arguments(config: FinetuneConfig) -> TrainingArguments:
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=config.device == "cpu" or not torch.cuda.is_available(),
         logging_steps=config.logging_steps,
         save_steps=config.save_steps,
         save_total_limit=2,
@@ -200,6 +212,7 @@ def finetune(config: FinetuneConfig, examples: list[Example] | None = None) -> F
         args=args,
         train_dataset=examples,
         data_collator=lambda rows: collate_split(rows, tokenizer.pad_token_id).as_dict(),
+        objective=config.objective,
         prefill_model=prefill_model,
     )
     trainer.remove_callback(ProgressCallback)

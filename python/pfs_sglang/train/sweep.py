@@ -1,0 +1,212 @@
+"""The sweep: how the (i) - (ii) gap of the replication depends on the base and the budget.
+
+Owns the grid and its execution, not the pipeline: for every base capacity (layers,
+width) it pretrains a base with ``replicate.pretrain_base``, then for every
+decode-module training budget (steps; full fine-tuning gets the same budget), seed
+and task it trains and evaluates full fine-tuning (i) and a PrefillShare decode module
+(ii) with ``replicate.train_task``. The jobs run in a pool of worker processes (one
+GPU serves many tiny trainings at once: each one is bound by its launch overhead), the
+largest first; the trained models live in a scratch directory and are deleted once
+evaluated. ``OUT_DIR`` gets ``sweep.json`` (every point), ``sweep.md`` (the gap table)
+and ``sweep.png`` (the gap per task against the budget, one line per capacity;
+``report.py``), all three rewritten as runs finish, so a sweep cut short keeps what it
+measured.
+
+    python -m pfs_sglang.train sweep OUT_DIR --device cuda [--quick] [--workers N]
+
+Nothing on this path imports SGLang, ZMQ or ``datasets``: it runs from a checkout with
+torch, transformers, peft, accelerate, tqdm, matplotlib and safetensors installed.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import tempfile
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from pfs_sglang.train.corpus import TASKS, CorpusSizes
+from pfs_sglang.train.replicate import REPLICATION_SHAPE, Base, ReplicationConfig, pretrain_base, train_task
+from pfs_sglang.train.report import SweepPoint, write_sweep_report
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A base's size: ``layers`` x ``hidden`` (head_dim 16, half as many KV heads), and its learning rates."""
+
+    layers: int
+    hidden: int
+    pretrain_lr: float
+    task_lr: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.layers}L h{self.hidden}"
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.layers}L_h{self.hidden}"
+
+    def config(self, out_dir: Path, grid: SweepGrid, device: str, budget: int) -> ReplicationConfig:
+        heads = max(1, self.hidden // REPLICATION_SHAPE.head_dim)
+        shape = replace(REPLICATION_SHAPE, num_layers=self.layers, hidden_size=self.hidden,
+                        intermediate_size=3 * self.hidden, num_heads=heads, num_kv_heads=max(1, heads // 2))
+        return ReplicationConfig(out_dir=out_dir, seeds=grid.seeds, tasks=grid.tasks, arms=("full_ft", "prefillshare"),
+                                 sizes=grid.sizes, shape=shape, pretrain_steps=grid.pretrain_steps,
+                                 pretrain_lr=self.pretrain_lr, task_steps=budget, task_lr=self.task_lr,
+                                 batch_size=grid.batch_size, device=device)
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    capacities: tuple[Capacity, ...]
+    budgets: tuple[int, ...]  # training steps of every task model
+    seeds: tuple[int, ...]
+    tasks: tuple[str, ...] = TASKS
+    pretrain_steps: int = 3000
+    batch_size: int = 32
+    sizes: CorpusSizes = CorpusSizes()
+
+
+# The replication's base (4 layers, hidden 64) and two larger ones; budgets around its 1000 steps.
+FULL_GRID = SweepGrid(
+    capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 2e-3, 1e-3), Capacity(8, 256, 1e-3, 5e-4)),
+    budgets=(500, 1000, 3000),
+    seeds=(0, 1),
+)
+# A smoke test of the whole path on a CPU (a minute or two).
+QUICK_GRID = SweepGrid(
+    capacities=(Capacity(1, 32, 3e-3, 1e-3), Capacity(2, 32, 3e-3, 1e-3)),
+    budgets=(5, 10),
+    seeds=(0,),
+    tasks=("extract", "compare"),
+    pretrain_steps=10,
+    batch_size=8,
+    sizes=CorpusSizes(pretrain=200, train_per_task=100, test_per_task=16),
+)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    out_dir: Path
+    grid: SweepGrid = FULL_GRID
+    device: Literal["cpu", "cuda"] = "cuda"
+    workers: int = 1
+    work_dir: Path | None = None  # scratch for corpora and models (default: a temporary directory)
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    capacity: Capacity
+    budget: int
+    seed: int
+    task: str
+
+    def cost(self) -> float:
+        return self.budget * self.capacity.layers * self.capacity.hidden
+
+
+def _base_job(config: ReplicationConfig) -> Base:
+    return pretrain_base(config)
+
+
+def _task_job(config: ReplicationConfig, base: Base, job: TaskJob) -> SweepPoint:
+    result = train_task(config, base, job.seed, job.task)
+    for path in result.models.values():
+        shutil.rmtree(path, ignore_errors=True)
+    accuracies = {accuracy.setting: accuracy.value for accuracy in result.accuracies}
+    return SweepPoint(capacity=job.capacity.label, layers=job.capacity.layers, hidden=job.capacity.hidden,
+                      budget=job.budget, seed=job.seed, task=job.task, accuracies=accuracies)
+
+
+@contextmanager
+def _quiet_workers():
+    """Worker processes inherit TQDM_DISABLE (their Trainer and eval bars would interleave)."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: int, final: bool) -> None:
+    grid = config.grid
+    machine = torch.cuda.get_device_name() if config.device == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    wall = time.monotonic() - started
+    summary = {"device": machine, "workers": config.workers, "wall_seconds": wall, "complete": final,
+               "jobs_done": len(points), "jobs": jobs, "grid": json.loads(json.dumps(asdict(grid), default=str)),
+               "points": [asdict(point) for point in points]}
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    preamble = (
+        "# Sweep: the (i) - (ii) gap against base capacity and training budget\n\n"
+        f"Held-out exact match (%) of (i) full fine-tuning (own KV) and (ii) PrefillShare (base KV + decode "
+        f"module), both trained for the budget's steps (batch {grid.batch_size}) from the same base; bases "
+        f"pretrained {grid.pretrain_steps} steps; mean over seeds {list(grid.seeds)}, "
+        f"{grid.sizes.test_per_task} held-out examples per task. {len(points)} of {jobs} runs"
+        f"{'' if final else ' (so far)'}; wall time {wall / 60:.1f} min on {machine}, "
+        f"{config.workers} worker process(es).\n"
+    )
+    write_sweep_report(points, list(grid.tasks), config.out_dir, preamble)
+
+
+def sweep(config: SweepConfig) -> list[SweepPoint]:
+    """Run the grid; write ``sweep.json`` as points arrive and the table and chart at the end."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    started = time.monotonic()
+    grid = config.grid
+    work = Path(config.work_dir or tempfile.mkdtemp(prefix="pfs_sweep-"))
+    base_configs = {capacity: capacity.config(work / capacity.dir_name, grid, config.device, 0)
+                    for capacity in grid.capacities}
+    task_jobs = [TaskJob(capacity, budget, seed, task) for capacity in grid.capacities
+                 for budget in grid.budgets for seed in grid.seeds for task in grid.tasks]
+    points: list[SweepPoint] = []
+    ready: list[tuple[TaskJob, ReplicationConfig, Base]] = []  # runs whose base is trained, largest first
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with _quiet_workers(), ProcessPoolExecutor(config.workers, mp_context=context) as pool, \
+            tqdm(total=len(base_configs) + len(task_jobs), desc="sweep (bases, then runs)", unit="job") as bar:
+        running: dict[Future, Capacity | TaskJob] = {
+            pool.submit(_base_job, base_config): capacity
+            for capacity, base_config in sorted(base_configs.items(), key=lambda item: -item[0].layers * item[0].hidden)
+        }
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = running.pop(future)
+                if isinstance(item, Capacity):
+                    ready += [(job, item.config(work / item.dir_name / f"budget{job.budget}", grid,
+                                                config.device, job.budget), future.result())
+                              for job in task_jobs if job.capacity == item]
+                    ready.sort(key=lambda entry: entry[0].cost(), reverse=True)
+                    bar.set_postfix_str(f"base {item.label} ready")
+                else:
+                    point = future.result()
+                    points.append(point)
+                    bar.set_postfix_str(f"{point.capacity}, {point.budget} steps, {point.task}, seed {point.seed}: "
+                                        f"gap {100 * point.gap:+.1f}")
+                    _write(config, points, started, len(task_jobs), final=False)
+                bar.update(1)
+            while ready and len(running) < config.workers:  # the largest runs first: a cut-short sweep keeps them
+                job, job_config, base = ready.pop(0)
+                running[pool.submit(_task_job, job_config, base, job)] = job
+    _write(config, points, started, len(task_jobs), final=True)
+    if config.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return points

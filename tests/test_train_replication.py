@@ -1,0 +1,66 @@
+"""The replication's corpus and the sweep's report, without training.
+
+The base's pretraining mix must hold the tasks out (no task question in it); every
+task's rows ask that task's question; ``compare`` never asks about a tie; the sweep's
+table and gap chart come out of its points.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from pfs_sglang.train.corpus import (
+    NUMBER_FIELDS,
+    PRETRAIN_QUESTIONS,
+    TASK_QUESTION_PATTERNS,
+    TASKS,
+    is_task_question,
+    pretrain_rows,
+    task_question,
+    task_rows,
+)
+from pfs_sglang.train.report import SweepPoint, write_sweep_report
+
+
+def _question_and_answer(row: dict) -> tuple[str, str]:
+    user, assistant = row["messages"]
+    return user["content"].split("\n")[1], assistant["content"]
+
+
+def test_pretraining_mix_holds_the_tasks_out():
+    questions = {_question_and_answer(row)[0] for row in pretrain_rows(4000, random.Random(0))}
+    assert not [question for question in questions if is_task_question(question)]
+    assert len(questions) > 50  # a broad mix: every kind, over many fields
+    assert len(PRETRAIN_QUESTIONS) >= 10
+
+
+def test_task_rows_ask_their_own_question():
+    for task in TASKS:
+        for row in task_rows(task, 200, random.Random(task)):
+            question, _ = _question_and_answer(row)
+            assert TASK_QUESTION_PATTERNS[task].match(question), (task, question)
+
+
+def test_compare_answers_the_larger_field_and_skips_ties():
+    for row in task_rows("compare", 500, random.Random(1)):
+        record = dict(pair.split(": ") for pair in row["messages"][0]["content"].split("\n")[0].split("; "))
+        question, answer = _question_and_answer(row)
+        first, second = question.removeprefix("Which is larger, ").removesuffix("?").split(" or ")
+        assert record[first] != record[second]
+        assert answer == max(first, second, key=lambda field: int(record[field]))
+    all_equal = {"name": "tom", "city": "oslo", "color": "red"} | dict.fromkeys(NUMBER_FIELDS, "4")
+    assert task_question("compare", all_equal, random.Random(0))[1] == "equal"
+
+
+def test_sweep_report_has_a_row_per_capacity_and_budget(tmp_path):
+    points = [SweepPoint(capacity=f"{layers}L h{hidden}", layers=layers, hidden=hidden, budget=budget, seed=seed,
+                         task=task, accuracies={"full_ft": 1.0, "prefillshare": 0.9 + 0.01 * seed})
+              for layers, hidden in ((2, 32), (4, 64)) for budget in (10, 20) for seed in (0, 1)
+              for task in ("extract", "compare")]
+    table, chart = write_sweep_report(points, ["extract", "compare"], tmp_path, "# sweep\n")
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| 2L") or line.startswith("| 4L")]
+    assert len(rows) == 4
+    assert rows[0] == "| 2L h32 | 10 | 100.0 / 90.5, -9.5 | 100.0 / 90.5, -9.5 | -9.5 |"
+    assert chart.stat().st_size > 1000
+    json.dumps([point.__dict__ for point in points])  # the sweep writes them as JSON
