@@ -103,7 +103,9 @@ def run_sweep(args: argparse.Namespace) -> int:
                    pretrain_steps=args.pretrain_steps or grid.pretrain_steps)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = args.workers or (min(12, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1)
-    sweep(SweepConfig(out_dir=args.out_dir, grid=grid, device=device, workers=workers, work_dir=args.work_dir))
+    deadline = 60 * args.deadline_min if args.deadline_min else None
+    sweep(SweepConfig(out_dir=args.out_dir, grid=grid, device=device, workers=workers, work_dir=args.work_dir,
+                      deadline_s=deadline))
     print((args.out_dir / "sweep.md").read_text())
     return 0
 
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--seeds", type=int, nargs="+")
     swp.add_argument("--budgets", type=int, nargs="+", help="training steps of the task models")
     swp.add_argument("--pretrain-steps", type=int)
+    swp.add_argument("--deadline-min", type=float, help="start no run after this many minutes (the table says "
+                                                         "how many of the grid's runs finished)")
     swp.add_argument("--work-dir", type=Path, help="keep corpora and bases here (default: a temporary dir, removed)")
 
     args = parser.parse_args(argv)

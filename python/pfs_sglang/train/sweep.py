@@ -5,14 +5,14 @@ width) it pretrains a base with ``replicate.pretrain_base``, then for every
 decode-module training budget (steps; full fine-tuning gets the same budget), seed
 and task it trains and evaluates full fine-tuning (i) and a PrefillShare decode module
 (ii) with ``replicate.train_task``. The jobs run in a pool of worker processes (one
-GPU serves many tiny trainings at once: each one is bound by its launch overhead), the
-largest first; the trained models live in a scratch directory and are deleted once
-evaluated. ``OUT_DIR`` gets ``sweep.json`` (every point), ``sweep.md`` (the gap table)
+GPU serves many tiny trainings at once: each one is bound by its launch overhead), seed
+by seed and the largest first, and none starts after the deadline, if one is given; the
+trained models live in a scratch directory and are deleted once evaluated. ``OUT_DIR`` gets ``sweep.json`` (every point), ``sweep.md`` (the gap table)
 and ``sweep.png`` (the gap per task against the budget, one line per capacity;
 ``report.py``), all three rewritten as runs finish, so a sweep cut short keeps what it
 measured.
 
-    python -m pfs_sglang.train sweep OUT_DIR --device cuda [--quick] [--workers N]
+    python -m pfs_sglang.train sweep OUT_DIR --device cuda [--quick] [--workers N] [--deadline-min M]
 
 Nothing on this path imports SGLang, ZMQ or ``datasets``: it runs from a checkout with
 torch, transformers, peft, accelerate, tqdm, matplotlib and safetensors installed.
@@ -79,11 +79,16 @@ class SweepGrid:
     sizes: CorpusSizes = CorpusSizes()
 
 
-# The replication's base (4 layers, hidden 64) and two larger ones; budgets around its 1000 steps.
+# The replication's base (4 layers, hidden 64) and two larger ones. A GPU step costs about the same
+# at batch 32 and 128 (tiny models are launch-bound), so the grid trains at batch 128: 300 steps see
+# as many examples as the replication's 1000 steps at batch 32.
 FULL_GRID = SweepGrid(
     capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 2e-3, 1e-3), Capacity(8, 256, 1e-3, 5e-4)),
-    budgets=(500, 1000, 3000),
+    budgets=(100, 300, 800),
     seeds=(0, 1),
+    pretrain_steps=1500,
+    batch_size=128,
+    sizes=CorpusSizes(pretrain=50000, train_per_task=20000, test_per_task=500),
 )
 # A smoke test of the whole path on a CPU (a minute or two).
 QUICK_GRID = SweepGrid(
@@ -104,6 +109,7 @@ class SweepConfig:
     device: Literal["cpu", "cuda"] = "cuda"
     workers: int = 1
     work_dir: Path | None = None  # scratch for corpora and models (default: a temporary directory)
+    deadline_s: float | None = None  # start no run after this many seconds (running ones finish)
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,9 @@ class TaskJob:
     seed: int
     task: str
 
-    def cost(self) -> float:
-        return self.budget * self.capacity.layers * self.capacity.hidden
+    def order(self, grid: SweepGrid) -> tuple[int, float]:
+        """Seed by seed, the largest runs first: a sweep cut short has whole grids and its largest runs."""
+        return grid.seeds.index(self.seed), -self.budget * self.capacity.layers * self.capacity.hidden
 
 
 def _base_job(config: ReplicationConfig) -> Base:
@@ -149,7 +156,7 @@ def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: 
     machine = torch.cuda.get_device_name() if config.device == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     wall = time.monotonic() - started
-    summary = {"device": machine, "workers": config.workers, "wall_seconds": wall, "complete": final,
+    summary = {"device": machine, "workers": config.workers, "wall_seconds": wall, "complete": final and len(points) == jobs,
                "jobs_done": len(points), "jobs": jobs, "grid": json.loads(json.dumps(asdict(grid), default=str)),
                "points": [asdict(point) for point in points]}
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,7 @@ def sweep(config: SweepConfig) -> list[SweepPoint]:
     task_jobs = [TaskJob(capacity, budget, seed, task) for capacity in grid.capacities
                  for budget in grid.budgets for seed in grid.seeds for task in grid.tasks]
     points: list[SweepPoint] = []
-    ready: list[tuple[TaskJob, ReplicationConfig, Base]] = []  # runs whose base is trained, largest first
+    ready: list[tuple[TaskJob, ReplicationConfig, Base]] = []  # runs whose base is trained, in TaskJob.order
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with _quiet_workers(), ProcessPoolExecutor(config.workers, mp_context=context) as pool, \
             tqdm(total=len(base_configs) + len(task_jobs), desc="sweep (bases, then runs)", unit="job") as bar:
@@ -194,7 +201,7 @@ def sweep(config: SweepConfig) -> list[SweepPoint]:
                     ready += [(job, item.config(work / item.dir_name / f"budget{job.budget}", grid,
                                                 config.device, job.budget), future.result())
                               for job in task_jobs if job.capacity == item]
-                    ready.sort(key=lambda entry: entry[0].cost(), reverse=True)
+                    ready.sort(key=lambda entry: entry[0].order(grid))
                     bar.set_postfix_str(f"base {item.label} ready")
                 else:
                     point = future.result()
@@ -203,7 +210,8 @@ def sweep(config: SweepConfig) -> list[SweepPoint]:
                                         f"gap {100 * point.gap:+.1f}")
                     _write(config, points, started, len(task_jobs), final=False)
                 bar.update(1)
-            while ready and len(running) < config.workers:  # the largest runs first: a cut-short sweep keeps them
+            in_time = config.deadline_s is None or time.monotonic() - started < config.deadline_s
+            while ready and len(running) < config.workers and in_time:
                 job, job_config, base = ready.pop(0)
                 running[pool.submit(_task_job, job_config, base, job)] = job
     _write(config, points, started, len(task_jobs), final=True)
