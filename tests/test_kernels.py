@@ -61,3 +61,46 @@ def test_sglang_rotary_embedding_builds_and_runs_natively_on_cpu():
         torch.testing.assert_close(k_out, k_ref)
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("enable_gqa", [False, True], ids=["mha", "gqa"])
+def test_prefix_extend_attention_equals_sglangs_full_computation(enable_gqa):
+    """Every new token's attention over a cached prefix equals SGLang's redundant full-length computation."""
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+
+    from pfs_kernels.prefix_extend_attention import extend_attention_over_new_tokens
+
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, slots = 4, 2 if enable_gqa else 4, 16, 4096
+    k_cache, v_cache = torch.randn(slots, kv_heads, head_dim), torch.randn(slots, kv_heads, head_dim)
+    # (prefix, new) per request: no prefix, one token over a long prefix, several over a prefix, one alone
+    shapes = [(0, 7), (1023, 1), (40, 9), (0, 1), (5, 1)]
+    req_to_token = torch.zeros(len(shapes), 1100, dtype=torch.int64)
+    for row, (prefix, new) in enumerate(shapes):
+        req_to_token[row, : prefix + new] = torch.randperm(slots - 1)[: prefix + new] + 1  # scattered slots
+    seq_lens = torch.tensor([p + n for p, n in shapes])
+    prefix_lens, new_lens = torch.tensor([p for p, _ in shapes]), torch.tensor([n for _, n in shapes])
+    query = torch.randn(int(new_lens.sum()), heads, head_dim)
+    args = (query, req_to_token, torch.arange(len(shapes)), seq_lens, prefix_lens, new_lens)
+
+    def run(call):
+        output = torch.full_like(query, float("nan"))
+        q, r2t, rows, lens, prefixes, news = args
+        return call(q, output, k_cache, v_cache, r2t, rows, lens, prefixes, news,
+                    scaling=head_dim ** -0.5, enable_gqa=enable_gqa, causal=True)
+
+    sglang_full = run(lambda *a, **k: TorchNativeAttnBackend._run_sdpa_forward_extend(None, *a, **k))
+    new_rows_only = run(lambda *a, **k: extend_attention_over_new_tokens(
+        TorchNativeAttnBackend._run_sdpa_forward_extend, None, *a, **k))
+    assert not new_rows_only.isnan().any()
+    torch.testing.assert_close(new_rows_only, sglang_full, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_extend_attention_leaves_uncovered_calls_to_sglang():
+    from pfs_kernels.prefix_extend_attention import extend_attention_over_new_tokens
+
+    calls = []
+    for uncovered in ({"causal": False}, {"causal": True, "sliding_window_size": 8},
+                      {"causal": True, "encoder_lens": torch.tensor([3])}, {"causal": True, "is_cross_attn": True}):
+        extend_attention_over_new_tokens(lambda *a: calls.append(a), "backend", *range(9), **uncovered)
+    assert len(calls) == 4 and all(call[0] == "backend" for call in calls)

@@ -11,9 +11,13 @@ installed CUDA wheel and dozens of fused CPU ops; the generic path needs one imp
 process. It does nothing when CUDA is available or when the real module imports.
 ``install_unpinned_host_memory()`` (also from the plugin, also CPU-only) lets SGLang's
 multi-LoRA start: its requests for pinned host memory become plain host memory.
+``register_prefix_extend_attention()`` (from the plugin, every device) makes the
+``torch_native`` attention backend compute an extend's new tokens only, not its cached
+prefix again.
 """
 
+from pfs_kernels.prefix_extend_attention import register_prefix_extend_attention
 from pfs_kernels.stand_ins import install_import_stand_ins
 from pfs_kernels.unpinned_host_memory import install_unpinned_host_memory
 
-__all__ = ["install_import_stand_ins", "install_unpinned_host_memory"]
+__all__ = ["install_import_stand_ins", "install_unpinned_host_memory", "register_prefix_extend_attention"]

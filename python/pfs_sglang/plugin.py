@@ -5,7 +5,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 ``spawn``, so everything pfs_sglang adds to SGLang is registered from here:
 
 * CPU import stand-ins and unpinned host memory for SGLang's multi-LoRA
-  (``pfs_kernels``) where no CUDA is present;
+  (``pfs_kernels``) where no CUDA is present, and ``torch_native`` extend attention
+  that skips the cached prefix's rows (``pfs_kernels``, every device);
 * the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), per-request KV
   transfer figures in prefill replies, and PD servers that poll rather than spin
   while a hand-off is in flight (with ``--sleep-on-idle``);
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def load() -> None:
-    from pfs_kernels import install_import_stand_ins, install_unpinned_host_memory
+    from pfs_kernels import install_import_stand_ins, install_unpinned_host_memory, register_prefix_extend_attention
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
@@ -39,6 +40,7 @@ def load() -> None:
     register_zmq_transfer_backend()
     register_kv_transfer_report()
     register_pd_wait_polling()
+    register_prefix_extend_attention()
     register_prompt_tail_hooks()
     register_prefill_module_cache()
     register_freeze_gc_after_listening()
