@@ -298,8 +298,37 @@ def test_device_memory_is_never_written_as_host_memory(engines, fake_cuda):
     assert not destination.any()
 
 
+def test_device_reads_pair_every_source_row_with_its_destination_row():
+    """The ``cuda`` transport's row pairing, run on host regions: blocks of mixed sizes land exactly."""
+    from pfs_sglang.transfer.cuda_ipc import paired_rows, plans_in_one_unit
+    from pfs_sglang.transfer.memory_regions import Region, RegionTable
+
+    rng = np.random.default_rng(3)
+    pools = {side: [rng.integers(0, 255, 64 * 96, dtype=np.uint8) for _ in range(3)] for side in ("src", "dst")}
+    pools["dst"] = [np.zeros_like(array) for array in pools["dst"]]
+    tables = {side: RegionTable([Region.host(a.ctypes.data, a.nbytes) for a in arrays]) for side, arrays in pools.items()}
+    src, dst, lengths = [], [], []
+    for layer in range(3):  # blocks of 96 and 192 bytes (one or two rows), at offsets of 96-byte rows
+        for s_row, d_row, rows in zip(rng.choice(60, 8, replace=False), rng.choice(60, 8, replace=False), rng.integers(1, 3, 8)):
+            src.append(pools["src"][layer].ctypes.data + int(s_row) * 96)
+            dst.append(pools["dst"][layer].ctypes.data + int(d_row) * 96)
+            lengths.append(int(rows) * 96)
+    src, dst, lengths = (np.array(values, dtype=np.int64) for values in (src, dst, lengths))
+    source, target = plans_in_one_unit(tables["src"], src, tables["dst"], dst, lengths)
+    assert source.unit == target.unit == 96
+    expected = [np.zeros_like(array) for array in pools["dst"]]
+    for s, d, n in zip(src, dst, lengths):  # the block-by-block copy the pairing must equal
+        layer = next(i for i, a in enumerate(pools["dst"]) if a.ctypes.data <= d < a.ctypes.data + a.nbytes)
+        s_layer = next(a for a in pools["src"] if a.ctypes.data <= s < a.ctypes.data + a.nbytes)
+        expected[layer][d - pools["dst"][layer].ctypes.data:][:n] = s_layer[s - s_layer.ctypes.data:][:n]
+    for s_group, t_group, s_rows, t_rows in paired_rows(source, target):
+        t_group.region.units(target.unit)[t_rows] = s_group.region.units(source.unit)[s_rows]
+    for got, want in zip(pools["dst"], expected):
+        assert np.array_equal(got, want)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("transports", [("shm",), ()], ids=["shm", "socket"])
+@pytest.mark.parametrize("transports", [("cuda",), ("shm",), ()], ids=["cuda", "shm", "socket"])
 def test_cuda_pools_round_trip_with_bytes_checked(transports):
     """GPU pools on both sides (one device), SGLang-like layout: exact bytes, and GB/s printed."""
     import torch
@@ -534,3 +563,65 @@ def test_an_executor_task_writes_for_the_submitting_threads_room(engines):
         np.testing.assert_array_equal(destination, source)
         sender.bind(None)
         assert executor.submit(write).result() == -1
+
+
+def _gpu_receiver(conn, layers: int, slots: int, item: int) -> None:
+    """A decode-like process: a GPU pool registered with its engine; answers with the rows it was asked for."""
+    import torch
+
+    torch.cuda.init()
+    torch.cuda.set_device(0)
+    pool = [torch.zeros((slots, item), dtype=torch.uint8, device="cuda") for _ in range(2 * layers)]
+    engine = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=30)
+    for tensor in pool:
+        engine.register(tensor.data_ptr(), tensor.numel())
+    conn.send((engine.get_session_id(), [tensor.data_ptr() for tensor in pool], engine.open_room(ROOM)))
+    while (rows := conn.recv()) is not None:
+        conn.send([tensor[torch.from_numpy(rows).cuda()].cpu().numpy() for tensor in pool])
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_moves_kv_gpu_to_gpu_between_two_processes():
+    """The ``cuda`` transport between processes (CUDA IPC): the receiver maps the sender's pool, bytes exact."""
+    import multiprocessing
+
+    import torch
+
+    layers, slots, item = 8, 4096, 2048
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_gpu_receiver, args=(theirs, layers, slots, item), daemon=True)
+    child.start()
+    try:
+        session_id, dst_ptrs, generation = ours.recv()
+        torch.cuda.init()
+        torch.cuda.set_device(0)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        source = [torch.randint(0, 255, (slots, item), dtype=torch.uint8, device="cuda", generator=gen)
+                  for _ in range(2 * layers)]
+        sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=30)
+        for tensor in source:
+            sender.register(tensor.data_ptr(), tensor.numel())
+        rng = np.random.default_rng(0)
+        src_slots, dst_slots = rng.choice(slots, 1024, replace=False), rng.choice(slots, 1024, replace=False)
+        src = [t.data_ptr() + int(s) * item for t in source for s in src_slots]
+        dst = [ptr + int(d) * item for ptr in dst_ptrs for d in dst_slots]
+        with sender.writing_for(ROOM, {session_id: generation}.get):
+            assert sender.batch_transfer_sync(session_id, src, dst, [item] * len(src)) == 0, sender.last_error()
+            assert sender.peer_transports(session_id)[0] == "cuda"
+            started = time.perf_counter()
+            for _ in range(5):
+                assert sender.batch_transfer_sync(session_id, src, dst, [item] * len(src)) == 0
+            seconds = (time.perf_counter() - started) / 5
+        print(f"\nGPU KV hand-off between processes (cuda): {len(src) * item / seconds / 1e9:.2f} GB/s")
+        ours.send(dst_slots)
+        landed = ours.recv()
+        for tensor, rows in zip(source, landed):
+            assert np.array_equal(rows, tensor[torch.from_numpy(src_slots).cuda()].cpu().numpy())
+        sender.close()
+    finally:
+        ours.send(None)
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()

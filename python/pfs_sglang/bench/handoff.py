@@ -10,7 +10,8 @@ the measurement of the transfer issue's two targets on the machine it runs on:
   SGLang's Mooncake backend asks for it (one block per run of consecutive slots, per
   layer, K then V). Page size 1 with scattered slots is the worst case; consecutive slots
   the best. Figures are GB/s and a share of a plain memory copy of the same bytes,
-  measured in the same run.
+  measured in the same run. ``--device cuda`` puts both pools on a GPU and compares
+  with a device-to-device copy (the ``cuda`` transport moves the KV GPU to GPU).
 * **latency**: one ``/generate`` (max 8 new tokens, greedy) through a pfs deployment of
   the demo models against stock ``sglang.launch_server`` serving the same decode model
   with the same CPU flags; median of 5, warm (same prompt again) and cold (caches
@@ -76,24 +77,38 @@ def _identity(role: str) -> EngineIdentity:
 
 
 class KVPool:
-    """SGLang's MHA pool layout in host memory: ``[K_0..K_{L-1}, V_0..V_{L-1}]``, slot 0 reserved."""
+    """SGLang's MHA pool layout in host (``cpu``) or GPU (``cuda``) memory: ``[K_0..K_{L-1}, V_0..V_{L-1}]``, slot 0 reserved."""
 
-    def __init__(self, shape: KVShape, slots: int) -> None:
+    def __init__(self, shape: KVShape, slots: int, device: str = "cpu") -> None:
         self.shape = shape
-        self.buffers = [np.zeros((slots + 1, shape.item_bytes), dtype=np.uint8) for _ in range(2 * shape.layers)]
-        for buffer in self.buffers:
-            buffer[:] = np.random.default_rng(len(buffer)).integers(0, 255, size=shape.item_bytes, dtype=np.uint8)
+        if device == "cpu":
+            self.buffers = [np.zeros((slots + 1, shape.item_bytes), dtype=np.uint8) for _ in range(2 * shape.layers)]
+            for buffer in self.buffers:
+                buffer[:] = np.random.default_rng(len(buffer)).integers(0, 255, size=shape.item_bytes, dtype=np.uint8)
+            self.ptrs = [buffer.ctypes.data for buffer in self.buffers]
+        else:
+            import torch
 
-    @property
-    def ptrs(self) -> list[int]:
-        return [buffer.ctypes.data for buffer in self.buffers]
+            self.buffers = [torch.randint(0, 255, (slots + 1, shape.item_bytes), dtype=torch.uint8, device=device)
+                            for _ in range(2 * shape.layers)]
+            self.ptrs = [buffer.data_ptr() for buffer in self.buffers]
 
     def register_with(self, engine: ZmqTransferEngine) -> None:
-        engine.batch_register(self.ptrs, [buffer.nbytes for buffer in self.buffers])
+        engine.batch_register(self.ptrs, [int(buffer.nbytes) for buffer in self.buffers])
 
 
-def _receiver(conn, shape: KVShape, slots: int, transports: tuple[str, ...]) -> None:
-    pool = KVPool(shape, slots)
+def _use_device(device: str) -> None:
+    """Make ``device`` this process's current CUDA device before an engine is made (it records it)."""
+    if device != "cpu":
+        import torch
+
+        torch.cuda.init()
+        torch.cuda.set_device(torch.device(device).index or 0)
+
+
+def _receiver(conn, shape: KVShape, slots: int, transports: tuple[str, ...], device: str) -> None:
+    _use_device(device)
+    pool = KVPool(shape, slots, device)
     engine = ZmqTransferEngine(_identity("decode"), "127.0.0.1", timeout_s=120, local_transports=transports)
     pool.register_with(engine)
     # every measured request writes for one room, receiving from now until the end
@@ -128,14 +143,17 @@ class ThroughputRow:
     blocks_per_request: int
     handoff_gbps: float
     memcpy_gbps: float
+    device: str = "cpu"  # where both pools live; memcpy is a copy on that device
 
     @property
     def percent_of_memcpy(self) -> float:
         return 100.0 * self.handoff_gbps / self.memcpy_gbps
 
 
-def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
-    """A plain memory copy of ``nbytes`` (warm buffers), median of ``repeats``."""
+def memcpy_gbps(nbytes: int, repeats: int = 5, device: str = "cpu") -> float:
+    """A plain memory copy of ``nbytes`` (warm buffers) on ``device``, median of ``repeats``."""
+    if device != "cpu":
+        return _device_copy_gbps(nbytes, repeats, device)
     source, target = np.ones(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
     np.copyto(target, source)
     times = []
@@ -143,6 +161,24 @@ def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
         started = time.perf_counter()
         np.copyto(target, source)
         times.append(time.perf_counter() - started)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def _device_copy_gbps(nbytes: int, repeats: int, device: str) -> float:
+    """A device-to-device copy of ``nbytes`` (the GPU's memory speed), timed with CUDA events."""
+    import torch
+
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(repeats):
+        started, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started.record()
+        target.copy_(source)
+        ended.record()
+        ended.synchronize()
+        times.append(started.elapsed_time(ended) / 1000)
     return nbytes / statistics.median(times) / 1e9
 
 
@@ -156,21 +192,25 @@ def _slots(rng, layout: str, tokens: int, pool_slots: int) -> np.ndarray:
 def measure_throughput(
     shape: KVShape, prompt_tokens=PROMPT_TOKENS, concurrency=CONCURRENCY, layouts=LAYOUTS,
     pool_mb: int = 1024, transports: tuple[str, ...] = LOCAL_TRANSPORTS, min_seconds: float = 0.3, progress: Optional[tqdm] = None,
+    device: str = "cpu",
 ) -> list[ThroughputRow]:
-    """Hand-off GB/s between two engines in two processes, for every (layout, tokens, concurrency)."""
+    """Hand-off GB/s between two engines in two processes, for every (layout, tokens, concurrency).
+
+    ``device="cuda"``: both pools on the GPU, against a device-to-device copy."""
     pool_slots = min(pool_mb * (1 << 20) // shape.bytes_per_token, max(prompt_tokens) * max(concurrency))
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    receiver = context.Process(target=_receiver, args=(theirs, shape, pool_slots, transports), daemon=True)
+    receiver = context.Process(target=_receiver, args=(theirs, shape, pool_slots, transports, device), daemon=True)
     receiver.start()
     rows = []
     try:
         session_id, dst_ptrs, generation = ours.recv()
-        pool = KVPool(shape, pool_slots)
+        _use_device(device)
+        pool = KVPool(shape, pool_slots, device)
         engine = ZmqTransferEngine(_identity("prefill"), "127.0.0.1", timeout_s=120, local_transports=transports)
         pool.register_with(engine)
         rng = np.random.default_rng(0)
-        memcpy = {tokens: memcpy_gbps(tokens * shape.bytes_per_token) for tokens in prompt_tokens}
+        memcpy = {tokens: memcpy_gbps(tokens * shape.bytes_per_token, device=device) for tokens in prompt_tokens}
         with ThreadPoolExecutor(max(concurrency)) as threads:
             for layout in layouts:
                 for tokens in prompt_tokens:
@@ -209,6 +249,7 @@ def measure_throughput(
                             shape=shape.name, layout=layout, transport=transport, prompt_tokens=tokens,
                             concurrency=parallel, mb_per_request=nbytes / 1e6, blocks_per_request=len(requests[0][0]),
                             handoff_gbps=parallel * nbytes / statistics.median(times) / 1e9, memcpy_gbps=memcpy[tokens],
+                            device=device,
                         ))
                         if progress is not None:
                             progress.update(1)
@@ -223,14 +264,14 @@ def measure_throughput(
 
 def throughput_table(rows: list[ThroughputRow]) -> str:
     lines = [
-        "| shape | slots | transport | prompt | concurrent | MB/request | blocks | hand-off GB/s | memcpy GB/s | % of memcpy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | slots | transport | prompt | concurrent | MB/request | blocks | hand-off GB/s | memcpy GB/s | % of memcpy | pools |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.shape} | {row.layout} | {row.transport} | {row.prompt_tokens} | {row.concurrency} | "
             f"{row.mb_per_request:.2f} | {row.blocks_per_request} | {row.handoff_gbps:.2f} | {row.memcpy_gbps:.2f} | "
-            f"{row.percent_of_memcpy:.0f}% |"
+            f"{row.percent_of_memcpy:.0f}% | {row.device} |"
         )
     return "\n".join(lines)
 
@@ -439,13 +480,13 @@ def _plot(rows: list[ThroughputRow], path: Path) -> bool:
     except ImportError:
         return False
     figure, axis = plt.subplots(figsize=(7, 4))
-    series = sorted({(r.shape, r.layout, r.concurrency) for r in rows})
-    for shape, layout, parallel in series:
-        points = [(r.prompt_tokens, r.handoff_gbps) for r in rows if (r.shape, r.layout, r.concurrency) == (shape, layout, parallel)]
-        axis.plot(*zip(*points), marker="o", label=f"{shape} {layout} x{parallel}")
-    for shape in sorted({r.shape for r in rows}):
-        points = sorted({(r.prompt_tokens, r.memcpy_gbps) for r in rows if r.shape == shape})
-        axis.plot(*zip(*points), linestyle="--", color="grey", label=f"memcpy ({shape} sizes)")
+    series = sorted({(r.device, r.shape, r.layout, r.transport, r.concurrency) for r in rows})
+    for key in series:
+        points = [(r.prompt_tokens, r.handoff_gbps) for r in rows if (r.device, r.shape, r.layout, r.transport, r.concurrency) == key]
+        axis.plot(*zip(*points), marker="o", label="{} {} {} {} x{}".format(*key))
+    for device, shape in sorted({(r.device, r.shape) for r in rows}):
+        points = sorted({(r.prompt_tokens, r.memcpy_gbps) for r in rows if (r.device, r.shape) == (device, shape)})
+        axis.plot(*zip(*points), linestyle="--", color="grey", label=f"memcpy on {device} ({shape} sizes)")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("prompt tokens")
     axis.set_ylabel("GB/s")
@@ -464,8 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, nargs="+", default=list(PROMPT_TOKENS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--layout", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
-    parser.add_argument("--transports", default="pvm,shm",
-                        help="same-host transports the engines may use: pvm,shm (default), shm, or none (socket)")
+    parser.add_argument("--transports", default=",".join(LOCAL_TRANSPORTS),
+                        help="same-host transports the engines may use, in order: cuda,pvm,shm (default), "
+                             "any subset, or none (socket)")
+    parser.add_argument("--device", default="cpu",
+                        help="where both KV pools live for the throughput table: cpu (default) or cuda[:N]")
     parser.add_argument("--pool-mb", type=int, default=1024, help="KV pool per engine; larger requests are skipped")
     parser.add_argument("--latency-tokens", type=int, nargs="+", default=list(LATENCY_PROMPTS))
     parser.add_argument("--repeats", type=int, default=5)
@@ -489,7 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with tqdm(total=steps, desc="hand-off throughput") as progress:
             for shape in shapes:
                 throughput += measure_throughput(shape, tuple(args.tokens), tuple(args.concurrency), tuple(args.layout),
-                                                 args.pool_mb, transports, progress=progress)
+                                                 args.pool_mb, transports, progress=progress, device=args.device)
         print("\nKV hand-off throughput (two engines, two processes on this host):")
         print(throughput_table(throughput))
         results["throughput"] = [{**asdict(row), "percent_of_memcpy": row.percent_of_memcpy} for row in throughput]

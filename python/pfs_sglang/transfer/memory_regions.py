@@ -133,7 +133,8 @@ class CopyPlan:
     groups: tuple[_Group, ...]
 
     @classmethod
-    def build(cls, table: RegionTable, addrs: np.ndarray, lengths: np.ndarray, what: str) -> "CopyPlan":
+    def build(cls, table: RegionTable, addrs: np.ndarray, lengths: np.ndarray, what: str, unit: int = 0) -> "CopyPlan":
+        """The plan for ``addrs``; its unit divides ``unit`` too when one is given (two sides in one unit)."""
         addrs = np.asarray(addrs, dtype=np.int64)
         lengths = np.asarray(lengths, dtype=np.int64)
         if len(addrs) == 0:
@@ -141,7 +142,7 @@ class CopyPlan:
         region_index = table.locate(addrs, lengths, what)
         starts = np.array([r.start for r in table.regions], dtype=np.int64)[region_index]
         offsets = addrs - starts
-        unit = int(reduce(np.gcd, (np.gcd.reduce(lengths), np.gcd.reduce(offsets)), 0)) or 1
+        unit = int(reduce(np.gcd, (np.gcd.reduce(lengths), np.gcd.reduce(offsets)), unit)) or 1
         offsets //= unit
         counts = lengths // unit
         positions = np.cumsum(counts) - counts  # each block's first staging row

@@ -11,7 +11,10 @@ advertises (its session id) is one of this engine's own (``SessionAddress.endpoi
 each new connection logs its endpoint and transport.
 
 A call moves a request's KV as a few large operations, never block by block in
-Python. Between engines on one host the receiver, once it has checked every destination
+Python. Between engines on one host whose pools live on GPUs, the receiver maps the
+sender's pool with CUDA IPC at the handshake and moves the blocks device to device
+(``cuda_ipc``, transport ``cuda``): no host staging. Otherwise, between engines on one
+host the receiver, once it has checked every destination
 lies in memory it registered, reads the blocks straight out of the sender's pool with
 ``process_vm_readv`` (``process_memory``: one copy, no staging) where the kernel allows
 it and blocks are not tiny. Otherwise the sender checks every source block lies in
@@ -26,7 +29,8 @@ Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, room, ...
 ``header`` is a little-endian uint64 array of ``(dst_ptr, length)`` pairs (kind ``R``:
 ``(src_ptr, dst_ptr, length)`` triples), ``deadline`` a little-endian float64
 wall-clock time and ``room`` two little-endian uint64: the request's bootstrap room and
-the receiving generation the decode side gave it; kind ``W`` carries the staged bytes as
+the receiving generation the decode side gave it; kind ``D`` (device read) carries
+``(src_ptr, dst_ptr, length)`` triples like ``R``; kind ``W`` carries the staged bytes as
 one more frame, kind ``S`` names a shared staging buffer (``StagingRef`` JSON) and a
 uint64 offset into it, kind ``R`` the sender's pid. The receiving engine checks every
 destination lies inside memory it registered and that the deadline has not passed, and
@@ -82,6 +86,7 @@ import numpy as np
 import zmq
 
 from pfs_sglang.transfer import FAULT_STALL_ENV
+from pfs_sglang.transfer.cuda_ipc import OpenedAllocations, PeerDeviceMemory, copy_blocks, export_regions, synchronize_devices
 from pfs_sglang.transfer.memory_regions import CopyPlan, OutsideRegisteredMemory, RegisteredMemory
 from pfs_sglang.transfer.process_memory import can_read, read_from_process
 from pfs_sglang.transfer.shared_staging import PeerStagings, StagingBuffer, StagingRef
@@ -154,7 +159,7 @@ CHUNK_BYTES = 8 << 20  # staged bytes per message; a chunk is at most twice this
 # The largest inbound message part: a socket chunk (<= 2 x CHUNK_BYTES) or the header of a
 # direct read (24 bytes per block of >= DIRECT_READ_MIN_BLOCK bytes: 24 MiB for 1 GiB of KV).
 MAX_MESSAGE_BYTES = 64 << 20
-LOCAL_TRANSPORTS = ("pvm", "shm")  # same-host transports, tried at the handshake in this order
+LOCAL_TRANSPORTS = ("cuda", "pvm", "shm")  # same-host transports, tried at the handshake in this order
 # Direct reads cost the kernel about half a microsecond per block: below this mean block
 # size, two vectorised copies through shared staging are faster.
 DIRECT_READ_MIN_BLOCK = 1024
@@ -172,6 +177,7 @@ class RoomBinding:
 class _Session:
     shared_staging: bool  # the peer maps this process's staging buffers
     direct_read: bool  # the peer may read this process's memory (process_vm_readv)
+    device_read: bool = False  # the peer mapped this process's device regions (CUDA IPC)
 
 
 class ZmqTransferEngine:
@@ -196,6 +202,8 @@ class ZmqTransferEngine:
         self._local_transports = () if tcp_only else tuple(local_transports)
         self._registered = RegisteredMemory()
         self._peer_stagings = PeerStagings()
+        self._peer_devices: dict[bytes, PeerDeviceMemory] = {}  # verified connection -> its sender's mapped regions
+        self._opened_allocations = OpenedAllocations()
         self._probe = StagingBuffer(0, shared=True) if self._local_transports else None
         self._context = zmq.Context.instance()
         self._local_hosts = {bind_host, "localhost", socket.gethostname()}
@@ -302,9 +310,10 @@ class ZmqTransferEngine:
             return -1
 
     def peer_transports(self, session_id: str) -> list[str]:
-        """How bytes reach a verified peer: ``pvm`` (direct reads), ``shm`` or ``socket`` staging."""
+        """How bytes reach a verified peer: ``cuda`` (device reads), ``pvm`` (direct reads), ``shm`` or ``socket`` staging."""
         session = self._sessions[session_id]
-        return (["pvm"] if session.direct_read else []) + (["shm"] if session.shared_staging else ["socket"])
+        return ((["cuda"] if session.device_read else []) + (["pvm"] if session.direct_read else [])
+                + (["shm"] if session.shared_staging else ["socket"]))
 
     def last_error(self) -> Optional[str]:
         """The reason of this thread's last failed transfer, if any."""
@@ -374,6 +383,7 @@ class ZmqTransferEngine:
         self._server.close(0)
         for staging in [*self._stagings, *([self._probe] if self._probe else [])]:
             staging.close()
+        self._opened_allocations.close()
 
     # ----- sender side -----
     def _session(self, session_id: str) -> _Session:
@@ -389,16 +399,28 @@ class ZmqTransferEngine:
             offer = json.dumps({
                 "staging": asdict(self._probe.ref), "pid": os.getpid(),
                 "token_addr": self._probe.token_view.ctypes.data, "token": self._probe.ref.token,
-                "transports": list(self._local_transports),
+                "transports": list(self._local_transports), **self._device_offer(),
             }).encode()
         frames = [json.dumps(asdict(self.identity)).encode(), offer, self._secret]
         reply = self._await(sock, session_id, self._send(sock, session_id, b"H", frames),
                             time.monotonic() + self.timeout_s)
         accepted = reply[2].decode().split(",") if len(reply) > 2 else []
         with self._sessions_lock:
-            self._sessions[session_id] = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted)
+            self._sessions[session_id] = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted,
+                                                  device_read="cuda" in accepted)
         logger.info("pfs zmq KV engine: connected to %s over %s, transport %s", session_id,
                     self._endpoint(session_id), "+".join(self.peer_transports(session_id)))
+
+    def _device_offer(self) -> dict:
+        """The device regions a same-host peer may map (``cuda`` transport), when this engine has any."""
+        regions = [region for region in self._registered.table().regions if region.device is not None]
+        if "cuda" not in self._local_transports or not regions:
+            return {}
+        try:
+            return {"cuda_regions": export_regions(regions)}
+        except RuntimeError as error:
+            logger.info("pfs zmq KV engine: device regions not exported (%s); staging through host memory", error)
+            return {}
 
     def _endpoint(self, session_id: str) -> str:
         address = SessionAddress.decode(session_id)
@@ -456,6 +478,13 @@ class ZmqTransferEngine:
         cuts = np.flatnonzero(np.diff(positions // CHUNK_BYTES)) + 1
         bounds = [0, *cuts.tolist(), len(lengths)]
         table = self._registered.table()
+        if session.device_read:
+            devices = {table.regions[i].device for i in np.unique(table.locate(src, lengths, "read"))}
+            if None not in devices:
+                synchronize_devices(devices)
+                header = np.stack([src, dst, lengths], axis=1).astype(_HEADER_DTYPE).tobytes()
+                self._call(session_id, b"D", [header, wall_deadline, room_tag], deadline)
+                return
         if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
             regions = table.locate(src, lengths, "read")
             if all(table.regions[i].device is None for i in np.unique(regions)):
@@ -578,13 +607,15 @@ class ZmqTransferEngine:
             if self._secret and not hmac.compare_digest(secret, self._secret):
                 raise TransferError("the peer does not hold this deployment's KV secret: refused")
             offer = frames[1].bytes if len(frames) > 1 else b""
-            accepted = [",".join(self._accept(json.loads(offer))).encode()] if offer else []
+            accepted = [",".join(self._accept(json.loads(offer), peer)).encode()] if offer else []
             self._verified_peers.add(peer)
             return accepted
         if peer not in self._verified_peers:
             raise TransferError("KV request on a connection that has not passed the handshake: refused")
         if kind == b"R" and len(frames) >= 4:
             return self._read_from_peer(frames)
+        if kind == b"D" and len(frames) >= 3:
+            return self._read_from_peer_device(peer, frames)
         if kind not in (b"W", b"S") or len(frames) < (4 if kind == b"W" else 5):
             raise TransferError(f"unknown or malformed request kind {kind!r}")
         header = frames[0].buffer
@@ -630,10 +661,19 @@ class ZmqTransferEngine:
                     del self._applying[key]
                 self._rooms.notify_all()
 
-    def _accept(self, offer: dict) -> list[str]:
-        """Which same-host transports the peer's offer allows (proven on its probe buffer)."""
+    def _accept(self, offer: dict, peer: bytes) -> list[str]:
+        """Which same-host transports the peer's offer allows (proven on its probe buffer, or mapped)."""
         accepted = []
         offered = offer.get("transports", [])
+        devices = self._registered.devices()
+        if "cuda" in offered and offer.get("cuda_regions") and devices:
+            try:
+                self._peer_devices[peer] = PeerDeviceMemory(offer["cuda_regions"], int(offer["pid"]),
+                                                            self._device if self._device is not None else min(devices),
+                                                            self._opened_allocations)
+                accepted.append("cuda")
+            except (RuntimeError, KeyError, ValueError) as error:
+                logger.info("pfs zmq KV engine: peer's device memory not mapped (%s); staging through host memory", error)
         if "pvm" in offered and not self._registered.devices():
             if can_read(int(offer["pid"]), int(offer["token_addr"]), offer["token"].encode()):
                 accepted.append("pvm")
@@ -666,6 +706,24 @@ class ZmqTransferEngine:
                 read_from_process(pid, src, dst, lengths)
             except OSError as error:
                 raise TransferError(f"direct read of KV failed: {error}") from error
+        return []
+
+
+    def _read_from_peer_device(self, peer: bytes, frames: list) -> list[bytes]:
+        """A device read: the sender named its (checked) device sources; destinations are checked here."""
+        memory = self._peer_devices.get(peer)
+        if memory is None:
+            raise TransferError("device read on a connection whose device memory is not mapped")
+        header = frames[0].buffer
+        if header.nbytes % 24:
+            raise TransferError("malformed KV read header")
+        triples = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
+        (deadline,) = struct.unpack("<d", frames[1].bytes)
+        room, generation = _room_tag(frames[2])
+        if time.time() > deadline:
+            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        with self._writing_into(room, generation):
+            copy_blocks(memory, triples[:, 0], self._registered.table(), triples[:, 1], triples[:, 2])
         return []
 
 
