@@ -61,7 +61,7 @@ def pointer_device(ptr: int) -> Optional[int]:
     if torch is None or not torch.cuda.is_initialized():
         return None  # no CUDA context in this process: nothing was allocated on a device
     cudart = _load_cudart()
-    attributes = (ctypes.c_int * 16)()  # cudaPointerAttributes: int type, int device, two pointers
+    attributes = (ctypes.c_int * 64)()  # cudaPointerAttributes (int type, int device, two pointers), room to spare
     status = cudart.cudaPointerGetAttributes(attributes, ctypes.c_void_p(ptr))
     if status != 0:
         cudart.cudaGetLastError()  # clear the error so later CUDA calls in this thread do not see it
