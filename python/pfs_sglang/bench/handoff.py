@@ -14,8 +14,9 @@ the measurement of the transfer issue's two targets on the machine it runs on:
   with a device-to-device copy (the ``cuda`` transport moves the KV GPU to GPU).
 * **latency**: one ``/generate`` (max 8 new tokens, greedy) through a pfs deployment of
   the demo models against stock ``sglang.launch_server`` serving the same decode model
-  with the same CPU flags; median of 5, warm (same prompt again) and cold (caches
-  flushed before each), for 64- and 1024-token prompts.
+  with the same CPU flags (both up at once, taking turns request by request with the
+  same prompts, so the machine's load falls on both alike); median of 5, warm (same
+  prompt again) and cold (caches flushed before each), for 64- and 1024-token prompts.
 
 Results are printed as tables and written to ``--out`` as ``handoff.json`` (and
 ``handoff.png`` when matplotlib is there).
@@ -311,44 +312,63 @@ def _flush(urls: list[str]) -> None:
             time.sleep(0.2)
 
 
-def _time_requests(url: str, model: Optional[str], server_urls: list[str], prompt_tokens, repeats: int,
-                   vocab: int, progress: Optional[tqdm]) -> dict[tuple[int, str], float]:
-    """Median milliseconds of one /generate per (prompt length, cold/warm)."""
+@dataclass(frozen=True)
+class LatencyTarget:
+    """One system the lone-request table times: where to send ``/generate``, and which servers to flush."""
+
+    name: str
+    url: str
+    model: Optional[str]  # the decode model's name (the pfs router needs it), or None
+    server_urls: tuple[str, ...]
+
+
+def _time_requests(targets: list[LatencyTarget], prompt_tokens, repeats: int, vocab: int,
+                   progress: Optional[tqdm]) -> tuple[dict[tuple[str, int, str], float], dict[int, tuple[float, float]]]:
+    """Median milliseconds of one /generate per (target, prompt length, cold/warm).
+
+    The targets take turns request by request, with the same prompts, so load on the
+    machine falls on all of them alike. Also returns the wall-clock window of the first
+    target's last warm request per prompt length (for the per-stage breakdown).
+    """
     import requests
 
     rng = np.random.default_rng(7)
-    session = requests.Session()
+    sessions = {target.name: requests.Session() for target in targets}
 
-    def generate(prompt: list[int]) -> float:
+    def generate(target: LatencyTarget, prompt: list[int]) -> float:
         body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0,
                                                          "ignore_eos": True}}
-        if model is not None:
-            body["model"] = model
+        if target.model is not None:
+            body["model"] = target.model
         started = time.perf_counter()
-        reply = session.post(f"{url}/generate", json=body, timeout=120)
+        reply = sessions[target.name].post(f"{target.url}/generate", json=body, timeout=120)
         elapsed = time.perf_counter() - started
         reply.raise_for_status()
         assert len(reply.json()["output_ids"]) == MAX_NEW_TOKENS, reply.text
         return elapsed * 1000
 
-    generate(_prompt(rng, 16, vocab))  # first request of a server pays one-off set-up
-    medians, windows = {}, {}
+    for target in targets:
+        generate(target, _prompt(rng, 16, vocab))  # first request of a server pays one-off set-up
+    times: dict[tuple[str, int, str], list[float]] = {}
+    windows = {}
     for tokens in prompt_tokens:
-        cold = []
         for _ in range(repeats):
-            _flush(server_urls)
-            cold.append(generate(_prompt(rng, tokens, vocab)))
-            progress and progress.update(1)
+            prompt = _prompt(rng, tokens, vocab)
+            for target in targets:
+                _flush(list(target.server_urls))
+                times.setdefault((target.name, tokens, "cold"), []).append(generate(target, prompt))
+                progress and progress.update(1)
         prompt = _prompt(rng, tokens, vocab)
-        generate(prompt)
-        warm = []
+        for target in targets:
+            generate(target, prompt)
         for _ in range(repeats):
-            started = time.time()
-            warm.append(generate(prompt))
-            windows[tokens] = (started, time.time())
-            progress and progress.update(1)
-        medians[(tokens, "cold")], medians[(tokens, "warm")] = statistics.median(cold), statistics.median(warm)
-    return medians, windows
+            for number, target in enumerate(targets):
+                started = time.time()
+                times.setdefault((target.name, tokens, "warm"), []).append(generate(target, prompt))
+                if number == 0:
+                    windows[tokens] = (started, time.time())
+                progress and progress.update(1)
+    return {key: statistics.median(values) for key, values in times.items()}, windows
 
 
 def stock_command(decode_command: list[str], port: int) -> list[str]:
@@ -368,7 +388,7 @@ def stock_command(decode_command: list[str], port: int) -> list[str]:
 
 def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Optional[Path] = None,
                     time_stats: bool = False, progress: Optional[tqdm] = None):
-    """One request through a pfs deployment of the demo models, then through stock SGLang.
+    """One request at a time through a pfs deployment of the demo models and through stock SGLang, in turns.
 
     Returns the latency rows and, with ``time_stats``, the per-stage breakdown of the last
     warm request of each prompt length (:func:`stage_breakdown`).
@@ -376,7 +396,7 @@ def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Op
     import tempfile
 
     from pfs_sglang.launch import Deployment, Topology
-    from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
+    from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
     from pfs_sglang.launch.topology import with_demo_models
 
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pfs_bench_handoff-"))
@@ -387,22 +407,20 @@ def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Op
                         max_total_tokens=max(8192, 4 * max(prompt_tokens)), prefill_args=extra, decode_args=extra)
     vocab = json.loads((Path(decode.path) / "config.json").read_text())["vocab_size"]
     with Deployment(topology) as deployment:
-        pfs, windows = _time_requests(deployment.url, decode.name, [child.url for child in deployment.children],
-                             prompt_tokens, repeats, vocab, progress)
         decode_child = next(child for child in deployment.children if child.name.startswith("decode-"))
-        decode_cmd, decode_env = decode_child.command, decode_child.env
-    port = free_port()
-    stock = ManagedProcess(name="stock-sglang", command=stock_command(decode_cmd, port),
-                           log_path=log_dir / "stock-sglang.log", url=f"http://127.0.0.1:{port}", env=decode_env)
-    stock.start()
-    try:
-        wait_until_healthy([stock], 300)
-        stock_ms, _ = _time_requests(stock.url, None, [stock.url], prompt_tokens, repeats, vocab, progress)
-    finally:
-        from pfs_sglang.launch.processes import stop_all
-
-        stop_all([stock])
-    rows = [LatencyRow(tokens, cache, pfs[(tokens, cache)], stock_ms[(tokens, cache)])
+        port = free_port()
+        stock = ManagedProcess(name="stock-sglang", command=stock_command(decode_child.command, port),
+                               log_path=log_dir / "stock-sglang.log", url=f"http://127.0.0.1:{port}",
+                               env=decode_child.env)
+        stock.start()
+        try:
+            wait_until_healthy([stock], 300)
+            targets = [LatencyTarget("pfs", deployment.url, decode.name, tuple(c.url for c in deployment.children)),
+                       LatencyTarget("stock", stock.url, None, (stock.url,))]
+            medians, windows = _time_requests(targets, prompt_tokens, repeats, vocab, progress)
+        finally:
+            stop_all([stock])
+    rows = [LatencyRow(tokens, cache, medians[("pfs", tokens, cache)], medians[("stock", tokens, cache)])
             for tokens in prompt_tokens for cache in ("cold", "warm")]
     breakdowns = {tokens: stage_breakdown(log_dir / "pfs", *windows[tokens]) for tokens in prompt_tokens} if time_stats else {}
     return rows, breakdowns
