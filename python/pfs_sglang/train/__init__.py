@@ -7,11 +7,12 @@ fingerprint (invariant 4). Parts, one responsibility each:
 
 - ``data``: JSONL rows -> tokenized (prompt, completion) examples, errors name the line
 - ``collate``: the padded prefix/decode-segment batch (masks, positions, targets)
-- ``objective``: the cache-conditioned and own-KV forwards and the completion loss
+- ``objective``: the cache-conditioned, own-KV and language-model forwards and the loss
 - ``trainer``: transformers ``Trainer`` (full or PEFT LoRA), outputs and the record
 - ``evaluate``: greedy exact match with prompt KV from a chosen model (settings i-iii)
 - ``corpus``: the synthetic multi-task corpus of the replication
-- ``report``: the replication's markdown table and bar chart
+- ``report``: the replication's and the sweep's markdown tables and charts
 - ``replicate``: the small-scale replication pipeline, and the demo-model export
+- ``sweep``: the (i) - (ii) gap over base capacity and training budget, in worker processes
 - ``__main__``: the CLI (``python -m pfs_sglang.train``)
 """

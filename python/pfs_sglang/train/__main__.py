@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pfs_sglang.train.corpus import TASKS
+from pfs_sglang.train.replicate import ARMS
+
 COMMANDS = ("finetune", "eval", "replicate", "sweep")
 
 
@@ -85,7 +88,8 @@ def run_replicate(args: argparse.Namespace) -> int:
     from pfs_sglang.train.replicate import ReplicationConfig, export_demo_models, replicate
 
     config = ReplicationConfig(out_dir=args.out_dir)
-    config = replace(config, seeds=tuple(args.seeds or config.seeds), threads=args.threads or config.threads,
+    config = replace(config, seeds=tuple(args.seeds or config.seeds), tasks=tuple(args.tasks or config.tasks),
+                     arms=tuple(args.arms or config.arms), threads=args.threads or config.threads,
                      pretrain_steps=args.pretrain_steps or config.pretrain_steps,
                      task_steps=args.task_steps or config.task_steps, report_dir=args.report_dir)
     result = replicate(config)
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = commands.add_parser("replicate", help="the small-scale replication (corpus, base, tasks, table)")
     rep.add_argument("out_dir", type=Path)
     rep.add_argument("--seeds", type=int, nargs="+")
+    rep.add_argument("--tasks", nargs="+", choices=TASKS)
+    rep.add_argument("--arms", nargs="+", choices=ARMS, help="the trained arms (default: all)")
     rep.add_argument("--pretrain-steps", type=int)
     rep.add_argument("--task-steps", type=int)
     rep.add_argument("--threads", type=int)

@@ -19,11 +19,14 @@ is the bare answer::
 The base (the prefill module) is pretrained as a *general* model of this corpus: a
 language-modelling objective over whole rows (records, questions and answers) of a
 broad mix of questions about records (``PRETRAIN_QUESTIONS``): repeating the record or
-fields, reverse lookups, comparisons as yes/no and extremes, arithmetic as differences,
-products, doubling and sums written as equations, and formatting (spelling, reversing,
-capitalising, the whole record in upper case). The tasks' questions and their answer
-forms are held out of it (``is_task_question`` checks the mix), so the base answers
-none of the tasks as asked and each task is new to it, as it is for a real base.
+single fields, listing the fields with their values, reverse lookups, comparisons
+(yes/no, extremes), arithmetic (differences, products, doubling, sums written out as
+equations) and formatting (spelling, reversing, capitalising, the record in capitals).
+Several of its answers name a field and then give its value (``qty 4, price 9``), so
+the base learns to fetch a field's value where the field is mentioned. The tasks'
+questions and their answer forms are held out of it (``is_task_question`` checks the
+mix): the base answers none of the tasks as asked, and each task is new to it, as it
+is for a real base.
 Rows are JSONL chat ``messages``, the format ``pfs_sglang.train.data`` reads.
 """
 
@@ -129,9 +132,13 @@ def _repeat_field(record: Record, rng: random.Random) -> tuple[str, str]:
     return f"Repeat the {field} field.", f"{field}: {record[field]}"
 
 
+def _pairs(record: Record, rng: random.Random) -> tuple[str, str]:
+    return "List the fields with their values.", ", ".join(f"{field} {value}" for field, value in record.items())
+
+
 def _two_fields(record: Record, rng: random.Random) -> tuple[str, str]:
     first, second = rng.sample(tuple(record), 2)
-    return f"Give the {first} and the {second}.", f"{record[first]} and {record[second]}"
+    return f"Give the {first} and the {second}.", f"{first} {record[first]}, {second} {record[second]}"
 
 
 def _which_field(record: Record, rng: random.Random) -> tuple[str, str]:
@@ -141,7 +148,8 @@ def _which_field(record: Record, rng: random.Random) -> tuple[str, str]:
 
 def _is_larger(record: Record, rng: random.Random) -> tuple[str, str]:
     first, second = rng.sample(NUMBER_FIELDS, 2)
-    return f"Is {first} more than {second}?", "yes" if int(record[first]) > int(record[second]) else "no"
+    verdict = "yes" if int(record[first]) > int(record[second]) else "no"
+    return f"Is {first} more than {second}?", f"{first} {record[first]}, {second} {record[second]}: {verdict}"
 
 
 def _extreme(record: Record, rng: random.Random) -> tuple[str, str]:
@@ -169,7 +177,7 @@ def _double(record: Record, rng: random.Random) -> tuple[str, str]:
 def _sum_equation(record: Record, rng: random.Random) -> tuple[str, str]:
     first, second = rng.sample(NUMBER_FIELDS, 2)
     a, b = int(record[first]), int(record[second])
-    return f"Add {first} and {second}, showing the sum.", f"{a} + {b} = {a + b}"
+    return f"Add {first} and {second}, showing the sum.", f"{first} {a} + {second} {b} = {a + b}"
 
 
 def _spell(record: Record, rng: random.Random) -> tuple[str, str]:
@@ -194,6 +202,7 @@ def _shout_record(record: Record, rng: random.Random) -> tuple[str, str]:
 PRETRAIN_QUESTIONS: dict[str, QuestionMaker] = {
     "repeat record": _repeat_record,
     "repeat field": _repeat_field,
+    "pairs": _pairs,
     "two fields": _two_fields,
     "which field": _which_field,
     "is more": _is_larger,

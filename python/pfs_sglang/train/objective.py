@@ -28,6 +28,7 @@ def base_prefix_cache(base: torch.nn.Module, batch: SplitBatch):
         attention_mask=batch.prefix_mask,
         position_ids=batch.prefix_positions,
         use_cache=True,
+        logits_to_keep=1,  # only the KV is used
     ).past_key_values
 
 
@@ -43,19 +44,21 @@ def cache_conditioned_logits(base: torch.nn.Module, decode: torch.nn.Module, bat
     ).logits
 
 
-def language_model_logits(model: torch.nn.Module, batch: SplitBatch) -> torch.Tensor:
-    """Logits over prompt and decode segment together (the model computes all of the KV)."""
+def language_model_logits(model: torch.nn.Module, batch: SplitBatch, logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits over prompt and decode segment together (the model computes all of the KV);
+    only over the last ``logits_to_keep`` positions if that is not 0."""
     return model(
         input_ids=torch.cat([batch.prefix_ids, batch.decode_ids], dim=1),
         attention_mask=batch.full_mask,
         position_ids=torch.cat([batch.prefix_positions, batch.decode_positions], dim=1),
         use_cache=False,
+        logits_to_keep=logits_to_keep,
     ).logits
 
 
 def own_kv_logits(model: torch.nn.Module, batch: SplitBatch) -> torch.Tensor:
     """Logits over the decode segment when ``model`` computes the prompt KV itself."""
-    return language_model_logits(model, batch)[:, batch.prefix_ids.shape[1]:]
+    return language_model_logits(model, batch, logits_to_keep=batch.decode_ids.shape[1])
 
 
 def language_model_targets(batch: SplitBatch) -> torch.Tensor:

@@ -55,11 +55,12 @@ class ReplicationConfig:
     shape: TinyLlamaShape = REPLICATION_SHAPE
     pretrain_steps: int = 3000
     pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 32
     task_steps: int = 1000  # every arm's budget
-    task_lr: float = 1e-3  # full_ft and prefillshare
+    task_lr: float = 3e-3  # full_ft and prefillshare
     lora_lr: float = 3e-3
     lora_rank: int = 16
-    batch_size: int = 32
+    batch_size: int = 16  # of the task models
     threads: int = 1  # torch intra-op threads (the replication is sized for 2 CPU cores)
     device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
     report_dir: Path | None = None  # also write results.md and results.png here (e.g. docs/replication)
@@ -101,14 +102,15 @@ class ReplicationResult:
 def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, seed: int, arm: Arm | None) -> Path:
     """Train one arm (``None``: pretrain the base) and drop its checkpoints (nothing to resume)."""
     if arm is None:
-        settings = dict(objective="lm", mode="full", max_steps=config.pretrain_steps, learning_rate=config.pretrain_lr)
+        settings = dict(objective="lm", mode="full", max_steps=config.pretrain_steps, learning_rate=config.pretrain_lr,
+                        batch_size=config.pretrain_batch_size)
     else:
         settings = dict(objective="own-kv" if arm == "full_ft" else "prefillshare",
                         mode="lora" if arm == "prefillshare_lora" else "full", max_steps=config.task_steps,
-                        learning_rate=config.lora_lr if arm == "prefillshare_lora" else config.task_lr)
+                        learning_rate=config.lora_lr if arm == "prefillshare_lora" else config.task_lr,
+                        batch_size=config.batch_size)
     steps = settings["max_steps"]
-    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, batch_size=config.batch_size,
-                            warmup_ratio=0.05, save_steps=steps + 1, logging_steps=25, lora_rank=config.lora_rank,
+    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, warmup_ratio=0.05, save_steps=steps + 1, logging_steps=25, lora_rank=config.lora_rank,
                             lora_alpha=2 * config.lora_rank, device=config.device, **settings))
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir
@@ -146,8 +148,9 @@ def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
         "# Small-scale replication: held-out exact match (%)\n\n"
         f"Tiny Llama ({shape.num_layers} layers, hidden {shape.hidden_size}, {shape.num_heads} heads / "
         f"{shape.num_kv_heads} KV heads, head_dim {shape.head_dim}, float32). Base pretrained "
-        f"{config.pretrain_steps} steps (language modelling over {config.sizes.pretrain} rows of records and "
-        f"general questions about them, the tasks held out); each task model trained {config.task_steps} steps "
+        f"{config.pretrain_steps} steps at batch {config.pretrain_batch_size} (language modelling over "
+        f"{config.sizes.pretrain} rows of records and general questions about them, the tasks held out); "
+        f"each task model trained {config.task_steps} steps "
         f"(batch {config.batch_size}; lr {config.task_lr} full, {config.lora_lr} LoRA rank {config.lora_rank}) "
         f"from that base; {config.sizes.train_per_task} training and {config.sizes.test_per_task} held-out "
         f"examples per task. Cells: mean over fine-tuning seeds {list(config.seeds)} (per-seed values in "

@@ -65,7 +65,8 @@ class Capacity:
         return ReplicationConfig(out_dir=out_dir, seeds=grid.seeds, tasks=grid.tasks, arms=("full_ft", "prefillshare"),
                                  sizes=grid.sizes, shape=shape, pretrain_steps=grid.pretrain_steps,
                                  pretrain_lr=self.pretrain_lr, task_steps=budget, task_lr=self.task_lr,
-                                 batch_size=grid.batch_size, device=device)
+                                 pretrain_batch_size=grid.pretrain_batch_size, batch_size=grid.batch_size,
+                                 device=device)
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,21 @@ class SweepGrid:
     seeds: tuple[int, ...]
     tasks: tuple[str, ...] = TASKS
     pretrain_steps: int = 3000
-    batch_size: int = 32
+    pretrain_batch_size: int = 32
+    batch_size: int = 32  # of the task models
     sizes: CorpusSizes = CorpusSizes()
 
 
-# The replication's base (4 layers, hidden 64) and two larger ones. A GPU step costs about the same
-# at batch 32 and 128 (tiny models are launch-bound), so the grid trains at batch 128: 300 steps see
-# as many examples as the replication's 1000 steps at batch 32.
+# The replication's base (4 layers, hidden 64) and two larger ones; budgets around the replication's
+# 1000 steps (at batch 16 there, 32 here: on a GPU a tiny model's step costs about the same either way).
 FULL_GRID = SweepGrid(
-    capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 2e-3, 1e-3), Capacity(8, 256, 1e-3, 5e-4)),
-    budgets=(100, 300, 800),
+    capacities=(Capacity(4, 64, 3e-3, 3e-3), Capacity(6, 128, 2e-3, 2e-3), Capacity(8, 256, 1e-3, 1e-3)),
+    budgets=(250, 750, 2000),
     seeds=(0, 1),
-    pretrain_steps=1500,
-    batch_size=128,
-    sizes=CorpusSizes(pretrain=50000, train_per_task=20000, test_per_task=500),
+    pretrain_steps=2500,
+    pretrain_batch_size=64,
+    batch_size=32,
+    sizes=CorpusSizes(pretrain=40000, train_per_task=8000, test_per_task=500),
 )
 # A smoke test of the whole path on a CPU (a minute or two).
 QUICK_GRID = SweepGrid(
@@ -97,6 +99,7 @@ QUICK_GRID = SweepGrid(
     seeds=(0,),
     tasks=("extract", "compare"),
     pretrain_steps=10,
+    pretrain_batch_size=8,
     batch_size=8,
     sizes=CorpusSizes(pretrain=200, train_per_task=100, test_per_task=16),
 )
@@ -165,7 +168,7 @@ def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: 
         "# Sweep: the (i) - (ii) gap against base capacity and training budget\n\n"
         f"Held-out exact match (%) of (i) full fine-tuning (own KV) and (ii) PrefillShare (base KV + decode "
         f"module), both trained for the budget's steps (batch {grid.batch_size}) from the same base; bases "
-        f"pretrained {grid.pretrain_steps} steps; mean over seeds {list(grid.seeds)}, "
+        f"pretrained {grid.pretrain_steps} steps at batch {grid.pretrain_batch_size}; mean over seeds {list(grid.seeds)}, "
         f"{grid.sizes.test_per_task} held-out examples per task. {len(points)} of {jobs} runs"
         f"{'' if final else ' (so far)'}; wall time {wall / 60:.1f} min on {machine}, "
         f"{config.workers} worker process(es).\n"
