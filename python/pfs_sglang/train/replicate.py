@@ -53,10 +53,10 @@ class ReplicationConfig:
     arms: tuple[Arm, ...] = ARMS
     sizes: CorpusSizes = CorpusSizes()
     shape: TinyLlamaShape = REPLICATION_SHAPE
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 2500
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 32
-    task_steps: int = 1000  # every arm's budget
+    task_steps: int = 800  # every arm's budget
     task_lr: float = 3e-3  # full_ft and prefillshare
     lora_lr: float = 3e-3
     lora_rank: int = 16
