@@ -110,8 +110,9 @@ def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, see
                         learning_rate=config.lora_lr if arm == "prefillshare_lora" else config.task_lr,
                         batch_size=config.batch_size)
     steps = settings["max_steps"]
-    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, warmup_ratio=0.05, save_steps=steps + 1, logging_steps=25, lora_rank=config.lora_rank,
-                            lora_alpha=2 * config.lora_rank, device=config.device, **settings))
+    finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, warmup_ratio=0.05, save_steps=steps + 1,
+                            logging_steps=25, lora_rank=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                            device=config.device, **settings))
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir
 

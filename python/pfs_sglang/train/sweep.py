@@ -7,10 +7,10 @@ and task it trains and evaluates full fine-tuning (i) and a PrefillShare decode 
 (ii) with ``replicate.train_task``. The jobs run in a pool of worker processes (one
 GPU serves many tiny trainings at once: each one is bound by its launch overhead), seed
 by seed and the largest first, and none starts after the deadline, if one is given; the
-trained models live in a scratch directory and are deleted once evaluated. ``OUT_DIR`` gets ``sweep.json`` (every point), ``sweep.md`` (the gap table)
-and ``sweep.png`` (the gap per task against the budget, one line per capacity;
-``report.py``), all three rewritten as runs finish, so a sweep cut short keeps what it
-measured.
+trained models live in a scratch directory and are deleted once evaluated. ``OUT_DIR``
+gets ``sweep.json`` (every point), ``sweep.md`` (the gap table) and ``sweep.png`` (the
+gap per task against the budget, one line per capacity; ``report.py``), all three
+rewritten as runs finish, so a sweep cut short keeps what it measured.
 
     python -m pfs_sglang.train sweep OUT_DIR --device cuda [--quick] [--workers N] [--deadline-min M]
 
@@ -81,11 +81,12 @@ class SweepGrid:
     sizes: CorpusSizes = CorpusSizes()
 
 
-# The replication's base (4 layers, hidden 64) and two larger ones; budgets around the replication's
-# 1000 steps (at batch 16 there, 32 here: on a GPU a tiny model's step costs about the same either way).
+# The replication's base (4 layers, hidden 64) and two larger ones; budgets up to the replication's
+# 800 steps and past it (at batch 16 there, 32 here: on a GPU a tiny model's step costs about the
+# same either way), where the gap of a small budget shows.
 FULL_GRID = SweepGrid(
     capacities=(Capacity(4, 64, 3e-3, 3e-3), Capacity(6, 128, 2e-3, 2e-3), Capacity(8, 256, 1e-3, 1e-3)),
-    budgets=(250, 750, 2000),
+    budgets=(100, 300, 1000),
     seeds=(0, 1),
     pretrain_steps=2500,
     pretrain_batch_size=64,
@@ -159,30 +160,26 @@ def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: 
     machine = torch.cuda.get_device_name() if config.device == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     wall = time.monotonic() - started
-    summary = {"device": machine, "workers": config.workers, "wall_seconds": wall, "complete": final and len(points) == jobs,
-               "jobs_done": len(points), "jobs": jobs, "grid": json.loads(json.dumps(asdict(grid), default=str)),
-               "points": [asdict(point) for point in points]}
+    summary = {"device": machine, "workers": config.workers, "wall_seconds": wall,
+               "complete": final and len(points) == jobs, "jobs_done": len(points), "jobs": jobs,
+               "grid": json.loads(json.dumps(asdict(grid), default=str)), "points": [asdict(point) for point in points]}
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     preamble = (
         "# Sweep: the (i) - (ii) gap against base capacity and training budget\n\n"
         f"Held-out exact match (%) of (i) full fine-tuning (own KV) and (ii) PrefillShare (base KV + decode "
         f"module), both trained for the budget's steps (batch {grid.batch_size}) from the same base; bases "
-        f"pretrained {grid.pretrain_steps} steps at batch {grid.pretrain_batch_size}; mean over seeds {list(grid.seeds)}, "
-        f"{grid.sizes.test_per_task} held-out examples per task. {len(points)} of {jobs} runs"
+        f"pretrained {grid.pretrain_steps} steps at batch {grid.pretrain_batch_size}; mean over seeds "
+        f"{list(grid.seeds)}, {grid.sizes.test_per_task} held-out examples per task. {len(points)} of {jobs} runs"
         f"{'' if final else ' (so far)'}; wall time {wall / 60:.1f} min on {machine}, "
         f"{config.workers} worker process(es).\n"
     )
     write_sweep_report(points, list(grid.tasks), config.out_dir, preamble)
 
 
-def sweep(config: SweepConfig) -> list[SweepPoint]:
-    """Run the grid; write ``sweep.json`` as points arrive and the table and chart at the end."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch sees no CUDA device")
-    started = time.monotonic()
+def _run(config: SweepConfig, work: Path, started: float) -> list[SweepPoint]:
+    """Pretrain every base, then run every task job on it; the points in the order they finished."""
     grid = config.grid
-    work = Path(config.work_dir or tempfile.mkdtemp(prefix="pfs_sweep-"))
     base_configs = {capacity: capacity.config(work / capacity.dir_name, grid, config.device, 0)
                     for capacity in grid.capacities}
     task_jobs = [TaskJob(capacity, budget, seed, task) for capacity in grid.capacities
@@ -201,8 +198,8 @@ def sweep(config: SweepConfig) -> list[SweepPoint]:
             for future in done:
                 item = running.pop(future)
                 if isinstance(item, Capacity):
-                    ready += [(job, item.config(work / item.dir_name / f"budget{job.budget}", grid,
-                                                config.device, job.budget), future.result())
+                    ready += [(job, item.config(work / item.dir_name / f"budget{job.budget}", grid, config.device,
+                                                job.budget), future.result())
                               for job in task_jobs if job.capacity == item]
                     ready.sort(key=lambda entry: entry[0].order(grid))
                     bar.set_postfix_str(f"base {item.label} ready")
@@ -218,6 +215,17 @@ def sweep(config: SweepConfig) -> list[SweepPoint]:
                 job, job_config, base = ready.pop(0)
                 running[pool.submit(_task_job, job_config, base, job)] = job
     _write(config, points, started, len(task_jobs), final=True)
-    if config.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
     return points
+
+
+def sweep(config: SweepConfig) -> list[SweepPoint]:
+    """Run the grid; write ``sweep.json``, ``sweep.md`` and ``sweep.png`` as points arrive."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    started = time.monotonic()
+    work = Path(config.work_dir or tempfile.mkdtemp(prefix="pfs_sweep-"))
+    try:
+        return _run(config, work, started)
+    finally:
+        if config.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
