@@ -81,16 +81,17 @@ class SweepGrid:
     sizes: CorpusSizes = CorpusSizes()
 
 
-# The replication's base (4 layers, hidden 64) and two larger ones; budgets up to the replication's
-# 800 steps and past it (at batch 16 there, 32 here: on a GPU a tiny model's step costs about the
-# same either way), where the gap of a small budget shows.
+# The replication's base (4 layers, hidden 64) and two larger ones. Sized from the one GPU run
+# (docs/replication/sweep-h200: 12 workers on an H200 ran ~34500 training steps at batch 128, the
+# three bases' included, in 8.5 min): 23700 steps here, about 6 minutes with both seeds.
+# That run's 6-layer cells were unstable in both arms (at 2e-3 / 1e-3): lower rates, untested.
 FULL_GRID = SweepGrid(
-    capacities=(Capacity(4, 64, 3e-3, 3e-3), Capacity(6, 128, 2e-3, 2e-3), Capacity(8, 256, 1e-3, 1e-3)),
-    budgets=(100, 300, 1000),
+    capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 1.5e-3, 7e-4), Capacity(8, 256, 1e-3, 5e-4)),
+    budgets=(100, 300),
     seeds=(0, 1),
-    pretrain_steps=2500,
-    pretrain_batch_size=64,
-    batch_size=32,
+    pretrain_steps=1500,
+    pretrain_batch_size=128,
+    batch_size=128,
     sizes=CorpusSizes(pretrain=40000, train_per_task=8000, test_per_task=500),
 )
 # A smoke test of the whole path on a CPU (a minute or two).
