@@ -110,14 +110,13 @@ class PeerDeviceMemory:
         for e in exported:
             mapped = int(e["start"]) if same_process else opened.base(e["handle"], device) + int(e["offset"])
             local[int(e["start"])] = mapped
-        self._local_starts = np.array([local[r.start] for r in self._sender.regions], dtype=np.int64)
+        # per exported region (in the sender's table order): local address minus sender address
+        self._shift = np.array([local[r.start] - r.start for r in self._sender.regions], dtype=np.int64)
         self.local = RegionTable([Region(local[r.start], r.length, device) for r in self._sender.regions])
 
     def translate(self, src: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The sender's source addresses as addresses in this process; raises outside its exported regions."""
-        index = self._sender.locate(src, lengths, "read")
-        sender_starts = np.array([r.start for r in self._sender.regions], dtype=np.int64)
-        return src - sender_starts[index] + self._local_starts[index]
+        return src + self._shift[self._sender.locate(src, lengths, "read")]
 
 
 def paired_rows(source: CopyPlan, target: CopyPlan) -> Iterator[tuple[_Group, _Group, np.ndarray, np.ndarray]]:
