@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from pfs_sglang.bench import handoff
-from pfs_sglang.bench.handoff import SHAPES, measure_throughput, mooncake_blocks, stock_command
-
-
-def test_mooncake_blocks_are_runs_consecutive_on_both_sides():
-    src, dst, lengths = mooncake_blocks([1000, 5000], [9000, 20000], 10, np.array([1, 2, 3, 7, 8]), np.array([4, 5, 9, 10, 11]))
-    # runs: slots 1-2 -> 4-5, 3 -> 9, 7-8 -> 10-11; for the first buffer, then the second
-    assert src == [1010, 1030, 1070, 5010, 5030, 5070]
-    assert dst == [9040, 9090, 9100, 20040, 20090, 20100]
-    assert lengths == [20, 10, 20, 20, 10, 20]
+from pfs_sglang.bench.handoff import SHAPES, measure_throughput, stock_command
 
 
 def test_throughput_between_two_processes_is_measured_against_memcpy():

@@ -7,8 +7,8 @@ the measurement of the transfer issue's two targets on the machine it runs on:
   separate processes, each with a KV pool laid out like SGLang's MHA pool (one K and one
   V buffer per layer, ``[slots, kv_heads * head_dim]`` of the KV dtype, registered as
   SGLang's KV manager registers them) for a model shape; a request's prompt KV moves as
-  SGLang's Mooncake backend asks for it (one block per run of consecutive slots, per
-  layer, K then V). Page size 1 with scattered slots is the worst case; consecutive slots
+  the ``zmq`` backend asks for it (``transfer.kv_blocks``: one block per run of
+  consecutive slots, per layer, K then V). Page size 1 with scattered slots is the worst case; consecutive slots
   the best. Figures are GB/s and a share of a plain memory copy of the same bytes,
   measured in the same run. ``--device cuda`` puts both pools on a GPU and compares
   with a device-to-device copy (the ``cuda`` transport moves the KV GPU to GPU).
@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from pfs_sglang.transfer.kv_blocks import kv_blocks
 from pfs_sglang.transfer.zmq_engine import LOCAL_TRANSPORTS, EngineIdentity, ZmqTransferEngine
 
 PROMPT_TOKENS = (256, 1024, 2048, 4096, 8192)
@@ -116,21 +117,6 @@ def _receiver(conn, shape: KVShape, slots: int, transports: tuple[str, ...], dev
     conn.send((engine.get_session_id(), pool.ptrs, engine.open_room(BENCH_ROOM)))
     conn.recv()  # until told to stop
     engine.close()
-
-
-def mooncake_blocks(src_ptrs, dst_ptrs, item_bytes: int, src_slots: np.ndarray, dst_slots: np.ndarray):
-    """The ``(src, dst, length)`` lists SGLang's Mooncake backend hands its engine for one request.
-
-    One block per run of slots consecutive on both sides (``group_concurrent_contiguous``),
-    for every layer's K buffer, then every V buffer.
-    """
-    breaks = np.flatnonzero((np.diff(src_slots) != 1) | (np.diff(dst_slots) != 1)) + 1
-    starts = np.concatenate([[0], breaks])
-    runs = np.diff(np.concatenate([starts, [len(src_slots)]]))
-    src_off, dst_off, lengths = src_slots[starts] * item_bytes, dst_slots[starts] * item_bytes, runs * item_bytes
-    src = np.concatenate([ptr + src_off for ptr in src_ptrs])
-    dst = np.concatenate([ptr + dst_off for ptr in dst_ptrs])
-    return src.tolist(), dst.tolist(), np.tile(lengths, len(src_ptrs)).tolist()
 
 
 @dataclass(frozen=True)
@@ -222,8 +208,8 @@ def measure_throughput(
                             progress and progress.update(1)
                             continue
                         requests = [
-                            mooncake_blocks(pool.ptrs, dst_ptrs, shape.item_bytes,
-                                            _slots(rng, layout, tokens, pool_slots), _slots(rng, layout, tokens, pool_slots))
+                            kv_blocks(pool.ptrs, dst_ptrs, [shape.item_bytes] * len(pool.ptrs),
+                                      _slots(rng, layout, tokens, pool_slots), _slots(rng, layout, tokens, pool_slots))
                             for _ in range(parallel)
                         ]
 
@@ -231,7 +217,8 @@ def measure_throughput(
                             started = time.perf_counter()
                             def send(blocks) -> Optional[str]:
                                 with engine.writing_for(BENCH_ROOM, {session_id: generation}.get):
-                                    failed = engine.batch_transfer_sync(session_id, *blocks)
+                                    failed = engine.batch_transfer_sync(session_id, blocks.src, blocks.dst,
+                                                                        blocks.lengths)
                                 return engine.last_error() if failed else None
 
                             errors = [error for error in threads.map(send, requests) if error]
@@ -248,7 +235,7 @@ def measure_throughput(
                         nbytes = tokens * shape.bytes_per_token
                         rows.append(ThroughputRow(
                             shape=shape.name, layout=layout, transport=transport, prompt_tokens=tokens,
-                            concurrency=parallel, mb_per_request=nbytes / 1e6, blocks_per_request=len(requests[0][0]),
+                            concurrency=parallel, mb_per_request=nbytes / 1e6, blocks_per_request=len(requests[0]),
                             handoff_gbps=parallel * nbytes / statistics.median(times) / 1e9, memcpy_gbps=memcpy[tokens],
                             device=device,
                         ))

@@ -41,6 +41,7 @@ from sglang.srt.disaggregation.mooncake.conn import (
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from pfs_sglang.transfer import FORCE_TCP_ENV, KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
+from pfs_sglang.transfer.kv_blocks import kv_blocks
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, RoomBinding, ZmqTransferEngine
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,37 @@ class ZmqKVManager(MooncakeKVManager):
 
     def _generation_for(self, room: int, session_id: str) -> Optional[int]:
         return self._peer_generations.get(room, {}).get(session_id)
+
+    def _send_kvcache_generic(self, mooncake_session_id, src_data_ptrs, dst_data_ptrs, item_lens,
+                              prefill_data_indices, dst_data_indices, executor, **options) -> int:
+        """Plain MHA pools: SGLang's blocks, built with array operations (``kv_blocks``) in one call.
+
+        SGLang's own code builds a Python tuple per run of slots and buffer; with scattered
+        slots that costs more than moving the bytes. It still pairs the buffers
+        (``get_mha_kv_ptrs_with_pp``), and it does the whole transfer wherever its layout is
+        not plain per-layer K and V (MLA, layer ids, state buffers, device-side destination
+        indices, custom memory pools, bounded index batches).
+        """
+        plain = (not any(options.get(name) for name in (
+                     "state_type", "force_flat", "src_layer_ids", "dst_layer_ids", "dst_device_data_indices",
+                     "dst_item_lens"))
+                 and not (self.is_mla_backend or self.is_hybrid_mla_backend or self.enable_custom_mem_pool)
+                 and (self.max_transfer_batch_indices <= 0
+                      or prefill_data_indices.size <= self.max_transfer_batch_indices))
+        if plain:
+            src_k, src_v, dst_k, dst_v, layers = self.get_mha_kv_ptrs_with_pp(src_data_ptrs, dst_data_ptrs)
+            plain = layers <= len(dst_k)  # otherwise SGLang logs the mismatch and fails the chunk
+        if not plain:
+            return super()._send_kvcache_generic(
+                mooncake_session_id=mooncake_session_id, src_data_ptrs=src_data_ptrs, dst_data_ptrs=dst_data_ptrs,
+                item_lens=item_lens, prefill_data_indices=prefill_data_indices, dst_data_indices=dst_data_indices,
+                executor=executor, **options)
+        item = list(item_lens[:layers]) + list(item_lens[layers : 2 * layers])  # K lengths, then V lengths
+        blocks = kv_blocks(src_k[:layers] + src_v[:layers], dst_k[:layers] + dst_v[:layers], item,
+                           prefill_data_indices, dst_data_indices)
+        if not len(blocks):
+            return 0
+        return self.engine.batch_transfer_sync(mooncake_session_id, blocks.src, blocks.dst, blocks.lengths)
 
     def transfer_worker(self, queue, executor, staging_buffer=None, worker_index=0):
         """Mooncake's worker, its thread (and the executor threads it uses) bound to each chunk's room."""

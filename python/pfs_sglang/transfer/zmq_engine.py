@@ -80,7 +80,7 @@ import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import zmq
@@ -257,9 +257,9 @@ class ZmqTransferEngine:
         return 0
 
     def batch_transfer_sync(
-        self, session_id: str, buffers: list[int], peer_buffer_addresses: list[int], lengths: list[int]
+        self, session_id: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int], lengths: Sequence[int]
     ) -> int:
-        """Write ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's addresses.
+        """Write ``lengths[i]`` bytes from local ``buffers[i]`` to the peer's addresses (lists or int64 arrays).
 
         The writes are for the room this thread is bound to (``bind``/``writing_for``), tagged
         with the generation the peer gave that room; a thread bound to no room writes nothing.

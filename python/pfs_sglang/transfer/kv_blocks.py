@@ -1,0 +1,52 @@
+"""A request's KV as ``(src, dst, length)`` blocks, built with array operations.
+
+Owns the block list a hand-off moves: for every KV buffer (each layer's K, then each
+layer's V), one block per run of slots consecutive on both sides, exactly the blocks
+SGLang's Mooncake manager builds (``group_concurrent_contiguous``, then one Python tuple
+per run and buffer in ``_send_kvcache_generic``). SGLang's loop costs about a microsecond
+a block: 69 ms, plus 14 ms to turn the tuples into lists, for a 1024-token request with
+scattered slots on a 28-layer model (57344 blocks) on this project's CPU box, where
+copying that request's 117 MB takes 14-20 ms. Here the same blocks come out of a few
+numpy operations (a few milliseconds), as int64 arrays the ZMQ engine takes as they are.
+Moves no bytes and checks nothing: the engine bounds-checks every block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KVBlocks:
+    """Parallel int64 arrays: ``lengths[i]`` bytes from ``src[i]`` to ``dst[i]``."""
+
+    src: np.ndarray
+    dst: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def kv_blocks(src_ptrs, dst_ptrs, item_lens, src_slots: np.ndarray, dst_slots: np.ndarray) -> KVBlocks:
+    """Buffer ``i`` (``item_lens[i]`` bytes a slot) copied at ``src_slots`` -> ``dst_slots``, by runs.
+
+    Blocks come buffer by buffer, each buffer's in slot order, as SGLang orders them.
+    """
+    src_slots = np.asarray(src_slots, dtype=np.int64)
+    dst_slots = np.asarray(dst_slots, dtype=np.int64)
+    if len(src_slots) != len(dst_slots):
+        raise ValueError(f"{len(src_slots)} source slots but {len(dst_slots)} destination slots")
+    buffers = len(src_ptrs)
+    if len(src_slots) == 0 or buffers == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return KVBlocks(empty, empty, empty)
+    breaks = np.flatnonzero((np.diff(src_slots) != 1) | (np.diff(dst_slots) != 1)) + 1
+    starts = np.concatenate([[0], breaks])
+    runs = np.diff(np.append(starts, len(src_slots)))
+    item = np.asarray(item_lens, dtype=np.int64)[:, None]
+    src = np.asarray(src_ptrs, dtype=np.int64)[:, None] + src_slots[starts][None, :] * item
+    dst = np.asarray(dst_ptrs, dtype=np.int64)[:, None] + dst_slots[starts][None, :] * item
+    return KVBlocks(src.ravel(), dst.ravel(), (runs[None, :] * item).ravel())
