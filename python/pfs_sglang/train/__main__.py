@@ -100,12 +100,12 @@ def run_replicate(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from pfs_sglang.train.sweep import FULL_GRID, QUICK_GRID, SweepConfig, sweep
+    from pfs_sglang.train.sweep import CPU_GRID, FULL_GRID, QUICK_GRID, SweepConfig, sweep
 
-    grid = QUICK_GRID if args.quick else FULL_GRID
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    grid = QUICK_GRID if args.quick else FULL_GRID if device == "cuda" else CPU_GRID
     grid = replace(grid, seeds=tuple(args.seeds or grid.seeds), budgets=tuple(args.budgets or grid.budgets),
                    pretrain_steps=args.pretrain_steps or grid.pretrain_steps)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = args.workers or (min(12, max(1, (os.cpu_count() or 2) - 2)) if device == "cuda" else 1)
     deadline = 60 * args.deadline_min if args.deadline_min else None
     sweep(SweepConfig(out_dir=args.out_dir, grid=grid, device=device, workers=workers, work_dir=args.work_dir,
