@@ -64,3 +64,23 @@ def test_sweep_report_has_a_row_per_capacity_and_budget(tmp_path):
     assert rows[0] == "| 2L h32 | 10 | 100.0 / 90.5, -9.5 | 100.0 / 90.5, -9.5 | -9.5 |"
     assert chart.stat().st_size > 1000
     json.dumps([point.__dict__ for point in points])  # the sweep writes them as JSON
+
+
+def test_a_sweep_run_again_keeps_the_points_of_its_recipe_and_runs_only_what_is_missing(tmp_path):
+    from dataclasses import asdict, replace
+
+    from pfs_sglang.train.sweep import QUICK_GRID, SweepConfig, _kept_points, sweep
+
+    grid = replace(QUICK_GRID, budgets=(5,), seeds=(0,))
+    points = [SweepPoint(capacity=capacity.label, layers=capacity.layers, hidden=capacity.hidden, budget=5, seed=0,
+                         task=task, accuracies={"full_ft": 1.0, "prefillshare": 0.5})
+              for capacity in grid.capacities for task in grid.tasks]
+    earlier = {"grid": json.loads(json.dumps(asdict(replace(grid, budgets=(5, 10))), default=str)),
+               "points": [asdict(point) for point in points]}
+    (tmp_path / "sweep.json").write_text(json.dumps(earlier))
+    config = SweepConfig(out_dir=tmp_path, grid=grid, device="cpu")
+    assert sweep(config) == points  # every cell was measured: nothing is trained again
+    written = json.loads((tmp_path / "sweep.json").read_text())
+    assert written["complete"] and written["jobs"] == len(points)
+    assert "| 1L h32 | 5 | 100.0 / 50.0, -50.0 |" in (tmp_path / "sweep.md").read_text()
+    assert _kept_points(replace(config, grid=replace(grid, pretrain_steps=11))) == []  # another recipe: none kept

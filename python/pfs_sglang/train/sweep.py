@@ -10,7 +10,10 @@ by seed and the largest first, and none starts after the deadline, if one is giv
 trained models live in a scratch directory and are deleted once evaluated. ``OUT_DIR``
 gets ``sweep.json`` (every point), ``sweep.md`` (the gap table) and ``sweep.png`` (the
 gap per task against the budget, one line per capacity; ``report.py``), all three
-rewritten as runs finish, so a sweep cut short keeps what it measured.
+rewritten as runs finish, so a sweep cut short keeps what it measured. Run again into the
+same ``OUT_DIR`` with the same recipe (more budgets or seeds allowed), a sweep keeps the
+points it finds there and runs only the missing cells; given a kept ``--work-dir``, it
+reuses the bases that finished pretraining there too.
 
     python -m pfs_sglang.train sweep OUT_DIR [--device cuda|cpu] [--quick] [--workers N] [--deadline-min M]
 
@@ -201,14 +204,41 @@ def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: 
     write_sweep_report(points, list(grid.tasks), config.out_dir, preamble)
 
 
+_CELL_FIELDS = ("budgets", "seeds", "tasks")  # which cells a grid has, not how each is trained
+
+
+def _recipe(grid_fields: dict) -> dict:
+    """What a point's figures depend on besides its own cell: runs that agree here may share points."""
+    return {name: value for name, value in grid_fields.items() if name not in _CELL_FIELDS}
+
+
+def _kept_points(config: SweepConfig) -> list[SweepPoint]:
+    """The points an earlier run of the same recipe left in ``OUT_DIR/sweep.json`` (none if it differs)."""
+    path = config.out_dir / "sweep.json"
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if _recipe(earlier["grid"]) != _recipe(json.loads(json.dumps(asdict(config.grid), default=str))):
+        return []
+    return [SweepPoint(**point) for point in earlier["points"]]
+
+
 def _run(config: SweepConfig, work: Path, started: float) -> list[SweepPoint]:
-    """Pretrain every base, then run every task job on it; the points in the order they finished."""
+    """Pretrain every base, then run every task job on it; the points in the order they finished.
+
+    Points an earlier run of the same recipe wrote to ``OUT_DIR`` are kept and their runs skipped,
+    so a sweep cut short, or one given more budgets or seeds, runs only what is missing.
+    """
     grid = config.grid
-    base_configs = {capacity: capacity.config(work / capacity.dir_name, grid, config.device, 0)
-                    for capacity in grid.capacities}
     task_jobs = [TaskJob(capacity, budget, seed, task) for capacity in grid.capacities
                  for budget in grid.budgets for seed in grid.seeds for task in grid.tasks]
-    points: list[SweepPoint] = []
+    cells = {(job.capacity.label, job.budget, job.seed, job.task) for job in task_jobs}
+    points = [point for point in _kept_points(config) if (point.capacity, point.budget, point.seed, point.task) in cells]
+    done = {(point.capacity, point.budget, point.seed, point.task) for point in points}
+    task_jobs = [job for job in task_jobs if (job.capacity.label, job.budget, job.seed, job.task) not in done]
+    base_configs = {capacity: capacity.config(work / capacity.dir_name, grid, config.device, 0)
+                    for capacity in grid.capacities if any(job.capacity == capacity for job in task_jobs)}
+    jobs = len(points) + len(task_jobs)
     ready: list[tuple[TaskJob, ReplicationConfig, Base]] = []  # runs whose base is trained, in TaskJob.order
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with _quiet_workers(), ProcessPoolExecutor(config.workers, mp_context=context) as pool, \
@@ -232,13 +262,13 @@ def _run(config: SweepConfig, work: Path, started: float) -> list[SweepPoint]:
                     points.append(point)
                     bar.set_postfix_str(f"{point.capacity}, {point.budget} steps, {point.task}, seed {point.seed}: "
                                         f"gap {100 * point.gap:+.1f}")
-                    _write(config, points, started, len(task_jobs), final=False)
+                    _write(config, points, started, jobs, final=False)
                 bar.update(1)
             in_time = config.deadline_s is None or time.monotonic() - started < config.deadline_s
             while ready and len(running) < config.workers and in_time:
                 job, job_config, base = ready.pop(0)
                 running[pool.submit(_task_job, job_config, base, job)] = job
-    _write(config, points, started, len(task_jobs), final=True)
+    _write(config, points, started, jobs, final=True)
     return points
 
 
