@@ -70,11 +70,17 @@ def test_the_zmq_manager_sends_exactly_the_blocks_sglang_builds(layout, layers, 
     assert ours.calls == sglangs.calls
 
 
-def test_layouts_it_does_not_cover_go_to_sglangs_code():
+@pytest.mark.parametrize("uncovered", ["mla", "device_destination_indices"])
+def test_layouts_it_does_not_cover_go_to_sglangs_code(uncovered):
     manager = _Recording()
-    manager.is_mla_backend = True  # one flat buffer per layer: SGLang's own path
     slots = np.arange(4, dtype=np.int32)
+    options = {}
+    if uncovered == "mla":
+        manager.is_mla_backend = True  # one flat buffer per layer
+    else:
+        options["dst_device_data_indices"] = slots + 8  # HiSparse: another page space for device buffers
     assert manager._send_kvcache_generic(mooncake_session_id="peer", src_data_ptrs=[1 << 32, 1 << 33],
                                          dst_data_ptrs=[1 << 34, 1 << 35], item_lens=[64, 64],
-                                         prefill_data_indices=slots, dst_data_indices=slots, executor=None) == 0
-    assert manager.calls == [([1 << 32, 1 << 33], [1 << 34, 1 << 35], [256, 256])] and manager.arrays == [False]
+                                         prefill_data_indices=slots, dst_data_indices=slots, executor=None,
+                                         **options) == 0
+    assert manager.arrays == [False]  # SGLang's own path built the blocks

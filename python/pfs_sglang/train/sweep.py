@@ -107,7 +107,7 @@ FULL_GRID = SweepGrid(
 # in 25 minutes; keep the scratch directory (``--work-dir``) and a sweep run again reuses it.
 CPU_GRID = SweepGrid(
     capacities=(Capacity(2, 32, 3e-3, 3e-3), Capacity(4, 64, 3e-3, 3e-3), Capacity(6, 96, 2e-3, 2e-3)),
-    budgets=(100, 300),
+    budgets=(100, 300, 800),
     seeds=(0, 1),
     pretrain_steps=2500,
     pretrain_batch_size=32,

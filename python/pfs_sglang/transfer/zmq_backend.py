@@ -160,8 +160,8 @@ class ZmqKVManager(MooncakeKVManager):
         indices, custom memory pools, bounded index batches).
         """
         plain = (not any(options.get(name) for name in (
-                     "state_type", "force_flat", "src_layer_ids", "dst_layer_ids", "dst_device_data_indices",
-                     "dst_item_lens"))
+                     "state_type", "force_flat", "src_layer_ids", "dst_layer_ids", "dst_item_lens"))
+                 and options.get("dst_device_data_indices") is None  # an index array when given
                  and not (self.is_mla_backend or self.is_hybrid_mla_backend or self.enable_custom_mem_pool)
                  and (self.max_transfer_batch_indices <= 0
                       or prefill_data_indices.size <= self.max_transfer_batch_indices))
