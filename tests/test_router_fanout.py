@@ -71,7 +71,10 @@ def test_generate_batch_with_n_is_one_hand_off_per_prompt_and_sample_in_sglang_o
         assert [b["sampling_params"] for b in sent] == [{"max_new_tokens": 3}] * 2 + [{"max_new_tokens": 5}] * 2
         assert [b["return_logprob"] for b in sent] == [True, True, False, False]
         assert all(b["logprob_start_len"] == 4 and b["top_logprobs_num"] == 2 and "model" not in b for b in sent)
-        assert [len(s.bodies) for s in c.decode["coder"]] == [2, 2]  # sub-requests spread over replicas
+        # sub-requests spread over replicas (least requests in flight: on a loaded box one may finish
+        # before the next is placed, so 1 + 3 is as right as 2 + 2; a suite run on the 2-core box saw it)
+        per_replica = [len(s.bodies) for s in c.decode["coder"]]
+        assert sum(per_replica) == 4 and min(per_replica) >= 1, per_replica
 
 
 def test_generate_shapes_single_batch_of_one_n_and_input_ids():
