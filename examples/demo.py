@@ -15,8 +15,7 @@ from pfs_sglang.launch.topology import default_device, with_demo_models
 from pfs_sglang.launch.processes import free_port
 
 # The demo decode modules were trained on records like this one, each for its own question
-# (see pfs_sglang/train/corpus.py): the context is shared, the tasks differ. The embedded
-# `compute` is right on ~60% of held-out records (README, Small-scale replication); on this one it is.
+# (see pfs_sglang/train/corpus.py): the context is shared, the tasks differ.
 CONTEXT = "name: ana; city: oslo; color: green; qty: 3; price: 5; size: 2"
 QUESTIONS = {
     "extract": "What is the city?",

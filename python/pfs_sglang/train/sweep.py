@@ -182,6 +182,11 @@ def _quiet_workers():
             os.environ["TQDM_DISABLE"] = previous
 
 
+def _grid_fields(grid: SweepGrid) -> dict:
+    """The grid as ``sweep.json`` holds it (plain JSON values)."""
+    return json.loads(json.dumps(asdict(grid), default=str))
+
+
 def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: int, final: bool) -> None:
     grid = config.grid
     machine = torch.cuda.get_device_name() if config.device == "cuda" else \
@@ -189,7 +194,7 @@ def _write(config: SweepConfig, points: list[SweepPoint], started: float, jobs: 
     wall = time.monotonic() - started
     summary = {"device": machine, "workers": config.workers, "wall_seconds": wall,
                "complete": final and len(points) == jobs, "jobs_done": len(points), "jobs": jobs,
-               "grid": json.loads(json.dumps(asdict(grid), default=str)), "points": [asdict(point) for point in points]}
+               "grid": _grid_fields(grid), "points": [asdict(point) for point in points]}
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     preamble = (
@@ -218,7 +223,7 @@ def _kept_points(config: SweepConfig) -> list[SweepPoint]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
-    if _recipe(earlier["grid"]) != _recipe(json.loads(json.dumps(asdict(config.grid), default=str))):
+    if _recipe(earlier["grid"]) != _recipe(_grid_fields(config.grid)):
         return []
     return [SweepPoint(**point) for point in earlier["points"]]
 
