@@ -40,6 +40,10 @@ class _Recording(ZmqKVManager):
         self.arrays.append(isinstance(src, np.ndarray))
         return 0
 
+    def batch_transfer_slots(self, session_id, slots) -> int:  # ours: the blocks its slots name
+        blocks = slots.blocks()
+        return self.batch_transfer_sync(session_id, blocks.src, blocks.dst, blocks.lengths)
+
     def _transfer_data(self, session_id, transfer_blocks) -> int:  # where SGLang's own path ends
         return self.batch_transfer_sync(session_id, *zip(*transfer_blocks)) if transfer_blocks else 0
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import random
+import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -90,6 +92,15 @@ def test_greedy_oracle_for_every_decode_model(deployment, demo_models):
             prompt_ids = [rng.randrange(8, 500) for _ in range(length)]
             served = generate(deployment, model, prompt_ids)
             assert_matches_oracle(served["output_ids"], demo_models, model, prompt_ids)
+
+
+def test_decode_servers_read_the_prefill_pool_in_place(deployment, deployment_dir, demo_models):
+    """On one CPU host the KV crosses by the ``map`` transport: the prefill pool in shared memory."""
+    generate(deployment, next(iter(demo_models.decode)), list(range(20, 60)))
+    prefill_logs = "".join(log.read_text(errors="replace") for log in sorted(Path(deployment_dir).glob("prefill-*.log")))
+    assert "KV pool in shared memory" in prefill_logs
+    connections = re.findall(r"pfs zmq KV engine: connected to .* transport (\S+)", prefill_logs)
+    assert connections and all(transport.startswith("map+") for transport in connections), connections
 
 
 def test_two_turn_conversation_prefills_the_first_answer_with_the_base(deployment, demo_models):

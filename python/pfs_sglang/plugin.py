@@ -7,9 +7,10 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 * CPU import stand-ins and unpinned host memory for SGLang's multi-LoRA
   (``pfs_kernels``) where no CUDA is present, and ``torch_native`` extend attention
   that skips the cached prefix's rows (``pfs_kernels``, every device);
-* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), per-request KV
-  transfer figures in prefill replies, and PD servers that poll rather than spin
-  while a hand-off is in flight (with ``--sleep-on-idle``);
+* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), a CPU prefill server's
+  KV pool in shared memory for same-host decode servers to read in place,
+  per-request KV transfer figures in prefill replies, and PD servers that poll
+  rather than spin while a hand-off is in flight (with ``--sleep-on-idle``);
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
 * the decode-side hooks that make the decode module compute the prompt's tail
@@ -30,6 +31,7 @@ def load() -> None:
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
     from pfs_sglang.transfer.registration import register_zmq_transfer_backend
+    from pfs_sglang.transfer.shared_pool import register_shared_cpu_pool
     from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
     from pfs_sglang.transfer.waiting_without_spinning import register_pd_wait_polling
 
@@ -38,6 +40,7 @@ def load() -> None:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     install_unpinned_host_memory()
     register_zmq_transfer_backend()
+    register_shared_cpu_pool()
     register_kv_transfer_report()
     register_pd_wait_polling()
     register_prefix_extend_attention()

@@ -39,7 +39,8 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from pfs_sglang.transfer.kv_blocks import kv_blocks
+from pfs_sglang.transfer.kv_blocks import KVSlots
+from pfs_sglang.transfer.shared_pool import move_to_shared_memory
 from pfs_sglang.transfer.zmq_engine import LOCAL_TRANSPORTS, EngineIdentity, ZmqTransferEngine
 
 PROMPT_TOKENS = (256, 1024, 2048, 4096, 8192)
@@ -79,12 +80,21 @@ def _identity(role: str) -> EngineIdentity:
 
 
 class KVPool:
-    """SGLang's MHA pool layout in host (``cpu``) or GPU (``cuda``) memory: ``[K_0..K_{L-1}, V_0..V_{L-1}]``, slot 0 reserved."""
+    """SGLang's MHA pool layout in host (``cpu``) or GPU (``cuda``) memory: ``[K_0..K_{L-1}, V_0..V_{L-1}]``, slot 0 reserved.
 
-    def __init__(self, shape: KVShape, slots: int, device: str = "cpu") -> None:
+    ``shared``: host buffers in shared memory, as a CPU prefill server of the ``zmq`` backend
+    has them (``transfer.shared_pool``), so same-host receivers may read them in place.
+    """
+
+    def __init__(self, shape: KVShape, slots: int, device: str = "cpu", shared: bool = False) -> None:
         self.shape = shape
         if device == "cpu":
             self.buffers = [np.zeros((slots + 1, shape.item_bytes), dtype=np.uint8) for _ in range(2 * shape.layers)]
+            if shared:
+                import torch
+
+                self.buffers = [tensor.numpy() for tensor in
+                                move_to_shared_memory([torch.from_numpy(buffer) for buffer in self.buffers])]
             for buffer in self.buffers:
                 buffer[:] = np.random.default_rng(len(buffer)).integers(0, 255, size=shape.item_bytes, dtype=np.uint8)
             self.ptrs = [buffer.ctypes.data for buffer in self.buffers]
@@ -170,8 +180,11 @@ def _device_copy_gbps(nbytes: int, repeats: int, device: str) -> float:
 
 
 def _slots(rng, layout: str, tokens: int, pool_slots: int) -> np.ndarray:
-    if layout == "scattered":
-        return rng.choice(pool_slots, size=tokens, replace=False) + 1
+    """A request's slots: ``scattered`` no two adjacent in general, ascending as SGLang's PD allocators hand them
+    out (they sort their free list); ``shuffled`` the same in random order; ``consecutive`` one run."""
+    if layout in ("scattered", "shuffled"):
+        slots = rng.choice(pool_slots, size=tokens, replace=False) + 1
+        return np.sort(slots) if layout == "scattered" else slots
     start = int(rng.integers(0, pool_slots - tokens + 1))
     return np.arange(start + 1, start + 1 + tokens)
 
@@ -193,7 +206,7 @@ def measure_throughput(
     try:
         session_id, dst_ptrs, generation = ours.recv()
         _use_device(device)
-        pool = KVPool(shape, pool_slots, device)
+        pool = KVPool(shape, pool_slots, device, shared=True)
         engine = ZmqTransferEngine(_identity("prefill"), "127.0.0.1", timeout_s=120, local_transports=transports)
         pool.register_with(engine)
         rng = np.random.default_rng(0)
@@ -208,17 +221,16 @@ def measure_throughput(
                             progress and progress.update(1)
                             continue
                         requests = [
-                            kv_blocks(pool.ptrs, dst_ptrs, [shape.item_bytes] * len(pool.ptrs),
-                                      _slots(rng, layout, tokens, pool_slots), _slots(rng, layout, tokens, pool_slots))
+                            KVSlots.of(pool.ptrs, dst_ptrs, [shape.item_bytes] * len(pool.ptrs),
+                                       _slots(rng, layout, tokens, pool_slots), _slots(rng, layout, tokens, pool_slots))
                             for _ in range(parallel)
                         ]
 
                         def one_round() -> float:
                             started = time.perf_counter()
-                            def send(blocks) -> Optional[str]:
+                            def send(slots: KVSlots) -> Optional[str]:
                                 with engine.writing_for(BENCH_ROOM, {session_id: generation}.get):
-                                    failed = engine.batch_transfer_sync(session_id, blocks.src, blocks.dst,
-                                                                        blocks.lengths)
+                                    failed = engine.batch_transfer_slots(session_id, slots)
                                 return engine.last_error() if failed else None
 
                             errors = [error for error in threads.map(send, requests) if error]
@@ -235,7 +247,7 @@ def measure_throughput(
                         nbytes = tokens * shape.bytes_per_token
                         rows.append(ThroughputRow(
                             shape=shape.name, layout=layout, transport=transport, prompt_tokens=tokens,
-                            concurrency=parallel, mb_per_request=nbytes / 1e6, blocks_per_request=len(requests[0]),
+                            concurrency=parallel, mb_per_request=nbytes / 1e6, blocks_per_request=len(requests[0].blocks()),
                             handoff_gbps=parallel * nbytes / statistics.median(times) / 1e9, memcpy_gbps=memcpy[tokens],
                             device=device,
                         ))
@@ -509,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV shape(s) for the throughput table (default: demo and small)")
     parser.add_argument("--tokens", type=int, nargs="+", default=list(PROMPT_TOKENS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
-    parser.add_argument("--layout", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--layout", nargs="+", choices=(*LAYOUTS, "shuffled"), default=list(LAYOUTS))
     parser.add_argument("--transports", default=",".join(LOCAL_TRANSPORTS),
                         help="same-host transports the engines may use, in order: cuda,pvm,shm (default), "
                              "any subset, or none (socket)")

@@ -30,6 +30,38 @@ class KVBlocks:
         return len(self.lengths)
 
 
+@dataclass(frozen=True)
+class KVSlots:
+    """A request's KV by slots: buffer ``i`` (``item_lens[i]`` bytes a slot) from ``src_slots`` to ``dst_slots``.
+
+    The same transfer as :func:`kv_blocks` gives, in a form whose size does not grow with
+    the number of buffers: the ``map`` transport checks and copies it as it is.
+    """
+
+    src_ptrs: np.ndarray  # int64, one per buffer
+    dst_ptrs: np.ndarray
+    item_lens: np.ndarray
+    src_slots: np.ndarray  # int64, one per slot
+    dst_slots: np.ndarray
+
+    @classmethod
+    def of(cls, src_ptrs, dst_ptrs, item_lens, src_slots, dst_slots) -> "KVSlots":
+        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (src_ptrs, dst_ptrs, item_lens, src_slots, dst_slots)]
+        if not len(arrays[0]) == len(arrays[1]) == len(arrays[2]):
+            raise ValueError(f"{len(arrays[0])} source buffers, {len(arrays[1])} destination buffers, "
+                             f"{len(arrays[2])} item lengths")
+        if len(arrays[3]) != len(arrays[4]):
+            raise ValueError(f"{len(arrays[3])} source slots but {len(arrays[4])} destination slots")
+        return cls(*arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.item_lens.sum()) * len(self.src_slots)
+
+    def blocks(self) -> "KVBlocks":
+        return kv_blocks(self.src_ptrs, self.dst_ptrs, self.item_lens, self.src_slots, self.dst_slots)
+
+
 def kv_blocks(src_ptrs, dst_ptrs, item_lens, src_slots: np.ndarray, dst_slots: np.ndarray) -> KVBlocks:
     """Buffer ``i`` (``item_lens[i]`` bytes a slot) copied at ``src_slots`` -> ``dst_slots``, by runs.
 

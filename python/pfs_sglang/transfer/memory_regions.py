@@ -7,6 +7,8 @@ copied as a few large operations: :class:`CopyPlan` groups consecutive blocks th
 one region (one layer's K or V buffer) and moves each group with one indexed copy
 between the region and a contiguous staging buffer, in units of the largest size that
 divides every block (a token's or a page's KV row), never block by block in Python.
+:func:`copy_slots` copies a request given by slots (``KVSlots``) from one process's view of
+another's shared pool into registered memory in one pass, checked per buffer.
 
 Host regions are numpy views of the pool memory. CUDA regions (invariant-neutral, but the
 GPU half of the transfer issue) are recognised when registered, as torch tensors over the
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import reduce
 from typing import Optional
 
 import numpy as np
 import torch
+
+from pfs_sglang.transfer.kv_blocks import KVSlots
 
 
 _MAX_BLOCK = 1 << 48
@@ -203,3 +208,69 @@ class CopyPlan:
     @property
     def uses_device(self) -> bool:
         return any(group.region.device is not None for group in self.groups)
+
+
+
+_COPY_TASK_BYTES = 1 << 20  # a copy split over threads goes in pieces of about this size
+_MAX_SLOT = 1 << 40
+
+
+def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
+               threads: Optional[Executor] = None) -> None:
+    """Copy every buffer's slots from host regions of ``src_table`` into host regions of ``dst_table``.
+
+    One pass over the bytes: buffer ``i``'s rows ``src_slots`` go to its rows ``dst_slots``
+    with one indexed copy (one memory copy where both are consecutive). Checked before a
+    byte moves, on each buffer's rows from slot 0 to the highest slot named, which must lie
+    in one region (raises :class:`OutsideRegisteredMemory`);
+    with ``threads``, the copy goes in pieces of about ``_COPY_TASK_BYTES`` to the threads
+    (numpy releases the GIL while it copies).
+    """
+    src_slots, dst_slots, items = slots.src_slots, slots.dst_slots, slots.item_lens
+    if not len(src_slots) or not len(items):
+        return
+    low, high = min(src_slots.min(), dst_slots.min()), max(src_slots.max(), dst_slots.max())
+    if low < 0 or high >= _MAX_SLOT or (items <= 0).any() or (items >= _MAX_BLOCK).any():
+        raise OutsideRegisteredMemory(f"slots {int(low)}..{int(high)} of {items.tolist()}-byte items are out of range")
+    src_rows = _slot_rows(src_table, slots.src_ptrs, items, src_slots, "read")
+    dst_rows = _slot_rows(dst_table, slots.dst_ptrs, items, dst_slots, "write")
+    consecutive = _consecutive(src_slots) and _consecutive(dst_slots)
+    pieces = []
+    for source, target, item in zip(src_rows, dst_rows, items.tolist()):
+        step = max(1, _COPY_TASK_BYTES // item) if threads is not None else len(src_slots)
+        pieces += [(source, target, lo, lo + step) for lo in range(0, len(src_slots), step)]
+
+    def copy(piece) -> None:
+        source, target, lo, hi = piece
+        if consecutive:  # one memory copy
+            first_source, first_target = int(src_slots[0]) + lo, int(dst_slots[0]) + lo
+            count = min(hi, len(src_slots)) - lo
+            np.copyto(target[first_target : first_target + count].view(np.uint8),
+                      source[first_source : first_source + count].view(np.uint8))
+        else:
+            target[dst_slots[lo:hi]] = source[src_slots[lo:hi]]
+
+    if threads is None or len(pieces) < 2:
+        for piece in pieces:
+            copy(piece)
+    else:
+        for _ in threads.map(copy, pieces):
+            pass
+
+
+def _slot_rows(table: RegionTable, ptrs: np.ndarray, items: np.ndarray, slots: np.ndarray, what: str) -> list:
+    """Each buffer as ``item``-byte rows, from its slot 0 to the highest slot named, all inside one region."""
+    rows_needed = int(slots.max()) + 1
+    regions = table.locate(ptrs, rows_needed * items, what)
+    rows = []
+    for ptr, item, index in zip(ptrs.tolist(), items.tolist(), regions.tolist()):
+        region = table.regions[index]
+        if region.device is not None:
+            raise OutsideRegisteredMemory(f"{what} names device memory where host memory was expected")
+        offset = ptr - region.start
+        rows.append(region.host_bytes[offset : offset + rows_needed * item].view(np.dtype((np.void, item))))
+    return rows
+
+
+def _consecutive(slots: np.ndarray) -> bool:
+    return int(slots[-1]) - int(slots[0]) == len(slots) - 1 and bool((np.diff(slots) == 1).all())

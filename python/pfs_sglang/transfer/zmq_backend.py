@@ -41,7 +41,7 @@ from sglang.srt.disaggregation.mooncake.conn import (
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from pfs_sglang.transfer import FORCE_TCP_ENV, KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
-from pfs_sglang.transfer.kv_blocks import kv_blocks
+from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.zmq_engine import EngineIdentity, RoomBinding, ZmqTransferEngine
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,10 @@ class ZmqKVManager(MooncakeKVManager):
 
     def _send_kvcache_generic(self, mooncake_session_id, src_data_ptrs, dst_data_ptrs, item_lens,
                               prefill_data_indices, dst_data_indices, executor, **options) -> int:
-        """Plain MHA pools: SGLang's blocks, built with array operations (``kv_blocks``) in one call.
+        """Plain MHA pools: the transfer as slot lists (``KVSlots``) in one engine call.
+
+        A same-host peer that mapped this server's shared pool copies them as they are;
+        other transports move SGLang's blocks, built with array operations (``kv_blocks``).
 
         SGLang's own code builds a Python tuple per run of slots and buffer; with scattered
         slots that costs more than moving the bytes. It still pairs the buffers
@@ -174,11 +177,11 @@ class ZmqKVManager(MooncakeKVManager):
                 item_lens=item_lens, prefill_data_indices=prefill_data_indices, dst_data_indices=dst_data_indices,
                 executor=executor, **options)
         item = list(item_lens[:layers]) + list(item_lens[layers : 2 * layers])  # K lengths, then V lengths
-        blocks = kv_blocks(src_k[:layers] + src_v[:layers], dst_k[:layers] + dst_v[:layers], item,
+        slots = KVSlots.of(src_k[:layers] + src_v[:layers], dst_k[:layers] + dst_v[:layers], item,
                            prefill_data_indices, dst_data_indices)
-        if not len(blocks):
+        if not len(slots.src_slots) or not layers:
             return 0
-        return self.engine.batch_transfer_sync(mooncake_session_id, blocks.src, blocks.dst, blocks.lengths)
+        return self.engine.batch_transfer_slots(mooncake_session_id, slots)
 
     def transfer_worker(self, queue, executor, staging_buffer=None, worker_index=0):
         """Mooncake's worker, its thread (and the executor threads it uses) bound to each chunk's room."""

@@ -13,7 +13,12 @@ each new connection logs its endpoint and transport.
 A call moves a request's KV as a few large operations, never block by block in
 Python. Between engines on one host whose pools live on GPUs, the receiver maps the
 sender's pool with CUDA IPC at the handshake and moves the blocks device to device
-(``cuda_ipc``, transport ``cuda``): no host staging. Otherwise, between engines on one
+(``cuda_ipc``, transport ``cuda``): no host staging. Where the sender's host pool lives
+in shared memory (a CPU prefill server's, ``shared_pool``), the receiver maps it
+read-only at the handshake, and a request given by slots (``batch_transfer_slots``,
+``KVSlots``: per buffer a pointer and a slot size, and the two slot lists) is copied
+from it into the receiver's pool in one pass, checked per buffer, split over a few
+threads (transport ``map``). Otherwise, between engines on one
 host the receiver, once it has checked every destination
 lies in memory it registered, reads the blocks straight out of the sender's pool with
 ``process_vm_readv`` (``process_memory``: one copy, no staging) where the kernel allows
@@ -30,7 +35,9 @@ Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, room, ...
 ``(src_ptr, dst_ptr, length)`` triples), ``deadline`` a little-endian float64
 wall-clock time and ``room`` two little-endian uint64: the request's bootstrap room and
 the receiving generation the decode side gave it; kind ``D`` (device read) carries
-``(src_ptr, dst_ptr, length)`` triples like ``R``; kind ``W`` carries the staged bytes as
+``(src_ptr, dst_ptr, length)`` triples like ``R``; kind ``L`` (pool read) carries
+``(src_ptr, dst_ptr, slot_bytes)`` per buffer and then the int64 source slots followed by
+the destination slots, before ``deadline`` and ``room``; kind ``W`` carries the staged bytes as
 one more frame, kind ``S`` names a shared staging buffer (``StagingRef`` JSON) and a
 uint64 offset into it, kind ``R`` the sender's pid. The receiving engine checks every
 destination lies inside memory it registered and that the deadline has not passed, and
@@ -57,7 +64,8 @@ sender's prefill-module fingerprint and KV layout with what it expects and refus
 mismatch (invariant 4), refuses a sender without the deployment's secret (when it has
 one: ``PFS_KV_SECRET``, set by the launcher), and says which same-host transports it
 proved on the sender's probe buffer (``shm``: it can map the sender's staging; ``pvm``:
-it can read the sender's memory). A write or read request on a connection that has not
+it can read the sender's memory; ``map``: it mapped the sender's shared pool segments,
+each checked to be the announced memfd). A write or read request on a connection that has not
 passed the handshake is refused; an inbound message larger than
 ``MAX_MESSAGE_BYTES`` drops the connection (ZMQ's ``MAXMSGSIZE``); nothing received is
 ever unpickled. Every call has a deadline; a late or failed call returns
@@ -78,6 +86,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -86,9 +95,18 @@ import numpy as np
 import zmq
 
 from pfs_sglang.transfer import FAULT_STALL_ENV
+from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.cuda_ipc import OpenedAllocations, PeerDeviceMemory, copy_blocks, export_regions, synchronize_devices
-from pfs_sglang.transfer.memory_regions import CopyPlan, OutsideRegisteredMemory, RegisteredMemory
+from pfs_sglang.transfer.memory_regions import (
+    CopyPlan,
+    OutsideRegisteredMemory,
+    Region,
+    RegionTable,
+    RegisteredMemory,
+    copy_slots,
+)
 from pfs_sglang.transfer.process_memory import can_read, read_from_process
+from pfs_sglang.transfer.shared_pool import PeerPools, SharedSegment, segments_holding
 from pfs_sglang.transfer.shared_staging import PeerStagings, StagingBuffer, StagingRef
 
 logger = logging.getLogger(__name__)
@@ -159,7 +177,11 @@ CHUNK_BYTES = 8 << 20  # staged bytes per message; a chunk is at most twice this
 # The largest inbound message part: a socket chunk (<= 2 x CHUNK_BYTES) or the header of a
 # direct read (24 bytes per block of >= DIRECT_READ_MIN_BLOCK bytes: 24 MiB for 1 GiB of KV).
 MAX_MESSAGE_BYTES = 64 << 20
-LOCAL_TRANSPORTS = ("cuda", "pvm", "shm")  # same-host transports, tried at the handshake in this order
+LOCAL_TRANSPORTS = ("cuda", "map", "pvm", "shm")  # same-host transports, tried at the handshake in this order
+# A read names 24 bytes per block; a request with more blocks than this goes as several reads.
+MAX_BLOCKS_PER_READ = 1 << 20
+# A pool read of at least this many bytes is split over the receiver's copy threads.
+THREADED_COPY_MIN_BYTES = 4 << 20
 # Direct reads cost the kernel about half a microsecond per block: below this mean block
 # size, two vectorised copies through shared staging are faster.
 DIRECT_READ_MIN_BLOCK = 1024
@@ -178,6 +200,7 @@ class _Session:
     shared_staging: bool  # the peer maps this process's staging buffers
     direct_read: bool  # the peer may read this process's memory (process_vm_readv)
     device_read: bool = False  # the peer mapped this process's device regions (CUDA IPC)
+    pool_read: bool = False  # the peer mapped this process's shared KV pool (``shared_pool``)
 
 
 class ZmqTransferEngine:
@@ -204,6 +227,10 @@ class ZmqTransferEngine:
         self._peer_stagings = PeerStagings()
         self._peer_devices: dict[bytes, PeerDeviceMemory] = {}  # verified connection -> its sender's mapped regions
         self._opened_allocations = OpenedAllocations()
+        self._peer_pools = PeerPools()
+        self._peer_pool_pids: dict[bytes, int] = {}  # verified connection -> the pid whose pool it may read
+        self._pool_segments = RegionTable([])  # sender: the shared pool segments offered to peers
+        self._copy_threads: Optional[ThreadPoolExecutor] = None
         self._probe = StagingBuffer(0, shared=True) if self._local_transports else None
         self._context = zmq.Context.instance()
         self._local_hosts = {bind_host, "localhost", socket.gethostname()}
@@ -264,6 +291,21 @@ class ZmqTransferEngine:
         The writes are for the room this thread is bound to (``bind``/``writing_for``), tagged
         with the generation the peer gave that room; a thread bound to no room writes nothing.
         """
+        src, dst = np.asarray(buffers, dtype=np.int64), np.asarray(peer_buffer_addresses, dtype=np.int64)
+        return self._transfer(session_id, lambda session, room_tag: self._write(
+            session_id, session, room_tag, src, dst, np.asarray(lengths, dtype=np.int64)))
+
+    def batch_transfer_slots(self, session_id: str, slots: KVSlots) -> int:
+        """Write a request's KV given by slots (the blocks ``slots.blocks()`` names), as ``batch_transfer_sync``.
+
+        A peer that mapped this process's shared pool (``map``) copies it from the slot lists
+        as they are; every other transport moves ``slots.blocks()``.
+        """
+        return self._transfer(session_id, lambda session, room_tag: self._write_slots(
+            session_id, session, room_tag, slots))
+
+    def _transfer(self, session_id: str, write: Callable[[_Session, bytes], None]) -> int:
+        """Run ``write`` for this thread's room; 0, or -1 with the reason kept (``last_error``)."""
         self._thread_state.last_error = None
         binding = self.binding()
         refused_late = False
@@ -274,12 +316,7 @@ class ZmqTransferEngine:
             if generation is None:
                 raise TransferError(f"{session_id} gave room {binding.room} no receiving generation: refused")
             self._stall_if_injected(binding.room)
-            session = self._session(session_id)
-            self._write(
-                session_id, session, _ROOM_TAG.pack(binding.room, generation),
-                np.asarray(buffers, dtype=np.int64), np.asarray(peer_buffer_addresses, dtype=np.int64),
-                np.asarray(lengths, dtype=np.int64),
-            )
+            write(self._session(session_id), _ROOM_TAG.pack(binding.room, generation))
             return 0
         except LateWriteRefused as error:
             refused_late = True
@@ -310,10 +347,10 @@ class ZmqTransferEngine:
             return -1
 
     def peer_transports(self, session_id: str) -> list[str]:
-        """How bytes reach a verified peer: ``cuda`` (device reads), ``pvm`` (direct reads), ``shm`` or ``socket`` staging."""
+        """How bytes reach a verified peer: ``cuda`` (device reads), ``map`` (pool reads), ``pvm`` (direct reads), ``shm`` or ``socket`` staging."""
         session = self._sessions[session_id]
-        return ((["cuda"] if session.device_read else []) + (["pvm"] if session.direct_read else [])
-                + (["shm"] if session.shared_staging else ["socket"]))
+        return ((["cuda"] if session.device_read else []) + (["map"] if session.pool_read else [])
+                + (["pvm"] if session.direct_read else []) + (["shm"] if session.shared_staging else ["socket"]))
 
     def last_error(self) -> Optional[str]:
         """The reason of this thread's last failed transfer, if any."""
@@ -384,6 +421,8 @@ class ZmqTransferEngine:
         for staging in [*self._stagings, *([self._probe] if self._probe else [])]:
             staging.close()
         self._opened_allocations.close()
+        if self._copy_threads is not None:
+            self._copy_threads.shutdown(wait=False)
 
     # ----- sender side -----
     def _session(self, session_id: str) -> _Session:
@@ -399,7 +438,7 @@ class ZmqTransferEngine:
             offer = json.dumps({
                 "staging": asdict(self._probe.ref), "pid": os.getpid(),
                 "token_addr": self._probe.token_view.ctypes.data, "token": self._probe.ref.token,
-                "transports": list(self._local_transports), **self._device_offer(),
+                "transports": list(self._local_transports), **self._device_offer(), **self._pool_offer(),
             }).encode()
         frames = [json.dumps(asdict(self.identity)).encode(), offer, self._secret]
         reply = self._await(sock, session_id, self._send(sock, session_id, b"H", frames),
@@ -407,7 +446,7 @@ class ZmqTransferEngine:
         accepted = reply[2].decode().split(",") if len(reply) > 2 else []
         with self._sessions_lock:
             self._sessions[session_id] = _Session(shared_staging="shm" in accepted, direct_read="pvm" in accepted,
-                                                  device_read="cuda" in accepted)
+                                                  device_read="cuda" in accepted, pool_read="map" in accepted)
         logger.info("pfs zmq KV engine: connected to %s over %s, transport %s", session_id,
                     self._endpoint(session_id), "+".join(self.peer_transports(session_id)))
 
@@ -421,6 +460,25 @@ class ZmqTransferEngine:
         except RuntimeError as error:
             logger.info("pfs zmq KV engine: device regions not exported (%s); staging through host memory", error)
             return {}
+
+    def _pool_offer(self) -> dict:
+        """The shared pool segments (``map`` transport) holding this engine's host regions, when it has any."""
+        host_regions = [region for region in self._registered.table().regions if region.device is None]
+        segments = segments_holding(host_regions) if "map" in self._local_transports else []
+        self._pool_segments = RegionTable([Region(s.start, s.length) for s in segments])
+        return {"pool_segments": [asdict(s) for s in segments]} if segments else {}
+
+    def _in_shared_pool(self, slots: KVSlots) -> bool:
+        """Whether every buffer, from slot 0 to the highest slot named, lies in registered memory of the shared pool."""
+        if slots.src_slots.min() < 0:
+            return False
+        spans = (int(slots.src_slots.max()) + 1) * slots.item_lens
+        try:
+            self._pool_segments.locate(slots.src_ptrs, spans, "read")
+            self._registered.table().locate(slots.src_ptrs, spans, "read")
+        except OutsideRegisteredMemory:
+            return False
+        return True
 
     def _endpoint(self, session_id: str) -> str:
         address = SessionAddress.decode(session_id)
@@ -488,8 +546,8 @@ class ZmqTransferEngine:
         if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
             regions = table.locate(src, lengths, "read")
             if all(table.regions[i].device is None for i in np.unique(regions)):
-                header = np.stack([src, dst, lengths], axis=1).astype(_HEADER_DTYPE).tobytes()
-                self._call(session_id, b"R", [header, wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
+                self._read_by_peer(session_id, b"R", src, dst, lengths,
+                                   [wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
                 return
         plans = [CopyPlan.build(table, src[lo:hi], lengths[lo:hi], "read") for lo, hi in zip(bounds, bounds[1:])]
         if not plans:
@@ -514,6 +572,24 @@ class ZmqTransferEngine:
         except TransferError:
             self._drop_staging()
             raise
+
+    def _write_slots(self, session_id: str, session: _Session, room_tag: bytes, slots: KVSlots) -> None:
+        if not (session.pool_read and len(slots.src_slots) and self._in_shared_pool(slots)):
+            blocks = slots.blocks()
+            self._write(session_id, session, room_tag, blocks.src, blocks.dst, blocks.lengths)
+            return
+        deadline = time.monotonic() + self.timeout_s
+        wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
+        buffers = np.stack([slots.src_ptrs, slots.dst_ptrs, slots.item_lens], axis=1).astype(_HEADER_DTYPE).tobytes()
+        self._call(session_id, b"L", [buffers, np.concatenate([slots.src_slots, slots.dst_slots]).astype("<i8").tobytes(),
+                                      wall_deadline, room_tag], deadline)
+
+    def _read_by_peer(self, session_id: str, kind: bytes, src, dst, lengths, frames: list, deadline: float) -> None:
+        """Have the peer read the blocks (kind ``R``), in calls of at most ``MAX_BLOCKS_PER_READ`` blocks."""
+        for lo in range(0, len(lengths), MAX_BLOCKS_PER_READ):
+            hi = lo + MAX_BLOCKS_PER_READ
+            header = np.stack([src[lo:hi], dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
+            self._call(session_id, kind, [header, *frames], deadline)
 
     def _socket_for(self, session_id: str) -> zmq.Socket:
         sockets = getattr(self._thread_state, "sockets", None)
@@ -614,6 +690,8 @@ class ZmqTransferEngine:
             raise TransferError("KV request on a connection that has not passed the handshake: refused")
         if kind == b"R" and len(frames) >= 4:
             return self._read_from_peer(frames)
+        if kind == b"L" and len(frames) >= 4:
+            return self._read_from_peer_pool(peer, frames)
         if kind == b"D" and len(frames) >= 3:
             return self._read_from_peer_device(peer, frames)
         if kind not in (b"W", b"S") or len(frames) < (4 if kind == b"W" else 5):
@@ -674,6 +752,13 @@ class ZmqTransferEngine:
                 accepted.append("cuda")
             except (RuntimeError, KeyError, ValueError) as error:
                 logger.info("pfs zmq KV engine: peer's device memory not mapped (%s); staging through host memory", error)
+        if "map" in offered and offer.get("pool_segments") and not devices:
+            try:
+                self._peer_pools.open(int(offer["pid"]), [SharedSegment(**s) for s in offer["pool_segments"]])
+                self._peer_pool_pids[peer] = int(offer["pid"])
+                accepted.append("map")
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                logger.info("pfs zmq KV engine: peer's KV pool not mapped (%s); using another transport", error)
         if "pvm" in offered and not self._registered.devices():
             if can_read(int(offer["pid"]), int(offer["token_addr"]), offer["token"].encode()):
                 accepted.append("pvm")
@@ -708,6 +793,31 @@ class ZmqTransferEngine:
                 raise TransferError(f"direct read of KV failed: {error}") from error
         return []
 
+
+    def _read_from_peer_pool(self, peer: bytes, frames: list) -> list[bytes]:
+        """A pool read: the sender named buffers and slots in its shared pool; both sides are checked here."""
+        pid = self._peer_pool_pids.get(peer)
+        table = self._peer_pools.table(pid) if pid is not None else None
+        if table is None:
+            raise TransferError("pool read on a connection whose sender's pool is not mapped")
+        buffers, slot_bytes = frames[0].buffer, frames[1].buffer
+        if buffers.nbytes % 24 or slot_bytes.nbytes % 16:
+            raise TransferError("malformed KV pool read")
+        buffers = np.frombuffer(buffers, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
+        slot_pairs = np.frombuffer(slot_bytes, dtype="<i8").reshape(2, -1)
+        slots = KVSlots.of(buffers[:, 0], buffers[:, 1], buffers[:, 2], slot_pairs[0], slot_pairs[1])
+        (deadline,) = struct.unpack("<d", frames[2].bytes)
+        room, generation = _room_tag(frames[3])
+        if time.time() > deadline:
+            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        threads = None
+        if slots.nbytes >= THREADED_COPY_MIN_BYTES:
+            if self._copy_threads is None:
+                self._copy_threads = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="pfs-kv-copy")
+            threads = self._copy_threads
+        with self._writing_into(room, generation):
+            copy_slots(table, self._registered.table(), slots, threads)
+        return []
 
     def _read_from_peer_device(self, peer: bytes, frames: list) -> list[bytes]:
         """A device read: the sender named its (checked) device sources; destinations are checked here."""

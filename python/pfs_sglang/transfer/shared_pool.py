@@ -1,0 +1,157 @@
+"""A CPU prefill server's KV pool in shared memory, read in place by receivers on its host.
+
+Owns the memory of the ``map`` transport. Sender side: on a CPU prefill server of the
+``zmq`` backend, the buffers of SGLang's MHA KV pool are moved onto ``memfd`` memory
+once, as the pool is built and before any pointer to them is taken
+(``share_cpu_prefill_pool``, AROUND ``MHATokenToKVPool._create_buffers_normal``): every
+tensor keeps its shape, strides and dtype, only where its bytes live changes, one
+storage (layer) at a time so the pool is never held twice. Receiver side
+(``PeerPools``): an engine on the same host maps those segments read-only through
+``/proc/<pid>/fd/<fd>`` at the identity handshake, after checking each is the announced
+memfd (its name and inode), and then copies a request's blocks straight from the
+sender's pool into its own (``memory_regions.copy_host_blocks``): one pass over the
+bytes, no staging, no system call per block. Where mapping is not possible (another
+host, no ``/proc`` access, GPU pools) the engines use the other transports; what is
+copied is the same. Invariant-neutral: this changes how KV bytes move, not which.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from pfs_sglang.transfer.memory_regions import Region, RegionTable
+
+logger = logging.getLogger(__name__)
+
+_MEMFD_NAME = "pfs-kv-pool"
+
+
+@dataclass(frozen=True)
+class SharedSegment:
+    """One storage of a pool on memfd memory: where it is in the sender, and how to open it."""
+
+    start: int
+    length: int
+    fd: int
+    inode: int
+
+
+_segments: dict[int, SharedSegment] = {}  # start address -> segment, for this process's shared storages
+_segments_lock = threading.Lock()
+
+
+def _shared_storage(nbytes: int) -> torch.UntypedStorage:
+    fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
+    os.ftruncate(fd, max(nbytes, 1))
+    memory = mmap.mmap(fd, max(nbytes, 1))
+    storage = torch.frombuffer(memory, dtype=torch.uint8, count=nbytes).untyped_storage()  # holds ``memory``
+    with _segments_lock:
+        _segments[storage.data_ptr()] = SharedSegment(storage.data_ptr(), nbytes, fd, os.fstat(fd).st_ino)
+    return storage
+
+
+def move_to_shared_memory(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The same views (shape, strides, offset, dtype, bytes) over memfd memory, one new storage per storage."""
+    moved: dict[int, torch.UntypedStorage] = {}
+    views = []
+    for tensor in tensors:
+        old = tensor.untyped_storage()
+        new = moved.get(old.data_ptr())
+        if new is None:
+            new = moved[old.data_ptr()] = _shared_storage(old.nbytes())
+            torch.empty(0, dtype=torch.uint8).set_(new).copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+        views.append(torch.empty(0, dtype=tensor.dtype).set_(new, tensor.storage_offset(), tensor.size(),
+                                                             tensor.stride()))
+    return views
+
+
+def segments_holding(regions: Sequence[Region]) -> list[SharedSegment]:
+    """This process's shared segments that hold any of ``regions`` (a region lies wholly in one or none)."""
+    with _segments_lock:
+        segments = list(_segments.values())
+    return [segment for segment in segments
+            if any(segment.start <= r.start and r.start + r.length <= segment.start + segment.length for r in regions)]
+
+
+def share_cpu_prefill_pool(original, pool, *args, **kwargs):
+    """AROUND ``MHATokenToKVPool._create_buffers_normal``: a CPU ``zmq`` prefill server's buffers on memfd memory."""
+    result = original(pool, *args, **kwargs)
+    if torch.device(pool.device).type == "cpu" and _is_zmq_prefill_server():
+        for layer in range(len(pool.k_buffer)):
+            pool.k_buffer[layer], pool.v_buffer[layer] = move_to_shared_memory([pool.k_buffer[layer],
+                                                                                pool.v_buffer[layer]])
+        logger.info("pfs_sglang: KV pool in shared memory (%d layers): same-host decode servers read it in place",
+                    len(pool.k_buffer))
+    return result
+
+
+def _is_zmq_prefill_server() -> bool:
+    from sglang.srt.runtime_context import get_server_args
+
+    from pfs_sglang.transfer.registration import ZMQ_BACKEND
+
+    try:
+        args = get_server_args()
+    except Exception:  # no server published (a pool built outside a server): leave it as it is
+        return False
+    return (getattr(args, "disaggregation_mode", None) == "prefill"
+            and getattr(args, "disaggregation_transfer_backend", None) == ZMQ_BACKEND)
+
+
+def register_shared_cpu_pool() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal",
+                          share_cpu_prefill_pool, HookType.AROUND)
+
+
+class PeerPools:
+    """Receiver side: same-host senders' shared pool segments, mapped read-only, dropped once their process exits."""
+
+    def __init__(self) -> None:
+        self._tables: dict[int, RegionTable] = {}  # sender pid -> its segments as regions at its addresses
+        self._lock = threading.Lock()
+
+    def open(self, pid: int, segments: Sequence[SharedSegment]) -> None:
+        """Map ``pid``'s segments (all or none); raises OSError (PermissionError: not the announced memfd)."""
+        self._forget_exited_processes()
+        with self._lock:
+            known = self._tables.get(pid)
+        mapped = {(r.start, r.length): r for r in known.regions} if known is not None else {}
+        regions = [mapped.get((s.start, s.length)) or Region(s.start, s.length, None, _map(pid, s)) for s in segments]
+        with self._lock:
+            self._tables[pid] = RegionTable(regions)
+
+    def table(self, pid: int) -> Optional[RegionTable]:
+        with self._lock:
+            return self._tables.get(pid)
+
+    def _forget_exited_processes(self) -> None:
+        """Unmap the pools of senders that exited (a restarted prefill server must not stay pinned here)."""
+        with self._lock:
+            for pid in [pid for pid in self._tables if not os.path.exists(f"/proc/{pid}")]:
+                del self._tables[pid]
+
+
+def _map(pid: int, segment: SharedSegment) -> np.ndarray:
+    path = f"/proc/{pid}/fd/{segment.fd}"
+    if not os.readlink(path).startswith(f"/memfd:{_MEMFD_NAME}"):
+        raise PermissionError(f"{path} is not a KV pool segment")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = os.fstat(fd)
+        if stat.st_ino != segment.inode or stat.st_size < segment.length:
+            raise PermissionError(f"{path} is not the announced KV pool segment")
+        # populated now: a first touch per page during a hand-off would cost more than the copy
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return np.frombuffer(mmap.mmap(fd, segment.length, flags=flags, prot=mmap.PROT_READ), dtype=np.uint8)
+    finally:
+        os.close(fd)  # the mapping keeps the memory alive
