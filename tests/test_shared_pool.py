@@ -178,6 +178,15 @@ def test_a_senders_pool_is_unmapped_once_its_process_exits():
     assert pools.table(pid) is None and pools.table(os.getpid()) is not None
 
 
+def test_a_segment_is_released_with_the_last_tensor_over_it():
+    (tensor,) = move_to_shared_memory([torch.zeros(4096, dtype=torch.uint8)])
+    region = Region(tensor.data_ptr(), tensor.nbytes)
+    (segment,) = segments_holding([region])
+    del tensor
+    assert segments_holding([region]) == []
+    assert not os.path.exists(f"/proc/self/fd/{segment.fd}") or "pfs-kv-pool" not in os.readlink(f"/proc/self/fd/{segment.fd}")
+
+
 def test_a_segment_that_is_not_the_announced_one_is_refused():
     (tensor,) = move_to_shared_memory([torch.zeros(4096, dtype=torch.uint8)])
     (segment,) = segments_holding([Region(tensor.data_ptr(), tensor.nbytes)])

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -49,13 +50,21 @@ _segments_lock = threading.Lock()
 
 
 def _shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """A storage on a new memfd, listed in ``_segments`` until the last tensor over it is gone."""
     fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
     os.ftruncate(fd, max(nbytes, 1))
     memory = mmap.mmap(fd, max(nbytes, 1))
     storage = torch.frombuffer(memory, dtype=torch.uint8, count=nbytes).untyped_storage()  # holds ``memory``
     with _segments_lock:
         _segments[storage.data_ptr()] = SharedSegment(storage.data_ptr(), nbytes, fd, os.fstat(fd).st_ino)
+    weakref.finalize(memory, _release_segment, storage.data_ptr(), fd)
     return storage
+
+
+def _release_segment(start: int, fd: int) -> None:
+    with _segments_lock:
+        _segments.pop(start, None)
+    os.close(fd)  # the memory goes once no receiver maps it any more
 
 
 def move_to_shared_memory(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
