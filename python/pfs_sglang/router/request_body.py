@@ -136,6 +136,9 @@ def _integer_out_of_range(value: Any, path: str = "") -> str | None:
     number with a 500: e.g. ``"temperature": 10**30`` overflows its sampling tensors)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return path if not INT64[0] <= value <= INT64[1] else None
+    if isinstance(value, list) and value and all(type(item) is int for item in value):  # token ids: one pass
+        if INT64[0] <= min(value) and max(value) <= INT64[1]:
+            return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         found = _integer_out_of_range(item, f"{path}.{key}" if path else str(key))
