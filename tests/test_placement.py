@@ -182,14 +182,17 @@ def test_dry_run_on_cpu_is_todays_deployment(demo_models, tmp_path, capsys, monk
                                                       "--device", "cpu", "--gpus", "0"]))
 
 
-def test_cpu_servers_share_the_cores_unless_the_user_set_threads(monkeypatch):
-    from pfs_sglang.launch.server_commands import cpu_threads_env
+def test_cpu_servers_share_the_cores_and_use_huge_pages_unless_the_user_set_them(monkeypatch):
+    from pfs_sglang.launch.server_commands import cpu_server_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert cpu_threads_env(4) == {"OMP_NUM_THREADS": "1"} and cpu_threads_env(1) == {"OMP_NUM_THREADS": "2"}
+    assert cpu_server_env(4) == {"OMP_NUM_THREADS": "1", "THP_MEM_ALLOC_ENABLE": "1"}
+    assert cpu_server_env(1)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cpu_threads_env(4) == {}
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert cpu_server_env(4) == {}
 
 
 def test_yaml_placement_and_per_model_settings(demo_models, tmp_path):

@@ -27,18 +27,21 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import re
 import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
+from pfs_sglang.launch.server_commands import cpu_server_env
 from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.shared_pool import move_to_shared_memory
 from pfs_sglang.transfer.zmq_engine import LOCAL_TRANSPORTS, EngineIdentity, ZmqTransferEngine
@@ -89,12 +92,11 @@ class KVPool:
     def __init__(self, shape: KVShape, slots: int, device: str = "cpu", shared: bool = False) -> None:
         self.shape = shape
         if device == "cpu":
-            self.buffers = [np.zeros((slots + 1, shape.item_bytes), dtype=np.uint8) for _ in range(2 * shape.layers)]
-            if shared:
-                import torch
+            import torch
 
-                self.buffers = [tensor.numpy() for tensor in
-                                move_to_shared_memory([torch.from_numpy(buffer) for buffer in self.buffers])]
+            # allocated by torch, as SGLang allocates its pool (no transparent huge pages, unlike numpy's)
+            tensors = [torch.zeros((slots + 1, shape.item_bytes), dtype=torch.uint8) for _ in range(2 * shape.layers)]
+            self.buffers = [tensor.numpy() for tensor in (move_to_shared_memory(tensors) if shared else tensors)]
             for buffer in self.buffers:
                 buffer[:] = np.random.default_rng(len(buffer)).integers(0, 255, size=shape.item_bytes, dtype=np.uint8)
             self.ptrs = [buffer.ctypes.data for buffer in self.buffers]
@@ -107,6 +109,21 @@ class KVPool:
 
     def register_with(self, engine: ZmqTransferEngine) -> None:
         engine.batch_register(self.ptrs, [int(buffer.nbytes) for buffer in self.buffers])
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set in this process's environment (which a spawned child starts with), then restored."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _use_device(device: str) -> None:
@@ -201,7 +218,8 @@ def measure_throughput(
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     receiver = context.Process(target=_receiver, args=(theirs, shape, pool_slots, transports, device), daemon=True)
-    receiver.start()
+    with _environment(cpu_server_env(2) if device == "cpu" else {}):  # a decode server's, as the launcher sets it
+        receiver.start()
     rows = []
     try:
         session_id, dst_ptrs, generation = ours.recv()

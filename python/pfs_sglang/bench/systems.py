@@ -31,7 +31,7 @@ import requests
 from pfs_sglang.bench.shapes import ModelSet
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
 from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
-from pfs_sglang.launch.server_commands import cpu_threads_env
+from pfs_sglang.launch.server_commands import cpu_server_env
 
 SYSTEMS = ("pfs", "pfs-noshare", "sglang", "vllm")
 VLLM_SKIPPED = ("vllm skipped: vLLM has no CPU wheel on PyPI (its CPU backend is built from source) and its "
@@ -191,7 +191,7 @@ class StockSGLangSystem(BenchSystem):
             self.processes[model] = ManagedProcess(name=f"sglang-{model}", command=command,
                                                    log_path=Path(log_dir) / f"sglang-{model}.log",
                                                    url=f"http://{host}:{port}",
-                                                   env=cpu_threads_env(len(models.decode)) if device == "cpu" else {})
+                                                   env=cpu_server_env(len(models.decode)) if device == "cpu" else {})
 
     def start(self) -> None:
         try:

@@ -72,7 +72,7 @@ from pfs_sglang.launch.processes import (
 )
 from pfs_sglang.launch.server_commands import (
     ServerPorts,
-    cpu_threads_env,
+    cpu_server_env,
     decode_server_command,
     prefill_server_command,
     write_server_auth,
@@ -268,7 +268,7 @@ class Deployment:
     def _plan(self, fingerprint_file: Path) -> None:
         """Choose every server's ports and build its command line and environment."""
         t = self.topology
-        threads = cpu_threads_env(len(self.placements)) if t.device == "cpu" else {}
+        threads = cpu_server_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
         planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)] if t.role.runs_prefill else []
         planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.local_decode_servers()

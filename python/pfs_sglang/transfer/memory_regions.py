@@ -211,7 +211,7 @@ class CopyPlan:
 
 
 
-_COPY_TASK_BYTES = 1 << 20  # a copy split over threads goes in pieces of about this size
+_COPY_TASK_BYTES = 4 << 20  # a copy split over threads goes in pieces of about this size (smaller: slower here)
 _MAX_SLOT = 1 << 40
 
 
