@@ -5,11 +5,13 @@ the measurement of the transfer issue's two targets on the machine it runs on:
 
 * **throughput**: two :class:`~pfs_sglang.transfer.zmq_engine.ZmqTransferEngine` in
   separate processes, each with a KV pool laid out like SGLang's MHA pool (one K and one
-  V buffer per layer, ``[slots, kv_heads * head_dim]`` of the KV dtype, registered as
-  SGLang's KV manager registers them) for a model shape; a request's prompt KV moves as
-  the ``zmq`` backend asks for it (``transfer.kv_blocks``: one block per run of
-  consecutive slots, per layer, K then V). Page size 1 with scattered slots is the worst case; consecutive slots
-  the best. Figures are GB/s and a share of a plain memory copy of the same bytes,
+  V buffer per layer, ``[slots, kv_heads * head_dim]`` of the KV dtype, allocated by torch
+  and registered as SGLang's KV manager registers them; the sender's in shared memory
+  and the receiver started with a decode server's environment, as the launcher runs
+  them) for a model shape; a request's prompt KV moves as the ``zmq`` backend asks for
+  it (``transfer.kv_blocks.KVSlots``). Page size 1 with scattered slots (ascending, as
+  SGLang's PD allocators hand them out; ``--layout shuffled``: in random order) is the
+  worst case; consecutive slots the best. Figures are GB/s and a share of a plain memory copy of the same bytes,
   measured in the same run. ``--device cuda`` puts both pools on a GPU and compares
   with a device-to-device copy (the ``cuda`` transport moves the KV GPU to GPU).
 * **latency**: one ``/generate`` (max 8 new tokens, greedy) through a pfs deployment of
@@ -541,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--layout", nargs="+", choices=(*LAYOUTS, "shuffled"), default=list(LAYOUTS))
     parser.add_argument("--transports", default=",".join(LOCAL_TRANSPORTS),
-                        help="same-host transports the engines may use, in order: cuda,pvm,shm (default), "
+                        help="same-host transports the engines may use, in order: cuda,map,pvm,shm (default), "
                              "any subset, or none (socket)")
     parser.add_argument("--device", default="cpu",
                         help="where both KV pools live for the throughput table: cpu (default) or cuda[:N]")

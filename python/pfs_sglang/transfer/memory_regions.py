@@ -210,9 +210,7 @@ class CopyPlan:
         return any(group.region.device is not None for group in self.groups)
 
 
-
 _COPY_TASK_BYTES = 4 << 20  # a copy split over threads goes in pieces of about this size (smaller: slower here)
-_MAX_SLOT = 1 << 40
 
 
 def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
@@ -229,9 +227,9 @@ def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
     src_slots, dst_slots, items = slots.src_slots, slots.dst_slots, slots.item_lens
     if not len(src_slots) or not len(items):
         return
-    low, high = min(src_slots.min(), dst_slots.min()), max(src_slots.max(), dst_slots.max())
-    if low < 0 or high >= _MAX_SLOT or (items <= 0).any() or (items >= _MAX_BLOCK).any():
-        raise OutsideRegisteredMemory(f"slots {int(low)}..{int(high)} of {items.tolist()}-byte items are out of range")
+    low, high = int(min(src_slots.min(), dst_slots.min())), int(max(src_slots.max(), dst_slots.max()))
+    if low < 0 or (items <= 0).any() or (high + 1) * int(items.max()) >= _MAX_BLOCK:  # Python ints: no wrap-around
+        raise OutsideRegisteredMemory(f"slots {low}..{high} of {items.tolist()}-byte items are out of range")
     src_rows = _slot_rows(src_table, slots.src_ptrs, items, src_slots, "read")
     dst_rows = _slot_rows(dst_table, slots.dst_ptrs, items, dst_slots, "write")
     consecutive = _consecutive(src_slots) and _consecutive(dst_slots)

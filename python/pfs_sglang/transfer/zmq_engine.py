@@ -95,8 +95,8 @@ import numpy as np
 import zmq
 
 from pfs_sglang.transfer import FAULT_STALL_ENV
-from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.cuda_ipc import OpenedAllocations, PeerDeviceMemory, copy_blocks, export_regions, synchronize_devices
+from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.memory_regions import (
     CopyPlan,
     OutsideRegisteredMemory,
@@ -178,7 +178,7 @@ CHUNK_BYTES = 8 << 20  # staged bytes per message; a chunk is at most twice this
 # direct read (24 bytes per block of >= DIRECT_READ_MIN_BLOCK bytes: 24 MiB for 1 GiB of KV).
 MAX_MESSAGE_BYTES = 64 << 20
 LOCAL_TRANSPORTS = ("cuda", "map", "pvm", "shm")  # same-host transports, tried at the handshake in this order
-# A read names 24 bytes per block; a request with more blocks than this goes as several reads.
+# A direct read names 24 bytes per block; a request with more blocks than this goes as several reads.
 MAX_BLOCKS_PER_READ = 1 << 20
 # A pool read of at least this many bytes is split over the receiver's copy threads.
 THREADED_COPY_MIN_BYTES = 4 << 20
@@ -470,9 +470,10 @@ class ZmqTransferEngine:
 
     def _in_shared_pool(self, slots: KVSlots) -> bool:
         """Whether every buffer, from slot 0 to the highest slot named, lies in registered memory of the shared pool."""
-        if slots.src_slots.min() < 0:
-            return False
-        spans = (int(slots.src_slots.max()) + 1) * slots.item_lens
+        rows = int(slots.src_slots.max()) + 1
+        if slots.src_slots.min() < 0 or (slots.item_lens <= 0).any() or rows * int(slots.item_lens.max()) >= 1 << 48:
+            return False  # the blocks' own checks refuse it
+        spans = rows * slots.item_lens
         try:
             self._pool_segments.locate(slots.src_ptrs, spans, "read")
             self._registered.table().locate(slots.src_ptrs, spans, "read")
@@ -546,8 +547,8 @@ class ZmqTransferEngine:
         if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
             regions = table.locate(src, lengths, "read")
             if all(table.regions[i].device is None for i in np.unique(regions)):
-                self._read_by_peer(session_id, b"R", src, dst, lengths,
-                                   [wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
+                self._direct_read_by_peer(session_id, src, dst, lengths,
+                                          [wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
                 return
         plans = [CopyPlan.build(table, src[lo:hi], lengths[lo:hi], "read") for lo, hi in zip(bounds, bounds[1:])]
         if not plans:
@@ -574,6 +575,7 @@ class ZmqTransferEngine:
             raise
 
     def _write_slots(self, session_id: str, session: _Session, room_tag: bytes, slots: KVSlots) -> None:
+        """A pool read by the peer (kind ``L``) where it mapped this pool and every source lies in it; else blocks."""
         if not (session.pool_read and len(slots.src_slots) and self._in_shared_pool(slots)):
             blocks = slots.blocks()
             self._write(session_id, session, room_tag, blocks.src, blocks.dst, blocks.lengths)
@@ -584,12 +586,12 @@ class ZmqTransferEngine:
         self._call(session_id, b"L", [buffers, np.concatenate([slots.src_slots, slots.dst_slots]).astype("<i8").tobytes(),
                                       wall_deadline, room_tag], deadline)
 
-    def _read_by_peer(self, session_id: str, kind: bytes, src, dst, lengths, frames: list, deadline: float) -> None:
+    def _direct_read_by_peer(self, session_id: str, src, dst, lengths, frames: list, deadline: float) -> None:
         """Have the peer read the blocks (kind ``R``), in calls of at most ``MAX_BLOCKS_PER_READ`` blocks."""
         for lo in range(0, len(lengths), MAX_BLOCKS_PER_READ):
             hi = lo + MAX_BLOCKS_PER_READ
             header = np.stack([src[lo:hi], dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
-            self._call(session_id, kind, [header, *frames], deadline)
+            self._call(session_id, b"R", [header, *frames], deadline)
 
     def _socket_for(self, session_id: str) -> zmq.Socket:
         sockets = getattr(self._thread_state, "sockets", None)
@@ -792,7 +794,6 @@ class ZmqTransferEngine:
             except OSError as error:
                 raise TransferError(f"direct read of KV failed: {error}") from error
         return []
-
 
     def _read_from_peer_pool(self, peer: bytes, frames: list) -> list[bytes]:
         """A pool read: the sender named buffers and slots in its shared pool; both sides are checked here."""
