@@ -149,9 +149,10 @@ def test_copy_slots_checks_every_buffer_before_a_byte_moves():
     with pytest.raises(OutsideRegisteredMemory):
         copy_slots(src_table, dst_table, slots)
     assert not target[0].any()
-    negative = KVSlots.of([source[0].ctypes.data], [target[0].ctypes.data], [8], [-1], [0])
-    with pytest.raises(OutsideRegisteredMemory):
-        copy_slots(src_table, dst_table, negative)
+    for bad_slot in (-1, 1 << 60):  # below slot 0; so high that its span would wrap around in int64
+        bad = KVSlots.of([source[0].ctypes.data], [target[0].ctypes.data], [8], [bad_slot], [0])
+        with pytest.raises(OutsideRegisteredMemory):
+            copy_slots(src_table, dst_table, bad)
 
 
 def _hold_a_shared_segment(conn) -> None:
