@@ -41,7 +41,7 @@ def cpu_server_env(servers: int) -> dict[str, str]:
     weights) on transparent huge pages, as numpy does its own. A KV hand-off writes a
     request's rows all over the decode server's pool, one TLB miss per row on 4 KiB pages
     (measured here, 1024 scattered tokens of the ``small`` shape: 2.6-3.1 GB/s on 4 KiB
-    pages, 4.1-4.3 on huge pages).
+    pages, 4.8-5.3 on huge pages).
     """
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, servers)))}
     if "THP_MEM_ALLOC_ENABLE" not in os.environ:
