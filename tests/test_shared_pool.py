@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -46,6 +47,7 @@ def test_moved_tensors_keep_their_views_and_values_on_memfd_memory():
     assert segment.length == fused.untyped_storage().nbytes()
 
 
+@contextmanager
 def _engines(shared_source: bool, layers: int = 3, slots: int = 300, item: int = 2048):
     """A sender whose pool is (or is not) in shared memory, and a receiver with a plain pool; both registered."""
     rng = np.random.default_rng(1)
@@ -57,7 +59,11 @@ def _engines(shared_source: bool, layers: int = 3, slots: int = 300, item: int =
     receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)
     sender.batch_register([a.ctypes.data for a in source], [a.nbytes for a in source])
     receiver.batch_register([a.ctypes.data for a in destination], [a.nbytes for a in destination])
-    return sender, receiver, source, destination
+    try:
+        yield sender, receiver, source, destination
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def _send(sender, receiver, source, destination, src_slots, dst_slots, room: int = ROOM, open_room: bool = True) -> int:
@@ -84,8 +90,7 @@ def _slot_layouts(rng, slots: int, tokens: int) -> dict[str, tuple[np.ndarray, n
 def test_slots_land_exactly_when_the_receiver_reads_the_senders_pool(monkeypatch, layout, item, threaded):
     monkeypatch.setattr(zmq_engine, "THREADED_COPY_MIN_BYTES", 0 if threaded else 1 << 40)
     monkeypatch.setattr("pfs_sglang.transfer.memory_regions._COPY_TASK_BYTES", 4096)  # many pieces per buffer
-    sender, receiver, source, destination = _engines(shared_source=True, item=item)
-    try:
+    with _engines(shared_source=True, item=item) as (sender, receiver, source, destination):
         src_slots, dst_slots = _slot_layouts(np.random.default_rng(2), 300, 150)[layout]
         assert _send(sender, receiver, source, destination, src_slots, dst_slots) == 0, sender.last_error()
         assert sender.peer_transports(receiver.get_session_id())[0] == "map"
@@ -93,27 +98,19 @@ def test_slots_land_exactly_when_the_receiver_reads_the_senders_pool(monkeypatch
         for src_array, dst_array in zip(source, destination):
             np.testing.assert_array_equal(dst_array[dst_slots], src_array[src_slots])
             assert not dst_array[untouched].any()
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_a_pool_not_in_shared_memory_moves_the_same_blocks_another_way():
-    sender, receiver, source, destination = _engines(shared_source=False)
-    try:
+    with _engines(shared_source=False) as (sender, receiver, source, destination):
         src_slots, dst_slots = _slot_layouts(np.random.default_rng(3), 300, 100)["shuffled"]
         assert _send(sender, receiver, source, destination, src_slots, dst_slots) == 0
         assert "map" not in sender.peer_transports(receiver.get_session_id())
         for src_array, dst_array in zip(source, destination):
             np.testing.assert_array_equal(dst_array[dst_slots], src_array[src_slots])
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_slots_beyond_either_pool_are_refused_and_nothing_is_written():
-    sender, receiver, source, destination = _engines(shared_source=True, slots=8)
-    try:
+    with _engines(shared_source=True, slots=8) as (sender, receiver, source, destination):
         # destination slot 8 is one row past the receiver's buffers: checked by the receiver before a byte moves
         assert _send(sender, receiver, source, destination, np.arange(4), np.array([1, 2, 3, 8])) == -1
         assert "outside registered KV memory" in sender.last_error()
@@ -122,22 +119,15 @@ def test_slots_beyond_either_pool_are_refused_and_nothing_is_written():
         assert _send(sender, receiver, source, destination, np.array([0, 8]), np.array([0, 1]), room=ROOM + 1) == -1
         assert "outside registered KV memory" in sender.last_error()
         assert not any(a.any() for a in destination)
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_a_read_for_a_room_no_longer_receiving_is_refused_as_late():
-    sender, receiver, source, destination = _engines(shared_source=True, slots=8)
-    try:
+    with _engines(shared_source=True, slots=8) as (sender, receiver, source, destination):
         generation = receiver.open_room(ROOM)
         receiver.close_room(ROOM, generation)
         assert _send(sender, receiver, source, destination, np.arange(4), np.arange(4), open_room=False) == -1
         assert LATE_WRITE_REFUSED in sender.last_error()
         assert not any(a.any() for a in destination)
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_copy_slots_checks_every_buffer_before_a_byte_moves():
