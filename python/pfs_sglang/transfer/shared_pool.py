@@ -8,8 +8,8 @@ tensor keeps its shape, strides and dtype, only where its bytes live changes, on
 storage (layer) at a time so the pool is never held twice. Receiver side
 (``PeerPools``): an engine on the same host maps those segments read-only through
 ``/proc/<pid>/fd/<fd>`` at the identity handshake, after checking each is the announced
-memfd (its name and inode), and then copies a request's blocks straight from the
-sender's pool into its own (``memory_regions.copy_host_blocks``): one pass over the
+memfd (its name and inode), and then copies a request's slots straight from the
+sender's pool into its own (``memory_regions.copy_slots``): one pass over the
 bytes, no staging, no system call per block. Where mapping is not possible (another
 host, no ``/proc`` access, GPU pools) the engines use the other transports; what is
 copied is the same. Invariant-neutral: this changes how KV bytes move, not which.
@@ -127,17 +127,19 @@ class PeerPools:
 
     def __init__(self) -> None:
         self._tables: dict[int, RegionTable] = {}  # sender pid -> its segments as regions at its addresses
+        self._views: dict[tuple[int, int], np.ndarray] = {}  # (sender pid, memfd inode) -> the mapped segment
         self._lock = threading.Lock()
 
     def open(self, pid: int, segments: Sequence[SharedSegment]) -> None:
         """Map ``pid``'s segments (all or none); raises OSError (PermissionError: not the announced memfd)."""
         self._forget_exited_processes()
         with self._lock:
-            known = self._tables.get(pid)
-        mapped = {(r.start, r.length): r for r in known.regions} if known is not None else {}
-        regions = [mapped.get((s.start, s.length)) or Region(s.start, s.length, None, _map(pid, s)) for s in segments]
-        with self._lock:
-            self._tables[pid] = RegionTable(regions)
+            mapped = dict(self._views)
+        views = {(pid, s.inode): mapped.get((pid, s.inode)) for s in segments}
+        views.update({(pid, s.inode): _map(pid, s) for s in segments if views[(pid, s.inode)] is None})
+        with self._lock:  # the pid's segments now: any it offered before and not now are unmapped
+            self._views = {key: view for key, view in self._views.items() if key[0] != pid} | views
+            self._tables[pid] = RegionTable([Region(s.start, s.length, None, views[(pid, s.inode)]) for s in segments])
 
     def table(self, pid: int) -> Optional[RegionTable]:
         with self._lock:
@@ -148,6 +150,8 @@ class PeerPools:
         with self._lock:
             for pid in [pid for pid in self._tables if not os.path.exists(f"/proc/{pid}")]:
                 del self._tables[pid]
+            for key in [key for key in self._views if key[0] not in self._tables]:
+                del self._views[key]
 
 
 def _map(pid: int, segment: SharedSegment) -> np.ndarray:
