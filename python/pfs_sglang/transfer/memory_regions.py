@@ -219,10 +219,9 @@ def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
 
     One pass over the bytes: buffer ``i``'s rows ``src_slots`` go to its rows ``dst_slots``
     with one indexed copy (one memory copy where both are consecutive). Checked before a
-    byte moves, on each buffer's rows from slot 0 to the highest slot named, which must lie
-    in one region (raises :class:`OutsideRegisteredMemory`);
-    with ``threads``, the copy goes in pieces of about ``_COPY_TASK_BYTES`` to the threads
-    (numpy releases the GIL while it copies).
+    byte moves: each buffer's rows, from slot 0 to the highest slot named, must lie in one
+    region (else :class:`OutsideRegisteredMemory`). With ``threads``, the copy goes to the
+    threads in pieces of about ``_COPY_TASK_BYTES`` (numpy releases the GIL while it copies).
     """
     src_slots, dst_slots, items = slots.src_slots, slots.dst_slots, slots.item_lens
     if not len(src_slots) or not len(items):
