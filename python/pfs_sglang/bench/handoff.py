@@ -216,7 +216,9 @@ def measure_throughput(
     """Hand-off GB/s between two engines in two processes, for every (layout, tokens, concurrency).
 
     ``device="cuda"``: both pools on the GPU, against a device-to-device copy."""
-    pool_slots = min(pool_mb * (1 << 20) // shape.bytes_per_token, max(prompt_tokens) * max(concurrency))
+    # room for four times the largest round, so scattered slots stay scattered (a pool the size of one
+    # request would hand it every slot, in one run)
+    pool_slots = min(pool_mb * (1 << 20) // shape.bytes_per_token, 4 * max(prompt_tokens) * max(concurrency))
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     receiver = context.Process(target=_receiver, args=(theirs, shape, pool_slots, transports, device), daemon=True)
