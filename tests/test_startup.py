@@ -116,7 +116,10 @@ def bring_up_with_taken_ports_and_an_api_key(demo_models, tmp_path, monkeypatch)
 
         starting = [a for a in answers if a[1] == 503]
         assert starting, answers
-        assert all(seconds < 2.0 for _, _, seconds, _ in answers), answers
+        # at once, not when the servers are up (a minute or more later); one answer took over 2 s in a
+        # fresh-clone suite run with two deployments starting on 2 cores, so the bound is the poll's timeout
+        slow = [(name, round(seconds, 2)) for name, _, seconds, _ in answers if seconds >= 5.0]
+        assert not slow, slow
         health = [body for name, _, _, body in starting if name == "health"]
         assert health and "prefill-0" in health[0]["starting"] and health[0]["error"]["code"] == "starting"
         completion = [body for name, _, _, body in starting if name == "completion"]
