@@ -226,9 +226,6 @@ def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
     src_slots, dst_slots, items = slots.src_slots, slots.dst_slots, slots.item_lens
     if not len(src_slots) or not len(items):
         return
-    low, high = int(min(src_slots.min(), dst_slots.min())), int(max(src_slots.max(), dst_slots.max()))
-    if low < 0 or (items <= 0).any() or (high + 1) * int(items.max()) >= _MAX_BLOCK:  # Python ints: no wrap-around
-        raise OutsideRegisteredMemory(f"slots {low}..{high} of {items.tolist()}-byte items are out of range")
     src_rows = _slot_rows(src_table, slots.src_ptrs, items, src_slots, "read")
     dst_rows = _slot_rows(dst_table, slots.dst_ptrs, items, dst_slots, "write")
     consecutive = _consecutive(src_slots) and _consecutive(dst_slots)
@@ -255,10 +252,20 @@ def copy_slots(src_table: RegionTable, dst_table: RegionTable, slots: KVSlots,
             pass
 
 
+def locate_slot_spans(table: RegionTable, ptrs: np.ndarray, items: np.ndarray, slots: np.ndarray,
+                      what: str) -> np.ndarray:
+    """The region of each buffer's rows from slot 0 to the highest slot named; raises if any lies outside one."""
+    low, rows_needed = int(slots.min()), int(slots.max()) + 1
+    if low < 0 or (items <= 0).any() or rows_needed * int(items.max()) >= _MAX_BLOCK:  # Python ints: no wrap-around
+        raise OutsideRegisteredMemory(f"{what} of slots {low}..{rows_needed - 1} of {items.tolist()}-byte items "
+                                      "is out of range")
+    return table.locate(ptrs, rows_needed * items, what)
+
+
 def _slot_rows(table: RegionTable, ptrs: np.ndarray, items: np.ndarray, slots: np.ndarray, what: str) -> list:
     """Each buffer as ``item``-byte rows, from its slot 0 to the highest slot named, all inside one region."""
     rows_needed = int(slots.max()) + 1
-    regions = table.locate(ptrs, rows_needed * items, what)
+    regions = locate_slot_spans(table, ptrs, items, slots, what)
     rows = []
     for ptr, item, index in zip(ptrs.tolist(), items.tolist(), regions.tolist()):
         region = table.regions[index]

@@ -104,6 +104,7 @@ from pfs_sglang.transfer.memory_regions import (
     RegionTable,
     RegisteredMemory,
     copy_slots,
+    locate_slot_spans,
 )
 from pfs_sglang.transfer.process_memory import can_read, read_from_process
 from pfs_sglang.transfer.shared_pool import PeerPools, SharedSegment, segments_holding
@@ -470,15 +471,11 @@ class ZmqTransferEngine:
 
     def _in_shared_pool(self, slots: KVSlots) -> bool:
         """Whether every buffer, from slot 0 to the highest slot named, lies in registered memory of the shared pool."""
-        rows = int(slots.src_slots.max()) + 1
-        if slots.src_slots.min() < 0 or (slots.item_lens <= 0).any() or rows * int(slots.item_lens.max()) >= 1 << 48:
-            return False  # the blocks' own checks refuse it
-        spans = rows * slots.item_lens
         try:
-            self._pool_segments.locate(slots.src_ptrs, spans, "read")
-            self._registered.table().locate(slots.src_ptrs, spans, "read")
+            for table in (self._pool_segments, self._registered.table()):
+                locate_slot_spans(table, slots.src_ptrs, slots.item_lens, slots.src_slots, "read")
         except OutsideRegisteredMemory:
-            return False
+            return False  # the blocks' own checks refuse what lies outside registered memory
         return True
 
     def _endpoint(self, session_id: str) -> str:
@@ -541,7 +538,7 @@ class ZmqTransferEngine:
             devices = {table.regions[i].device for i in np.unique(table.locate(src, lengths, "read"))}
             if None not in devices:
                 synchronize_devices(devices)
-                header = np.stack([src, dst, lengths], axis=1).astype(_HEADER_DTYPE).tobytes()
+                header = _header(src, dst, lengths)
                 self._call(session_id, b"D", [header, wall_deadline, room_tag], deadline)
                 return
         if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
@@ -563,7 +560,7 @@ class ZmqTransferEngine:
                 plan.gather(slot, self._device_copies() if plan.uses_device else None)
                 if pending is not None:  # the peer wrote the previous chunk while this one was gathered
                     self._await(sock, session_id, pending, deadline)
-                header = np.stack([dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
+                header = _header(dst[lo:hi], lengths[lo:hi])
                 if staging.shared:
                     frames = [b"S", header, wall_deadline, room_tag, staging.ref.encode(), struct.pack("<Q", offset)]
                 else:
@@ -582,7 +579,7 @@ class ZmqTransferEngine:
             return
         deadline = time.monotonic() + self.timeout_s
         wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
-        buffers = np.stack([slots.src_ptrs, slots.dst_ptrs, slots.item_lens], axis=1).astype(_HEADER_DTYPE).tobytes()
+        buffers = _header(slots.src_ptrs, slots.dst_ptrs, slots.item_lens)
         self._call(session_id, b"L", [buffers, np.concatenate([slots.src_slots, slots.dst_slots]).astype("<i8").tobytes(),
                                       wall_deadline, room_tag], deadline)
 
@@ -590,7 +587,7 @@ class ZmqTransferEngine:
         """Have the peer read the blocks (kind ``R``), in calls of at most ``MAX_BLOCKS_PER_READ`` blocks."""
         for lo in range(0, len(lengths), MAX_BLOCKS_PER_READ):
             hi = lo + MAX_BLOCKS_PER_READ
-            header = np.stack([src[lo:hi], dst[lo:hi], lengths[lo:hi]], axis=1).astype(_HEADER_DTYPE).tobytes()
+            header = _header(src[lo:hi], dst[lo:hi], lengths[lo:hi])
             self._call(session_id, b"R", [header, *frames], deadline)
 
     def _socket_for(self, session_id: str) -> zmq.Socket:
@@ -703,7 +700,6 @@ class ZmqTransferEngine:
             raise TransferError("malformed KV write header")
         pairs = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 2).view(np.int64)
         plan = CopyPlan.build(self._registered.table(), pairs[:, 0], pairs[:, 1], "write")
-        (deadline,) = struct.unpack("<d", frames[1].bytes)
         room, generation = _room_tag(frames[2])
         if kind == b"W":
             payload = frames[3].buffer
@@ -715,8 +711,7 @@ class ZmqTransferEngine:
             payload = self._peer_stagings.open(ref)[offset : offset + plan.nbytes]
         if payload.nbytes != plan.nbytes:
             raise TransferError(f"header names {plan.nbytes} bytes, message carries {payload.nbytes}")
-        if time.time() > deadline:
-            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        _refuse_if_late(frames[1])
         with self._writing_into(room, generation):
             plan.scatter(payload, self._device_copies() if plan.uses_device else None)
         return []
@@ -783,11 +778,9 @@ class ZmqTransferEngine:
         regions = table.locate(dst, lengths, "write")
         if any(table.regions[i].device is not None for i in np.unique(regions)):
             raise TransferError("direct reads into device memory are not supported")
-        (deadline,) = struct.unpack("<d", frames[1].bytes)
         room, generation = _room_tag(frames[2])
         (pid,) = struct.unpack("<Q", frames[3].bytes)
-        if time.time() > deadline:
-            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        _refuse_if_late(frames[1])
         with self._writing_into(room, generation):
             try:
                 read_from_process(pid, src, dst, lengths)
@@ -807,10 +800,8 @@ class ZmqTransferEngine:
         buffers = np.frombuffer(buffers, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
         slot_pairs = np.frombuffer(slot_bytes, dtype="<i8").reshape(2, -1)
         slots = KVSlots.of(buffers[:, 0], buffers[:, 1], buffers[:, 2], slot_pairs[0], slot_pairs[1])
-        (deadline,) = struct.unpack("<d", frames[2].bytes)
         room, generation = _room_tag(frames[3])
-        if time.time() > deadline:
-            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        _refuse_if_late(frames[2])
         threads = None
         if slots.nbytes >= THREADED_COPY_MIN_BYTES:
             if self._copy_threads is None:
@@ -829,13 +820,23 @@ class ZmqTransferEngine:
         if header.nbytes % 24:
             raise TransferError("malformed KV read header")
         triples = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
-        (deadline,) = struct.unpack("<d", frames[1].bytes)
         room, generation = _room_tag(frames[2])
-        if time.time() > deadline:
-            raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+        _refuse_if_late(frames[1])
         with self._writing_into(room, generation):
             copy_blocks(memory, triples[:, 0], self._registered.table(), triples[:, 1], triples[:, 2])
         return []
+
+
+def _refuse_if_late(deadline_frame) -> None:
+    """Refuse a write or read whose deadline (a little-endian float64 wall-clock time) has passed."""
+    (deadline,) = struct.unpack("<d", deadline_frame.bytes)
+    if time.time() > deadline:
+        raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
+
+
+def _header(*columns) -> bytes:
+    """Columns of int64 values as the wire's little-endian uint64 rows."""
+    return np.stack(columns, axis=1).astype(_HEADER_DTYPE).tobytes()
 
 
 def _room_tag(frame) -> tuple[int, int]:
