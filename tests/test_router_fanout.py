@@ -6,7 +6,8 @@ room, ``n`` taken out), SGLang's order (prompt-major) and shapes (a list for
 ``/generate``, indexed choices and per-prompt usage for OpenAI), merged streams, a
 failing sub-request failing the whole request at once with every lease released,
 the samples of one prompt held back until its prefill has answered, ``/abort_request``
-reaching the sub-requests, ``/health_generate`` through every server, and OpenAI 404s
+reaching the sub-requests (of the request named, not another whose rid begins the same;
+every sub-request of a list-rid batch when its client leaves), ``/health_generate`` through every server, and OpenAI 404s
 for paths the router does not serve. Shapes against a real SGLang server:
 ``test_router_sglang_shapes.py``.
 """
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from test_router import Cluster, chat, cluster
 
@@ -223,6 +225,44 @@ def test_abort_by_client_rid_reaches_every_server_and_every_sub_request():
         assert c.post("/abort_request", {"abort_all": True}).status_code == 200
         assert all(("/abort_request", {"abort_all": True}) in s.bodies for s in servers)
         assert c.post("/abort_request", {}).status_code == 400
+
+
+def aborted_rids(c: Cluster) -> dict[str, list[str]]:
+    """The rids each server was asked to abort, by server name."""
+    servers = [*c.prefill, *(s for pool in c.decode.values() for s in pool)]
+    return {s.name: sorted(body["rid"] for path, body in s.bodies if path == "/abort_request") for s in servers}
+
+
+def wait_for_hand_offs(c: Cluster, count: int) -> None:
+    deadline = time.monotonic() + MAX_PENDING_S
+    while len([p for p, _ in c.decode["coder"][0].bodies if p == "/generate"]) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_abort_by_client_rid_spares_another_clients_request_whose_rid_extends_it():
+    with cluster() as c:
+        c.decode["coder"][0].delay_s = 1.5
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(c.post, "/generate", {"model": "coder", "text": "long", "rid": rid,
+                                                         "sampling_params": {"n": 2}}) for rid in ("job", "job_2")]
+            wait_for_hand_offs(c, 4)
+            assert c.post("/abort_request", {"rid": "job"}).status_code == 200
+            for reply in running:
+                reply.result()
+        assert all(rids == ["job", "job_0", "job_1"] for rids in aborted_rids(c).values()), aborted_rids(c)
+
+
+def test_a_client_that_leaves_a_batch_with_list_rids_has_every_sub_request_aborted():
+    with cluster() as c:
+        c.decode["coder"][0].delay_s = 1.5
+        body = {"model": "coder", "text": ["first", "second"], "rid": ["a", "b"], "sampling_params": {"n": 2}}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(c.router + "/generate", json=body, timeout=0.5)  # the client leaves
+        deadline = time.monotonic() + MAX_PENDING_S
+        while any(len(rids) < 4 for rids in aborted_rids(c).values()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert all(rids == ["a_0", "a_1", "b_0", "b_1"] for rids in aborted_rids(c).values()), aborted_rids(c)
 
 
 # ----- SGLang endpoints -----

@@ -12,7 +12,7 @@ Endpoints: ``POST /v1/chat/completions``, ``/v1/completions`` (streaming or not)
 ``/generate`` (with a ``model`` field, or the default model for SGLang frontend
 programs); batches and ``n > 1`` become one hand-off per prompt and sample
 (``fanout.py``). ``/flush_cache`` (every server), ``/abort_request`` (SGLang's body, sent
-to every server, for the client's ``rid`` and the sub-request rids derived from it);
+to every server, for the client's ``rid`` and the running sub-requests made for it);
 ``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
 (200 when every server is), ``/health_generate`` (a one-token generation through the
@@ -47,7 +47,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from pfs_sglang.router.api_key import RequireApiKey
-from pfs_sglang.router.fanout import FanOut, StreamMerger, SubRequest, combine, plan_fan_out, sse
+from pfs_sglang.router.fanout import FanOut, RunningSubRequests, StreamMerger, SubRequest, combine, plan_fan_out, sse
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
 from pfs_sglang.router.pd import DecodeLines, PrefillDecodeClient, UpstreamError, pd_body
@@ -113,7 +113,7 @@ class PrefillShareRouter:
         self.health_checker = WorkerHealthChecker([config.prefill_workers, *decode.values()], client,
                                                   config.health_checks)
         self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
-        self._fan_out_rids: set[str] = set()  # rids the router gave sub-requests, while they run
+        self._running_subs = RunningSubRequests()  # what a client's abort by its rid must reach
 
     def all_workers(self) -> list[Worker]:
         """Every server once (a co-located LoRA server is in several pools)."""
@@ -133,26 +133,26 @@ class PrefillShareRouter:
             plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
             return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)
-        return await self._unless_client_leaves(request, routed, self._answer(routed, plan))
+        return await self._unless_client_leaves(request, routed, plan, self._answer(routed, plan))
 
-    async def _unless_client_leaves(self, request: Request, routed: RoutedRequest, answer: Awaitable[Response]
-                                    ) -> Response:
+    async def _unless_client_leaves(self, request: Request, routed: RoutedRequest, plan: FanOut | None,
+                                    answer: Awaitable[Response]) -> Response:
         """``answer``, or, when the client disconnects before it is ready, nothing: the
         hand-off is cancelled (its upstream requests closed), the request counted as 499,
-        and aborted on every server (SGLang's ``/abort_request`` by its rid and its
-        sub-requests', which frees its KV slots). A stream that has begun ends the same
+        and aborted on every server (SGLang's ``/abort_request`` by the rid of each request
+        it made: its own, or its sub-requests', which frees its KV slots). A stream that has begun ends the same
         way when its client leaves (``_end_stream``)."""
         answering = asyncio.ensure_future(answer)
         client_gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({answering, client_gone}, return_when=asyncio.FIRST_COMPLETED)
             if not answering.done():
-                aborts = self._abort_bodies({"rid": routed.body["rid"]})  # before the sub-request rids go
+                rids = [sub.body["rid"] for sub in plan.subs] if plan is not None else [routed.body["rid"]]
                 answering.cancel()
                 await asyncio.gather(answering, return_exceptions=True)
                 self.metrics.client_disconnects.labels(routed.model).inc()
                 self.metrics.record_request(routed.model, routed.endpoint, CLIENT_CLOSED_REQUEST)
-                await self._send_aborts(aborts)
+                await self._send_aborts([{"rid": rid} for rid in rids])
         finally:
             client_gone.cancel()
             if not answering.done():
@@ -169,7 +169,7 @@ class PrefillShareRouter:
         await _close_all(streams)
         if not all(lines.finished for lines in streams):
             self.metrics.client_disconnects.labels(model).inc()
-            await asyncio.gather(*(self.abort_request({"rid": rid}) for rid in rids))
+            await self._send_aborts([{"rid": rid} for rid in rids])
 
     async def _answer(self, routed: RoutedRequest, plan: FanOut | None) -> Response:
         endpoint = routed.endpoint
@@ -261,17 +261,16 @@ class PrefillShareRouter:
     # ----- batches and n > 1: one hand-off per prompt and sample (fanout.py) -----
 
     async def _route_fan_out(self, routed: RoutedRequest, plan: FanOut) -> Response:
-        rids = {sub.body["rid"] for sub in plan.subs if "rid" in sub.body}
-        self._fan_out_rids |= rids  # what an abort by the client's rid must reach
+        self._running_subs.add(plan.subs)
         merging = False
         try:
             if routed.stream:
                 streams = await self._each_sub(plan, lambda sub, done: self._open_stream(
                     routed.model, routed.endpoint, sub.body, sub.prompt_text, done), close=DecodeLines.aclose)
                 merging = True
-                return StreamingResponse(self._merge(routed, plan, streams, rids), media_type="text/event-stream",
+                return StreamingResponse(self._merge(routed, plan, streams), media_type="text/event-stream",
                                          background=BackgroundTask(self._end_stream, routed.model, streams,
-                                                                   sorted(rids)))
+                                                                   [sub.body["rid"] for sub in plan.subs]))
             replies = await self._each_sub(plan, lambda sub, done: self._hand_off(
                 routed.model, routed.endpoint, sub.body, sub.prompt_text, done))
         except UpstreamError as error:
@@ -279,7 +278,7 @@ class PrefillShareRouter:
             return error_response(error.status, error.message)
         finally:
             if not merging:
-                self._fan_out_rids -= rids
+                self._running_subs.remove(plan.subs)
         self.metrics.record_request(routed.model, routed.endpoint, 200)
         for reply in replies:
             self._record_usage(routed.model, reply)
@@ -324,8 +323,7 @@ class PrefillShareRouter:
                         await close(result)
             raise
 
-    async def _merge(self, routed: RoutedRequest, plan: FanOut, streams: list[DecodeLines],
-                     rids: set[str]) -> AsyncIterator[bytes]:
+    async def _merge(self, routed: RoutedRequest, plan: FanOut, streams: list[DecodeLines]) -> AsyncIterator[bytes]:
         """One SSE stream from the sub-streams, in arrival order (``fanout.StreamMerger`` shapes it).
 
         A sub-stream that fails or sends an error event ends the stream with that error
@@ -382,7 +380,7 @@ class PrefillShareRouter:
                 pumped.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
             await _close_all(streams)  # also the ones whose pump was cancelled before it started
-            self._fan_out_rids -= rids
+            self._running_subs.remove(plan.subs)
             self.metrics.record_request(routed.model, routed.endpoint, status)
             for event in last_usage.values():
                 self._record_usage(routed.model, event)
@@ -451,13 +449,12 @@ class PrefillShareRouter:
         return Response(status_code=200)
 
     async def abort_request(self, body: dict[str, Any]) -> Response:
-        """SGLang's ``/abort_request`` on every server, for the rid and the sub-request rids made from it."""
-        return await self._send_aborts(self._abort_bodies(body))
-
-    def _abort_bodies(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        rid = body.get("rid") or ""
-        rids = [rid, *sorted(r for r in self._fan_out_rids if rid and r.startswith(f"{rid}_"))]
-        return [body] if body.get("abort_all") else [{**body, "rid": r} for r in rids]
+        """SGLang's ``/abort_request`` on every server, for the rid and the running sub-requests made for it."""
+        if body.get("abort_all"):
+            return await self._send_aborts([body])
+        rid = body["rid"]
+        subs = self._running_subs.of(rid) if isinstance(rid, str) else []
+        return await self._send_aborts([{**body, "rid": r} for r in [rid, *subs]])
 
     async def _send_aborts(self, bodies: list[dict[str, Any]]) -> Response:
         async def send(worker: Worker, abort: dict) -> str | None:

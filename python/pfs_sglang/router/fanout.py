@@ -24,7 +24,9 @@ The answer has the shape stock SGLang 0.5.23 gives the same request (read from
 Per-prompt fields of a ``/generate`` batch (a list with one entry per prompt, e.g.
 ``sampling_params``, ``return_logprob``, ``logprob_start_len``) go to that prompt's
 sub-requests; any other value goes to all. A client ``rid`` becomes ``{rid}_{k}`` (SGLang's
-naming for batches), so an abort by the client's rid can reach every sub-request.
+naming for batches; a list ``rid`` names each prompt, whose samples become
+``{rid[p]}_{s}``); each sub-request keeps the rid its client names it by
+(``client_rid``), so an abort by that rid reaches it and no other request's.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SubRequest:
     sample: int
     body: dict[str, Any]
     prompt_text: str
+    client_rid: str | None = None  # the client's name for it: the request's rid, or its prompt's entry of a list
 
 
 # Generations (prompts x samples) one request may ask for: each is a hand-off of its own,
@@ -68,6 +71,35 @@ class FanOut:
     endpoint: str
     n: int
     subs: list[SubRequest]
+
+
+class RunningSubRequests:
+    """The rids of running sub-requests, by the rid their client names them by (``client_rid``).
+
+    A client's abort of ``rid`` reaches exactly the sub-requests made for its requests
+    named ``rid``, never those of another request whose rid only begins the same way.
+    Used from the router's event loop only.
+    """
+
+    def __init__(self) -> None:
+        self._by_client_rid: dict[str, list[str]] = {}
+
+    def add(self, subs: Iterable[SubRequest]) -> None:
+        for sub in subs:
+            if sub.client_rid is not None and "rid" in sub.body:
+                self._by_client_rid.setdefault(sub.client_rid, []).append(sub.body["rid"])
+
+    def remove(self, subs: Iterable[SubRequest]) -> None:
+        for sub in subs:
+            rids = self._by_client_rid.get(sub.client_rid) if sub.client_rid is not None else None
+            if rids is not None and sub.body.get("rid") in rids:
+                rids.remove(sub.body["rid"])
+                if not rids:
+                    del self._by_client_rid[sub.client_rid]
+
+    def of(self, client_rid: str) -> list[str]:
+        """The rids of the running sub-requests the client names ``client_rid``."""
+        return sorted(set(self._by_client_rid.get(client_rid, ())))
 
 
 def _is_prompt_list(value: Any) -> bool:
@@ -123,7 +155,8 @@ def plan_fan_out(endpoint: str, body: dict[str, Any]) -> FanOut | None:
             rid = _sub_rid(body.get("rid"), prompt_index, sample, index, n)
             if rid is not None:
                 sub_body["rid"] = rid
-            subs.append(SubRequest(index, prompt_index, sample, sub_body, prompt_text(sub_body)))
+            subs.append(SubRequest(index, prompt_index, sample, sub_body, prompt_text(sub_body),
+                                   _client_rid(body.get("rid"), prompt_index)))
     return FanOut(endpoint, n, subs)
 
 
@@ -152,6 +185,11 @@ def _for_prompt(name: str, value: Any, index: int, batch_size: int) -> Any:
     if len(value) != batch_size:
         raise RequestRejected(400, f"'{name}' has {len(value)} entries for {batch_size} prompts", param=name)
     return value[index]
+
+
+def _client_rid(rid: str | list[str] | None, prompt: int) -> str | None:
+    """The rid the client names prompt ``prompt``'s sub-requests by (its abort names it)."""
+    return rid[prompt] if isinstance(rid, list) else rid
 
 
 def _sub_rid(rid: str | list[str] | None, prompt: int, sample: int, index: int, n: int) -> str | None:
