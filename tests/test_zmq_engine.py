@@ -5,6 +5,7 @@ so no late write lands in slots freed after the room retired."""
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import struct
@@ -403,6 +404,28 @@ def test_writes_need_a_handshake_on_their_own_connection(engines):
         assert not destination.any()
     finally:
         intruder.close(0)
+
+
+def test_a_transport_missing_from_the_offer_is_skipped_not_the_handshake():
+    """An offer whose ``pvm`` part lacks its probe address: that transport is left out, the others stay."""
+    import json
+    from dataclasses import asdict
+
+    from pfs_sglang.transfer.shared_staging import StagingBuffer
+
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)
+    probe = StagingBuffer(0, shared=True)
+    peer = _raw_connection(receiver)
+    try:
+        offer = {"transports": ["pvm", "shm"], "pid": os.getpid(), "token": probe.ref.token,
+                 "staging": asdict(probe.ref)}  # no "token_addr"
+        reply = _ask(peer, b"H", json.dumps(asdict(PREFILL)).encode(), json.dumps(offer).encode(), b"")
+        assert reply is not None and reply[0] == b"OK", reply
+        assert reply[2] == b"shm"
+    finally:
+        peer.close(0)
+        probe.close()
+        receiver.close()
 
 
 def test_a_peer_without_the_deployments_secret_is_refused():

@@ -757,8 +757,12 @@ class ZmqTransferEngine:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 logger.info("pfs zmq KV engine: peer's KV pool not mapped (%s); using another transport", error)
         if "pvm" in offered and not self._registered.devices():
-            if can_read(int(offer["pid"]), int(offer["token_addr"]), offer["token"].encode()):
-                accepted.append("pvm")
+            try:
+                if can_read(int(offer["pid"]), int(offer["token_addr"]), offer["token"].encode()):
+                    accepted.append("pvm")
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
+                logger.info("pfs zmq KV engine: peer's offer of direct reads is malformed (%r); using another "
+                            "transport", error)
         if "shm" in offered:
             try:
                 self._peer_stagings.open(StagingRef.decode(json.dumps(offer["staging"]).encode()))
