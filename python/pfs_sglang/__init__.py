@@ -1,7 +1,7 @@
 """pfs_sglang: PrefillShare on SGLang.
 
 One frozen prefill module computes every prompt's KV once; many task decode modules
-consume it. Parts (see DESIGN.md for the invariants):
+consume it. Parts (see docs/DESIGN.md for the invariants):
 
 * ``identity``  fingerprints of a prefill module, decode-module records (invariant 4)
 * ``models``    the offline tokenizer and the embedded demo models

@@ -85,7 +85,8 @@ from pfs_sglang.router.api_key import RequireApiKey
 from pfs_sglang.transfer import FORCE_TCP_ENV, KV_SECRET_ENV, TRANSFER_TIMEOUT_ENV
 
 ROUTER_START_TIMEOUT_S = 30.0
-# Start-up deadlines (``default_startup_timeout_s``), from start-ups measured on a 2-core box.
+# Start-up deadlines (``default_startup_timeout_s``), sized from the start-ups measured on a
+# 2-core box (docs/benchmarks.md, "Start-up").
 STARTUP_BASE_S = 120.0
 CPU_SERVER_START_S = 90.0
 GPU_SERVER_START_S = 300.0
@@ -177,7 +178,7 @@ class PlannedServer:
 
 def default_startup_timeout_s(topology: Topology, placements: dict[str, ServerPlacement]) -> float:
     """Start-up deadline scaled to what starts: on CPU the servers' imports share the cores
-    (``CPU_SERVER_START_S`` per server on 2 cores, about 3x what was measured), on GPUs
+    (``CPU_SERVER_START_S`` per server on 2 cores, a wide margin over docs/benchmarks.md), on GPUs
     the servers that share a GPU start one after another (``GPU_SERVER_START_S`` each)."""
     if topology.role.kind == "router":  # the servers start on their own hosts, at once
         return STARTUP_BASE_S + GPU_SERVER_START_S
@@ -250,8 +251,8 @@ class Deployment:
     @property
     def startup_concurrency(self) -> int:
         """How many servers may be starting at once; by default all (``after`` still orders
-        servers sharing a GPU). Measured on 2 cores, demo models (4 servers): all at once
-        125 and 135 s to serving, two at a time 143 and 131 s, one at a time 180 s."""
+        servers sharing a GPU): on a small CPU box bounding it only lengthened start-up
+        (docs/benchmarks.md, "Start-up")."""
         if self.remote_servers:  # awaited, not started here: all at once
             return len(self.remote_servers)
         return self.topology.startup_concurrency or len(self.placements)

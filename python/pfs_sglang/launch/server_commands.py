@@ -34,14 +34,13 @@ def cpu_server_env(servers: int) -> dict[str, str]:
 
     ``OMP_NUM_THREADS``: an equal share of its cores (at least one). SGLang sets one thread
     on GPUs and leaves CPU servers at one per core; with several servers on one box their
-    idle OpenMP threads spin against each other (measured on 2 cores: the tiny react
-    benchmark at 4 sessions went from 3.1 to 7.9 requests/s with one thread per server).
+    idle OpenMP threads spin against each other (measured in docs/benchmarks.md,
+    "CPU server environment").
 
     ``THP_MEM_ALLOC_ENABLE=1``: torch puts its large CPU allocations (the KV pool, the
     weights) on transparent huge pages, as numpy does its own. A KV hand-off writes a
     request's rows all over the decode server's pool, one TLB miss per row on 4 KiB pages
-    (measured here, 1024 scattered tokens of the ``small`` shape: 2.6-3.1 GB/s on 4 KiB
-    pages, 4.8-5.3 on huge pages).
+    (measured in docs/benchmarks.md, "CPU server environment").
     """
     env = {} if "OMP_NUM_THREADS" in os.environ else {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, servers)))}
     if "THP_MEM_ALLOC_ENABLE" not in os.environ:

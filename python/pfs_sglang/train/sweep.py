@@ -88,8 +88,8 @@ class SweepGrid:
 
 
 # The replication's base (4 layers, hidden 64) and two larger ones. Sized from the one GPU run
-# (docs/replication/sweep-h200: 12 workers on an H200 ran ~34500 training steps at batch 128, the
-# three bases' included, in 8.5 min): 23700 steps here, about 6 minutes with both seeds.
+# (docs/replication.md, "GPU grid"; docs/replication/sweep-h200): 23700 training steps here,
+# about two thirds of what that run trained.
 # That run's 6-layer cells were unstable in both arms (at 2e-3 / 1e-3): lower rates, untested.
 FULL_GRID = SweepGrid(
     capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 1.5e-3, 7e-4), Capacity(8, 256, 1e-3, 5e-4)),
@@ -103,8 +103,9 @@ FULL_GRID = SweepGrid(
 # The grid for a CPU (one worker, one thread): the replication's recipe (bases 2500 steps at batch
 # 32, task models at batch 16, the replication's corpus sizes) around its base (4 layers, hidden
 # 64), with a smaller and a larger one. The replication's table is this grid's 800-step point of
-# the 4-layer base. On this project's 2-core box, beside other work, the 6-layer base pretrained
-# in 25 minutes; keep the scratch directory (``--work-dir``) and a sweep run again reuses it.
+# the 4-layer base. On a small CPU box the 6-layer base takes the longest to pretrain (timings:
+# docs/replication/sweep-cpu/NOTE.md); keep the scratch directory (``--work-dir``) and a sweep
+# run again reuses it.
 CPU_GRID = SweepGrid(
     capacities=(Capacity(2, 32, 3e-3, 3e-3), Capacity(4, 64, 3e-3, 3e-3), Capacity(6, 96, 2e-3, 2e-3)),
     budgets=(100, 300, 800),

@@ -3,11 +3,11 @@
 Owns the block list a hand-off moves: for every KV buffer (each layer's K, then each
 layer's V), one block per run of slots consecutive on both sides, exactly the blocks
 SGLang's Mooncake manager builds (``group_concurrent_contiguous``, then one Python tuple
-per run and buffer in ``_send_kvcache_generic``). SGLang's loop costs about a microsecond
-a block: 69 ms, plus 14 ms to turn the tuples into lists, for a 1024-token request with
-scattered slots on a 28-layer model (57344 blocks) on this project's CPU box, where
-copying that request's 117 MB takes 14-20 ms. Here the same blocks come out of a few
-numpy operations (a few milliseconds), as int64 arrays the ZMQ engine takes as they are.
+per run and buffer in ``_send_kvcache_generic``). SGLang's loop makes a Python tuple per
+block, which for a request with scattered slots (tens of thousands of blocks) costs more
+than copying the request's bytes. Here the same blocks come out of a few numpy
+operations, as int64 arrays the ZMQ engine takes as they are. Measured against SGLang's
+loop: docs/benchmarks.md ("How the KV moves").
 Moves no bytes and checks nothing: the engine bounds-checks every block.
 """
 
