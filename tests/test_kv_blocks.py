@@ -1,4 +1,5 @@
-"""The hand-off's block list: the same blocks as SGLang's Mooncake manager, built with array operations."""
+"""The hand-off's block list: the same blocks as SGLang's Mooncake manager, built with array operations;
+and the ZMQ manager's prefill room statuses (a cleared room concluded, an unknown one has no transfer)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager
 
 from pfs_sglang.transfer.kv_blocks import kv_blocks
-from pfs_sglang.transfer.zmq_backend import ZmqKVManager
+from pfs_sglang.transfer.zmq_backend import RecentRooms, ZmqKVManager
 
 
 def test_blocks_are_runs_consecutive_on_both_sides_buffer_by_buffer():
@@ -88,3 +89,29 @@ def test_layouts_it_does_not_cover_go_to_sglangs_code(uncovered):
                                          prefill_data_indices=slots, dst_data_indices=slots, executor=None,
                                          **options) == 0
     assert manager.arrays == [False]  # SGLang's own path built the blocks
+
+
+class _PrefillRooms(ZmqKVManager):
+    """A prefill manager with just the room bookkeeping SGLang's ``update_status`` and ``clear`` touch."""
+
+    def __init__(self) -> None:  # no SGLang set-up: nothing is served
+        from sglang.srt.disaggregation.utils import DisaggregationMode
+
+        self.disaggregation_mode = DisaggregationMode.PREFILL
+        self.request_status = {}
+        self.deferred_bootstrap = None
+        self._deferred_ack_targets, self._deferred_ack_poisoned_rooms, self._staging_outstanding = {}, set(), {}
+        self._registered_rooms = RecentRooms()
+
+
+def test_a_prefill_room_reports_success_once_cleared_and_failed_if_never_registered():
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    manager = _PrefillRooms()
+    manager.update_status(7, KVPoll.Bootstrapping)  # a sender registered room 7
+    manager.update_status(7, KVPoll.Transferring)
+    assert manager.check_status(7) == KVPoll.Transferring
+    manager.update_status(7, KVPoll.Success)
+    manager.request_status.pop(7)  # the scheduler cleared the concluded room (``clear``)
+    assert manager.check_status(7) == KVPoll.Success
+    assert manager.check_status(8) == KVPoll.Failed  # no sender ever registered room 8

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +52,27 @@ DEFAULT_TRANSFER_TIMEOUT_S = 30.0
 # The frame a decode receiver appends to Mooncake's per-room metadata message: its room's
 # receiving generation (stripped on the prefill side before Mooncake parses the message).
 GENERATION_FRAME_PREFIX = b"pfs-kv-generation:"
+# Prefill rooms remembered as registered (``RecentRooms``): far more than are ever in flight at once.
+ROOMS_REMEMBERED = 1 << 16
+
+
+class RecentRooms:
+    """The last ``ROOMS_REMEMBERED`` bootstrap rooms a prefill manager registered (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._rooms: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def note(self, room: int) -> None:
+        with self._lock:
+            self._rooms[room] = None
+            self._rooms.move_to_end(room)
+            while len(self._rooms) > ROOMS_REMEMBERED:
+                self._rooms.popitem(last=False)
+
+    def __contains__(self, room: int) -> bool:
+        with self._lock:
+            return room in self._rooms
 
 
 def expected_prefill_fingerprint(model_path: str, mode: DisaggregationMode) -> str:
@@ -105,6 +128,7 @@ class ZmqKVManager(MooncakeKVManager):
                                         secret=os.environ.get(KV_SECRET_ENV, ""), tcp_only=tcp_only)
         # prefill: room -> {decode session id: the generation that decode rank receives the room under}
         self._peer_generations: dict[int, dict[str, int]] = {}
+        self._registered_rooms = RecentRooms()  # prefill: rooms a sender registered (``check_status``)
         logger.info("pfs zmq KV engine (%s) at %s%s", mode.value, self.engine.session_id,
                     f", TCP to every peer ({FORCE_TCP_ENV}=1)" if tcp_only else "")
 
@@ -204,17 +228,27 @@ class ZmqKVManager(MooncakeKVManager):
     def failed_sessions(self, sessions) -> None:
         self._failed_sessions = _SessionsFailed(sessions, self)
 
+    def update_status(self, bootstrap_room: int, status: KVPoll) -> None:
+        """SGLang's; on the prefill side a room it registers is also remembered (``check_status``)."""
+        super().update_status(bootstrap_room, status)
+        if self.disaggregation_mode == DisaggregationMode.PREFILL and bootstrap_room in self.request_status:
+            self._registered_rooms.note(bootstrap_room)
+
     def check_status(self, bootstrap_room: int) -> KVPoll:
-        """As SGLang's, but on the prefill side a room that is gone has concluded.
+        """As SGLang's, but on the prefill side a room that is gone has concluded, if it was registered.
 
         Mooncake's transfer worker checks ``room in request_status`` and then reads it,
         while the scheduler thread may clear the finished room in between; the KeyError
         killed the transfer thread (seen on CPU with short answers), and every later
         hand-off hung. A prefill room is registered before its first chunk, so a missing
-        one was cleared after it concluded.
+        one this manager registered was cleared after it concluded (``Success``); one it
+        never registered has no transfer at all (``Failed``).
         """
         if self.disaggregation_mode == DisaggregationMode.PREFILL:
-            return self.request_status.get(bootstrap_room, KVPoll.Success)
+            status = self.request_status.get(bootstrap_room)
+            if status is not None:
+                return status
+            return KVPoll.Success if bootstrap_room in self._registered_rooms else KVPoll.Failed
         return super().check_status(bootstrap_room)
 
     def conclude_failure(self, *, bootstrap_room: int, failure_reason: str, targets=None):
