@@ -15,6 +15,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
   invariant 3);
 * the decode-side hooks that make the decode module compute the prompt's tail
   (``pfs_sglang.decode``, invariant 2);
+* the unified server's adapter routing: each LoRA decode module applies from the
+  position where it takes over (``pfs_sglang.unified``, invariant 2);
 * SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs).
 """
 
@@ -34,6 +36,7 @@ def load() -> None:
     from pfs_sglang.transfer.shared_pool import register_shared_cpu_pool
     from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
     from pfs_sglang.transfer.waiting_without_spinning import register_pd_wait_polling
+    from pfs_sglang.unified.adapter_segments import register_adapter_segment_hooks
 
     installed = install_import_stand_ins()
     if installed:
@@ -45,5 +48,6 @@ def load() -> None:
     register_pd_wait_polling()
     register_prefix_extend_attention()
     register_prompt_tail_hooks()
+    register_adapter_segment_hooks()
     register_prefill_module_cache()
     register_freeze_gc_after_listening()

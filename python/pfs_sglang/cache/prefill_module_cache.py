@@ -7,6 +7,14 @@ request by ``extra_key + lora_id``, so per-model adapters would split the tree. 
 every request's namespace becomes ``pfs:<prefill-module digest>`` plus the user's own
 ``extra_key`` (LoRA id removed), while ``cache_salt`` keeps isolating as usual: every
 decode model that shares a prompt prefix hits the same nodes.
+
+In a unified server (:mod:`pfs_sglang.unified`: the base and every LoRA decode module
+in one server) the same tree holds base KV only (invariant 1): a request with an
+adapter matches at most its first ``k`` tokens (:func:`prefill_module_len`) and
+checkpoints at most its first ``k`` (page-floored by SGLang's insert), so KV an
+adapter computed (``prompt[k:]``, output tokens) is freed with the request and never
+served to anyone, the request itself included (a retracted request rebuilds from at
+most ``k``). Base requests and PD prefill servers insert as SGLang does.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ import dataclasses
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+from pfs_sglang.decode.prompt_split import prefill_module_len
 
 RADIX_CACHE_BACKEND = "pfs"
 _NAMESPACED = "pfs_namespaced"
@@ -33,6 +43,13 @@ class PrefillModuleRadixCache(UnifiedRadixCache):
     """SGLang's radix cache with requests namespaced by the prefill module."""
 
     prefill_digest: str = ""
+    caps_adapter_requests: bool = False  # a unified server: adapter requests keep base KV only
+
+    def _base_kv_len(self, req) -> int | None:
+        """How far a request's KV is the base's, where an adapter computed the rest."""
+        if self.caps_adapter_requests and req.lora_id is not None:
+            return prefill_module_len(req)
+        return None
 
     def _adopt_namespace(self, req) -> None:
         if getattr(req, _NAMESPACED, False):
@@ -44,14 +61,21 @@ class PrefillModuleRadixCache(UnifiedRadixCache):
         if params.req is not None:
             self._adopt_namespace(params.req)
             key = params.key
+            limit = key.limit
+            base_kv_len = self._base_kv_len(params.req)
+            if base_kv_len is not None:
+                limit = base_kv_len if limit is None else min(limit, base_kv_len)
             params = dataclasses.replace(
                 params,
-                key=RadixKey(key.token_ids, params.req.extra_key, key.is_bigram, key.limit, key.cache_salt),
+                key=RadixKey(key.token_ids, params.req.extra_key, key.is_bigram, limit, key.cache_salt),
             )
         return super().match_prefix(params)
 
     def checkpoint(self, req, *, up_to: int, **kwargs) -> None:
         self._adopt_namespace(req)
+        base_kv_len = self._base_kv_len(req)
+        if base_kv_len is not None:
+            up_to = min(up_to, base_kv_len)
         super().checkpoint(req, up_to=up_to, **kwargs)
 
 
@@ -60,10 +84,12 @@ def build_prefill_module_cache(ctx):
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
     from pfs_sglang.identity import server_fingerprint
+    from pfs_sglang.unified.server_role import is_unified_server_args
 
     cache = create_unified_radix_cache(ctx, cache_class=PrefillModuleRadixCache)
     # The launcher's fingerprint when it handed one over (no second hash of the weights).
     cache.prefill_digest = server_fingerprint(ctx.server_args.model_path).digest
+    cache.caps_adapter_requests = is_unified_server_args(ctx.server_args)
     return cache
 
 
