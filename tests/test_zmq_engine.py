@@ -1,16 +1,19 @@
-"""The ZMQ transfer engine: one-sided writes into registered memory, checked identity, deadlines;
+"""The ZMQ transfer engine: one-sided writes into registered memory, checked identity, deadlines
+(which hold between hosts whose clocks disagree);
 writes only from connections that passed the handshake (with the deployment's secret), a
 size cap on what it receives; writes only for a (room, generation) the receiver has open,
 so no late write lands in slots freed after the room retired."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
 import struct
 import threading
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -166,6 +169,35 @@ def test_unanswered_transfer_fails_by_its_deadline():
         assert sender.send_probe(f"127.0.0.1:{port}") == -1
     finally:
         sender.close()
+
+
+def test_a_receiver_whose_clock_is_ahead_of_the_senders_still_takes_writes(engines, monkeypatch):
+    """Deadlines never compare two hosts' clocks: here the sender's wall clock is an hour behind."""
+    sender, receiver = engines
+    real_time, sending_thread = time.time, threading.current_thread()
+    monkeypatch.setattr(time, "time", lambda: real_time() - (3600 if threading.current_thread() is sending_thread
+                                                             else 0))
+    source, destination = np.arange(8, dtype=np.uint8), np.zeros(8, dtype=np.uint8)
+    assert transfer(sender, receiver, [_registered(sender, source)], [_registered(receiver, destination)], [8]) == 0, \
+        sender.last_error()
+    np.testing.assert_array_equal(destination, source)
+
+
+def test_a_write_whose_time_has_run_out_is_refused():
+    receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)
+    destination = np.zeros(8, dtype=np.uint8)
+    dst = _registered(receiver, destination)
+    generation = receiver.open_room(ROOM)
+    peer = _raw_connection(receiver)
+    try:
+        assert _ask(peer, b"H", json.dumps(asdict(PREFILL)).encode(), b"", b"")[0] == b"OK"
+        header = np.array([[dst, 8]], dtype="<u8").tobytes()
+        reply = _ask(peer, b"W", header, struct.pack("<d", -1.0), struct.pack("<QQ", ROOM, generation), b"\xff" * 8)
+        assert reply[0] == b"ERR" and b"after its deadline" in reply[2]
+        assert not destination.any()
+    finally:
+        peer.close(0)
+        receiver.close()
 
 
 TRANSPORTS = {"pvm": ("pvm",), "shm": ("shm",), "socket": ()}
@@ -386,7 +418,7 @@ def _ask(sock, kind: bytes, *frames: bytes, timeout_ms: int = 3000) -> list[byte
 
 def _write_frames(dst: int, payload: bytes) -> list[bytes]:
     header = np.array([[dst, len(payload)]], dtype="<u8").tobytes()
-    return [header, struct.pack("<d", time.time() + 30), struct.pack("<QQ", ROOM, 1), payload]
+    return [header, struct.pack("<d", 30.0), struct.pack("<QQ", ROOM, 1), payload]  # 30 s of budget
 
 
 def test_writes_need_a_handshake_on_their_own_connection(engines):
@@ -408,9 +440,6 @@ def test_writes_need_a_handshake_on_their_own_connection(engines):
 
 def test_a_transport_missing_from_the_offer_is_skipped_not_the_handshake():
     """An offer whose ``pvm`` part lacks its probe address: that transport is left out, the others stay."""
-    import json
-    from dataclasses import asdict
-
     from pfs_sglang.transfer.shared_staging import StagingBuffer
 
     receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)

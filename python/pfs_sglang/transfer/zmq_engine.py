@@ -30,17 +30,21 @@ on one host the staging is shared memory the receiver maps (``shared_staging``),
 only a small message crosses the socket, and between hosts the staged bytes travel as
 one zero-copy ZMQ frame per chunk.
 
-Wire format (no pickle): ``[MAGIC, kind, request_id, header, deadline, room, ...]`` where
+Wire format (no pickle): ``[MAGIC, kind, request_id, header, budget, room, ...]`` where
 ``header`` is a little-endian uint64 array of ``(dst_ptr, length)`` pairs (kind ``R``:
-``(src_ptr, dst_ptr, length)`` triples), ``deadline`` a little-endian float64
-wall-clock time and ``room`` two little-endian uint64: the request's bootstrap room and
+``(src_ptr, dst_ptr, length)`` triples), ``budget`` a little-endian float64: the seconds
+the sender still waits for the answer as it sends (its deadline on its own monotonic
+clock; no wall clock crosses the wire, so hosts whose clocks disagree still agree on
+deadlines), and ``room`` two little-endian uint64: the request's bootstrap room and
 the receiving generation the decode side gave it; kind ``D`` (device read) carries
 ``(src_ptr, dst_ptr, length)`` triples like ``R``; kind ``L`` (pool read) carries
 ``(src_ptr, dst_ptr, slot_bytes)`` per buffer and then the int64 source slots followed by
-the destination slots, before ``deadline`` and ``room``; kind ``W`` carries the staged bytes as
+the destination slots, before ``budget`` and ``room``; kind ``W`` carries the staged bytes as
 one more frame, kind ``S`` names a shared staging buffer (``StagingRef`` JSON) and a
 uint64 offset into it, kind ``R`` the sender's pid. The receiving engine checks every
-destination lies inside memory it registered and that the deadline has not passed, and
+destination lies inside memory it registered and that the budget has not run out since it
+took the message in (on its own monotonic clock; time the message waited in its queue
+before that is not counted), and
 writes the bytes only while that (room, generation) is receiving; it answers
 ``[b"OK", request_id]`` or ``[b"ERR", request_id, reason]``.
 
@@ -528,7 +532,6 @@ class ZmqTransferEngine:
 
     def _write(self, session_id: str, session: _Session, room_tag: bytes, src, dst, lengths) -> None:
         deadline = time.monotonic() + self.timeout_s
-        wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
         src, dst, lengths = _split_blocks(src, dst, lengths, CHUNK_BYTES)
         positions = np.cumsum(lengths) - lengths
         cuts = np.flatnonzero(np.diff(positions // CHUNK_BYTES)) + 1
@@ -539,13 +542,12 @@ class ZmqTransferEngine:
             if None not in devices:
                 synchronize_devices(devices)
                 header = _header(src, dst, lengths)
-                self._call(session_id, b"D", [header, wall_deadline, room_tag], deadline)
+                self._call(session_id, b"D", [header, _budget(deadline), room_tag], deadline)
                 return
         if session.direct_read and lengths.mean() >= DIRECT_READ_MIN_BLOCK:
             regions = table.locate(src, lengths, "read")
             if all(table.regions[i].device is None for i in np.unique(regions)):
-                self._direct_read_by_peer(session_id, src, dst, lengths,
-                                          [wall_deadline, room_tag, struct.pack("<Q", os.getpid())], deadline)
+                self._direct_read_by_peer(session_id, src, dst, lengths, room_tag, deadline)
                 return
         plans = [CopyPlan.build(table, src[lo:hi], lengths[lo:hi], "read") for lo, hi in zip(bounds, bounds[1:])]
         if not plans:
@@ -562,9 +564,10 @@ class ZmqTransferEngine:
                     self._await(sock, session_id, pending, deadline)
                 header = _header(dst[lo:hi], lengths[lo:hi])
                 if staging.shared:
-                    frames = [b"S", header, wall_deadline, room_tag, staging.ref.encode(), struct.pack("<Q", offset)]
+                    frames = [b"S", header, _budget(deadline), room_tag, staging.ref.encode(),
+                              struct.pack("<Q", offset)]
                 else:
-                    frames = [b"W", header, wall_deadline, room_tag, slot]
+                    frames = [b"W", header, _budget(deadline), room_tag, slot]
                 pending = self._send(sock, session_id, frames[0], frames[1:])
             self._await(sock, session_id, pending, deadline)
         except TransferError:
@@ -578,17 +581,17 @@ class ZmqTransferEngine:
             self._write(session_id, session, room_tag, blocks.src, blocks.dst, blocks.lengths)
             return
         deadline = time.monotonic() + self.timeout_s
-        wall_deadline = struct.pack("<d", time.time() + self.timeout_s)
         buffers = _header(slots.src_ptrs, slots.dst_ptrs, slots.item_lens)
         self._call(session_id, b"L", [buffers, np.concatenate([slots.src_slots, slots.dst_slots]).astype("<i8").tobytes(),
-                                      wall_deadline, room_tag], deadline)
+                                      _budget(deadline), room_tag], deadline)
 
-    def _direct_read_by_peer(self, session_id: str, src, dst, lengths, frames: list, deadline: float) -> None:
+    def _direct_read_by_peer(self, session_id: str, src, dst, lengths, room_tag: bytes, deadline: float) -> None:
         """Have the peer read the blocks (kind ``R``), in calls of at most ``MAX_BLOCKS_PER_READ`` blocks."""
         for lo in range(0, len(lengths), MAX_BLOCKS_PER_READ):
             hi = lo + MAX_BLOCKS_PER_READ
             header = _header(src[lo:hi], dst[lo:hi], lengths[lo:hi])
-            self._call(session_id, b"R", [header, *frames], deadline)
+            self._call(session_id, b"R", [header, _budget(deadline), room_tag, struct.pack("<Q", os.getpid())],
+                       deadline)
 
     def _socket_for(self, session_id: str) -> zmq.Socket:
         sockets = getattr(self._thread_state, "sockets", None)
@@ -658,18 +661,20 @@ class ZmqTransferEngine:
             if not poller.poll(200):
                 continue
             message = self._server.recv_multipart(copy=False)
+            arrived = time.monotonic()
             peer, frames = message[0].bytes, message[1:]
             if len(frames) < 3 or frames[0].bytes != MAGIC:
                 logger.warning("pfs zmq KV engine: dropped a malformed message")
                 continue
             kind, request_id = frames[1].bytes, frames[2].bytes
             try:
-                answer = [b"OK", request_id, *self._handle(peer, kind, frames[3:])]
+                answer = [b"OK", request_id, *self._handle(peer, kind, frames[3:], arrived)]
             except Exception as error:  # every failure is answered, never left hanging
                 answer = [b"ERR", request_id, str(error).encode()]
             self._server.send_multipart([peer, *answer])
 
-    def _handle(self, peer: bytes, kind: bytes, frames: list) -> list[bytes]:
+    def _handle(self, peer: bytes, kind: bytes, frames: list, arrived: float) -> list[bytes]:
+        """Answer one request (``arrived``: when this engine took it in, on its monotonic clock)."""
         if kind == b"P":
             return []
         if kind == b"H":
@@ -688,11 +693,11 @@ class ZmqTransferEngine:
         if peer not in self._verified_peers:
             raise TransferError("KV request on a connection that has not passed the handshake: refused")
         if kind == b"R" and len(frames) >= 4:
-            return self._read_from_peer(frames)
+            return self._read_from_peer(frames, arrived)
         if kind == b"L" and len(frames) >= 4:
-            return self._read_from_peer_pool(peer, frames)
+            return self._read_from_peer_pool(peer, frames, arrived)
         if kind == b"D" and len(frames) >= 3:
-            return self._read_from_peer_device(peer, frames)
+            return self._read_from_peer_device(peer, frames, arrived)
         if kind not in (b"W", b"S") or len(frames) < (4 if kind == b"W" else 5):
             raise TransferError(f"unknown or malformed request kind {kind!r}")
         header = frames[0].buffer
@@ -711,7 +716,7 @@ class ZmqTransferEngine:
             payload = self._peer_stagings.open(ref)[offset : offset + plan.nbytes]
         if payload.nbytes != plan.nbytes:
             raise TransferError(f"header names {plan.nbytes} bytes, message carries {payload.nbytes}")
-        _refuse_if_late(frames[1])
+        _refuse_if_late(frames[1], arrived)
         with self._writing_into(room, generation):
             plan.scatter(payload, self._device_copies() if plan.uses_device else None)
         return []
@@ -771,7 +776,7 @@ class ZmqTransferEngine:
                 logger.info("pfs zmq KV engine: peer's shared staging not usable (%s); using socket frames", error)
         return accepted
 
-    def _read_from_peer(self, frames: list) -> list[bytes]:
+    def _read_from_peer(self, frames: list, arrived: float) -> list[bytes]:
         """A direct read: the sender named its (checked) sources; the destinations are checked here."""
         header = frames[0].buffer
         if header.nbytes % 24:
@@ -784,7 +789,7 @@ class ZmqTransferEngine:
             raise TransferError("direct reads into device memory are not supported")
         room, generation = _room_tag(frames[2])
         (pid,) = struct.unpack("<Q", frames[3].bytes)
-        _refuse_if_late(frames[1])
+        _refuse_if_late(frames[1], arrived)
         with self._writing_into(room, generation):
             try:
                 read_from_process(pid, src, dst, lengths)
@@ -792,7 +797,7 @@ class ZmqTransferEngine:
                 raise TransferError(f"direct read of KV failed: {error}") from error
         return []
 
-    def _read_from_peer_pool(self, peer: bytes, frames: list) -> list[bytes]:
+    def _read_from_peer_pool(self, peer: bytes, frames: list, arrived: float) -> list[bytes]:
         """A pool read: the sender named buffers and slots in its shared pool; both sides are checked here."""
         pid = self._peer_pool_pids.get(peer)
         table = self._peer_pools.table(pid) if pid is not None else None
@@ -805,7 +810,7 @@ class ZmqTransferEngine:
         slot_pairs = np.frombuffer(slot_bytes, dtype="<i8").reshape(2, -1)
         slots = KVSlots.of(buffers[:, 0], buffers[:, 1], buffers[:, 2], slot_pairs[0], slot_pairs[1])
         room, generation = _room_tag(frames[3])
-        _refuse_if_late(frames[2])
+        _refuse_if_late(frames[2], arrived)
         threads = None
         if slots.nbytes >= THREADED_COPY_MIN_BYTES:
             if self._copy_threads is None:
@@ -815,7 +820,7 @@ class ZmqTransferEngine:
             copy_slots(table, self._registered.table(), slots, threads)
         return []
 
-    def _read_from_peer_device(self, peer: bytes, frames: list) -> list[bytes]:
+    def _read_from_peer_device(self, peer: bytes, frames: list, arrived: float) -> list[bytes]:
         """A device read: the sender named its (checked) device sources; destinations are checked here."""
         memory = self._peer_devices.get(peer)
         if memory is None:
@@ -825,16 +830,24 @@ class ZmqTransferEngine:
             raise TransferError("malformed KV read header")
         triples = np.frombuffer(header, dtype=_HEADER_DTYPE).reshape(-1, 3).view(np.int64)
         room, generation = _room_tag(frames[2])
-        _refuse_if_late(frames[1])
+        _refuse_if_late(frames[1], arrived)
         with self._writing_into(room, generation):
             copy_blocks(memory, triples[:, 0], self._registered.table(), triples[:, 1], triples[:, 2])
         return []
 
 
-def _refuse_if_late(deadline_frame) -> None:
-    """Refuse a write or read whose deadline (a little-endian float64 wall-clock time) has passed."""
-    (deadline,) = struct.unpack("<d", deadline_frame.bytes)
-    if time.time() > deadline:
+def _budget(deadline: float) -> bytes:
+    """The wire's time budget: the seconds left until ``deadline`` (this engine's monotonic clock), float64."""
+    return struct.pack("<d", deadline - time.monotonic())
+
+
+def _refuse_if_late(budget_frame, arrived: float) -> None:
+    """Refuse a write or read whose time budget has run out since it ``arrived`` (this engine's monotonic clock).
+
+    No clock of the sender's is read: hosts whose clocks disagree still agree on a deadline.
+    """
+    (budget,) = struct.unpack("<d", budget_frame.bytes)
+    if not time.monotonic() <= arrived + budget:  # a NaN budget is refused too
         raise TransferError("KV write arrived after its deadline: refused (its slots may be freed)")
 
 
