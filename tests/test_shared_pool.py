@@ -169,6 +169,27 @@ def test_a_senders_pool_is_unmapped_once_its_process_exits():
     assert pools.table(pid) is None and pools.table(os.getpid()) is not None
 
 
+def test_a_senders_pool_is_unmapped_once_its_pid_belongs_to_another_process(monkeypatch):
+    """A pid the kernel reused is not the sender any more: the start time in /proc/PID/stat tells them apart."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_hold_a_shared_segment, args=(theirs,), daemon=True)
+    child.start()
+    try:
+        pid, segment = ours.recv()
+        pools = PeerPools()
+        pools.open(pid, [segment])
+        started_at = shared_pool._started_at
+        # the sender exited and another process took its pid (the child stands in for it: /proc/PID stays)
+        monkeypatch.setattr(shared_pool, "_started_at", lambda p: started_at(p) + (p == pid))
+        (own,) = move_to_shared_memory([torch.zeros(4096, dtype=torch.uint8)])
+        pools.open(os.getpid(), segments_holding([Region(own.data_ptr(), own.nbytes)]))
+        assert pools.table(pid) is None and pools.table(os.getpid()) is not None
+    finally:
+        ours.send("exit")
+        child.join(timeout=30)
+
+
 def test_a_segment_is_released_with_the_last_tensor_over_it():
     (tensor,) = move_to_shared_memory([torch.zeros(4096, dtype=torch.uint8)])
     region = Region(tensor.data_ptr(), tensor.nbytes)

@@ -123,35 +123,57 @@ def register_shared_cpu_pool() -> None:
 
 
 class PeerPools:
-    """Receiver side: same-host senders' shared pool segments, mapped read-only, dropped once their process exits."""
+    """Receiver side: same-host senders' shared pool segments, mapped read-only, dropped once their process exits.
+
+    A sender is its pid and its process's start time (``/proc/PID/stat``): a pid the
+    kernel gave to another process after the sender exited does not keep its mapping.
+    """
 
     def __init__(self) -> None:
         self._tables: dict[int, RegionTable] = {}  # sender pid -> its segments as regions at its addresses
+        self._started: dict[int, int] = {}  # sender pid -> its process's start time: which process had the pid
         self._views: dict[tuple[int, int], np.ndarray] = {}  # (sender pid, memfd inode) -> the mapped segment
         self._lock = threading.Lock()
 
     def open(self, pid: int, segments: Sequence[SharedSegment]) -> None:
         """Map ``pid``'s segments (all or none); raises OSError (PermissionError: not the announced memfd)."""
         self._forget_exited_processes()
+        started = _started_at(pid)
+        if started is None:
+            raise ProcessLookupError(f"no process {pid}: its KV pool cannot be mapped")
         with self._lock:
-            mapped = dict(self._views)
+            mapped = dict(self._views) if self._started.get(pid) == started else {}
         views = {(pid, s.inode): mapped.get((pid, s.inode)) for s in segments}
         views.update({(pid, s.inode): _map(pid, s) for s in segments if views[(pid, s.inode)] is None})
+        if _started_at(pid) != started:
+            raise ProcessLookupError(f"process {pid} exited while its KV pool was mapped")
         with self._lock:  # the pid's segments now: any it offered before and not now are unmapped
             self._views = {key: view for key, view in self._views.items() if key[0] != pid} | views
             self._tables[pid] = RegionTable([Region(s.start, s.length, None, views[(pid, s.inode)]) for s in segments])
+            self._started[pid] = started
 
     def table(self, pid: int) -> Optional[RegionTable]:
         with self._lock:
             return self._tables.get(pid)
 
     def _forget_exited_processes(self) -> None:
-        """Unmap the pools of senders that exited (a restarted prefill server must not stay pinned here)."""
+        """Unmap the pools of senders that exited (a restarted prefill server must not stay pinned here),
+        also where another process has its pid now."""
         with self._lock:
-            for pid in [pid for pid in self._tables if not os.path.exists(f"/proc/{pid}")]:
-                del self._tables[pid]
+            for pid in [pid for pid in self._tables if _started_at(pid) != self._started[pid]]:
+                del self._tables[pid], self._started[pid]
             for key in [key for key in self._views if key[0] not in self._tables]:
                 del self._views[key]
+
+
+def _started_at(pid: int) -> Optional[int]:
+    """When process ``pid`` started (clock ticks after boot, ``/proc/PID/stat``); None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold ") "
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])  # field 22, starttime; fields[0] is field 3
 
 
 def _map(pid: int, segment: SharedSegment) -> np.ndarray:
