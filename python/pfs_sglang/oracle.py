@@ -22,7 +22,11 @@ import torch
 
 
 def load_model(model_dir: str | Path) -> torch.nn.Module:
-    """A full checkpoint, or a PEFT LoRA adapter merged into the base it names, in float32."""
+    """A full checkpoint, or a PEFT LoRA adapter merged into the base it names, in float32.
+
+    An adapter's relative base path is read from the adapter's dir when it names a dir
+    there (the embedded demo adapters name their sibling ``../base``), else as given.
+    """
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -31,6 +35,8 @@ def load_model(model_dir: str | Path) -> torch.nn.Module:
         from peft import PeftModel
 
         base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        if not Path(base_path).is_absolute() and (model_dir / base_path).is_dir():
+            base_path = model_dir / base_path
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
         model = PeftModel.from_pretrained(base, model_dir).merge_and_unload()
     else:

@@ -11,6 +11,17 @@ fingerprint (invariant 4). They do different tasks over one shared record (see
 no training are needed. The models are small enough that the test suite serves several
 of them at once on two CPU cores.
 
+The same three tasks also ship as LoRA decode modules (``DEMO_LORA_DECODE_MODULES``,
+``assets/lora-<task>``): PEFT adapters of the demo base (rank 16, alpha 32, on the
+attention and MLP projections only, about 320 KB each), trained with the replication's
+LoRA recipe (its ``prefillshare_lora`` arm: ``python -m pfs_sglang.train --mode lora``,
+cache-conditioned on the embedded base, 800 steps at batch 16, lr 3e-3 with 5% warmup,
+seed 0, the task data of the corpus of seed 0), each recording the base's fingerprint;
+held-out exact match 96.5% (extract), 99.0% (compute), 96.0% (transform).
+:func:`write_demo_lora_adapters` copies them beside a copy of the base (``--export-demo``
+writes them too); SGLang's multi-LoRA serves them on a decode server holding the base's
+weights.
+
 :func:`write_base_model` writes a randomly initialised model of the same kind (the
 replication starts from it) and :func:`write_perturbed_decode_module` a seeded
 perturbation of a model (an untrained stand-in, e.g. a foreign base in tests).
@@ -34,6 +45,14 @@ DEMO_DECODE_MODULES = ("extract", "compute", "transform")
 DEMO_SEED = 0
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "model.safetensors"
+# The LoRA decode modules of the demo tasks: task name -> its adapter dir (under ASSETS, and
+# under the root write_demo_lora_adapters writes).
+DEMO_LORA_DECODE_MODULES = {name: f"lora-{name}" for name in DEMO_DECODE_MODULES}
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
+# What an embedded adapter's adapter_config.json names as its base: the sibling dir ``base``
+# (relative to the adapter's dir; transformers and PEFT would read a relative path from the
+# working directory, so write_demo_lora_adapters writes the copied base's absolute path).
+EMBEDDED_ADAPTER_BASE = "../base"
 
 
 @dataclass(frozen=True)
@@ -143,6 +162,55 @@ def write_demo_models(
                 "base_digest": fingerprint_of(models["base"]).digest}
     (root / "demo_models.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return DemoModels(base=models.pop("base"), decode=models)
+
+
+def install_lora_adapter(adapter_dir: str | Path, out_dir: str | Path, base_path: str | Path) -> Path:
+    """Copy the LoRA decode module ``adapter_dir`` (as ``python -m pfs_sglang.train --mode lora``
+    writes it) to ``out_dir``, naming ``base_path`` as its base in ``adapter_config.json``.
+
+    Everything but its ``checkpoints`` and PEFT's model card (``README.md``) is copied:
+    the adapter, the record of the base's fingerprint, and the base's config and tokenizer
+    files, which the identity check reads.
+    """
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{adapter_dir} is not a LoRA adapter: it has no {ADAPTER_CONFIG}")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(adapter_dir, out_dir, ignore=shutil.ignore_patterns("checkpoints", "README.md"))
+    for path in out_dir.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)  # PEFT writes its weights 0600
+    config = json.loads((out_dir / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(base_path)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def write_demo_lora_adapters(
+    root: str | Path, names: Sequence[str] = tuple(DEMO_LORA_DECODE_MODULES), write_base: bool = True
+) -> DemoModels:
+    """Copy the embedded base to ``root/base`` and the named LoRA decode modules to
+    ``root/lora-<name>``; each adapter names that base (absolute path) as its own.
+
+    The result's ``decode`` maps each task name to its adapter dir. With ``write_base``
+    false an existing ``root/base`` is kept if it is the embedded base (as
+    :func:`write_demo_models` writes it to the same root) and copied otherwise.
+    """
+    unknown = set(names) - set(DEMO_LORA_DECODE_MODULES)
+    if unknown:
+        raise ValueError(f"no embedded LoRA decode modules {sorted(unknown)}; "
+                         f"there are {tuple(DEMO_LORA_DECODE_MODULES)}")
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / "base"
+    if write_base or not base.is_dir() or fingerprint_of(base).digest != fingerprint_of(ASSETS / "base").digest:
+        if base.exists():
+            shutil.rmtree(base)
+        shutil.copytree(ASSETS / "base", base)
+    adapters = {name: install_lora_adapter(ASSETS / DEMO_LORA_DECODE_MODULES[name],
+                                           root / DEMO_LORA_DECODE_MODULES[name], base)
+                for name in names}
+    return DemoModels(base=base, decode=adapters)
 
 
 def load_demo_models(root: str | Path) -> DemoModels:

@@ -13,8 +13,8 @@ evaluate every setting of ``evaluate.py`` on held-out data (naive reuse (iii) an
 untuned base need no training of their own), and write ``results.json``, ``results.md``
 and ``results.png`` (``report.py``). ``pretrain_base`` and ``train_task`` are the
 pipeline's two stages, which the sweep (``sweep.py``) runs over a grid.
-``export_demo_models`` copies the base and the first seed's full decode modules of the
-demo tasks to the package's demo assets (``pfs_sglang/models/assets``).
+``export_demo_models`` copies the base and the first seed's full and LoRA decode modules
+of the demo tasks to the package's demo assets (``pfs_sglang/models/assets``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from pfs_sglang.models.demo import DEMO_DECODE_MODULES, TinyLlamaShape, write_base_model
+from pfs_sglang.models.demo import (
+    DEMO_DECODE_MODULES,
+    DEMO_LORA_DECODE_MODULES,
+    EMBEDDED_ADAPTER_BASE,
+    TinyLlamaShape,
+    install_lora_adapter,
+    write_base_model,
+)
 from pfs_sglang.train.corpus import TASKS, CorpusFiles, CorpusSizes, tokenizer_text, write_corpus
 from pfs_sglang.train.evaluate import evaluate_settings
 from pfs_sglang.train.report import Accuracy, write_report
@@ -188,7 +195,9 @@ def replicate(config: ReplicationConfig) -> ReplicationResult:
 
 
 def export_demo_models(result: ReplicationResult, assets_dir: Path) -> Path:
-    """Copy the base and the first seed's full decode modules of the demo tasks to ``assets_dir``."""
+    """Copy the base and the first seed's decode modules of the demo tasks to ``assets_dir``:
+    the full ones (``prefillshare``) as ``<task>``, the LoRA ones (``prefillshare_lora``, when
+    that arm was trained) as ``lora-<task>``. ``assets_dir`` is replaced as a whole."""
     assets_dir = Path(assets_dir)
     if assets_dir.exists():
         shutil.rmtree(assets_dir)
@@ -198,4 +207,7 @@ def export_demo_models(result: ReplicationResult, assets_dir: Path) -> Path:
     for task in result.tasks:
         if task.seed == first_seed and task.task in DEMO_DECODE_MODULES:
             shutil.copytree(task.models["prefillshare"], assets_dir / task.task, ignore=ignore)
+            if "prefillshare_lora" in task.models:
+                install_lora_adapter(task.models["prefillshare_lora"], assets_dir / DEMO_LORA_DECODE_MODULES[task.task],
+                                     EMBEDDED_ADAPTER_BASE)
     return assets_dir
