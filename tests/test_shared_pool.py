@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -143,6 +144,21 @@ def test_copy_slots_checks_every_buffer_before_a_byte_moves():
         bad = KVSlots.of([source[0].ctypes.data], [target[0].ctypes.data], [8], [bad_slot], [0])
         with pytest.raises(OutsideRegisteredMemory):
             copy_slots(src_table, dst_table, bad)
+
+
+def test_a_connection_that_goes_leaves_no_state_in_the_receiver():
+    """Per-connection state (verified, whose pool it may read) goes with the connection; the pool with the last one."""
+    with _engines(shared_source=True, layers=1, slots=8) as (sender, receiver, source, destination):
+        session = receiver.get_session_id()
+        for attempt in range(3):  # the connection fails and the sender connects again (a new ZMQ routing id)
+            assert _send(sender, receiver, source, destination, [1, 2], [3, 4]) == 0, sender.last_error()
+            assert sender.peer_transports(session)[0] == "map"
+            sender._drop_socket(session)
+        deadline = time.monotonic() + 5
+        while (receiver._verified_peers or receiver._peer_pool_pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not receiver._verified_peers and not receiver._peer_pool_pids
+        assert receiver._peer_pools.table(os.getpid()) is None  # the sender's pool is mapped no more
 
 
 def _hold_a_shared_segment(conn) -> None:

@@ -331,6 +331,79 @@ def test_device_memory_is_never_written_as_host_memory(engines, fake_cuda):
     assert not destination.any()
 
 
+def _eventually(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_connection_that_goes_releases_its_senders_device_mapping(engines, fake_cuda, monkeypatch):
+    """Per-connection state (verified, the sender's mapped device regions) goes with the connection."""
+    sender, receiver = engines
+    mappings = []
+
+    class Mapping:  # stands in for cuda_ipc.PeerDeviceMemory: what the receiver maps per connection
+        def __init__(self, exported, sender_pid, device, opened):
+            self.closed = False
+            mappings.append(self)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(zmq_engine, "export_regions", lambda regions: [{"handle": "00", "start": r.start}
+                                                                       for r in regions])
+    monkeypatch.setattr(zmq_engine, "PeerDeviceMemory", Mapping)
+    fake_cuda(_FakeCudart(status=0, memory_type=2, device=0))  # both pools "are on a GPU"
+    _registered(sender, np.ones(4096, dtype=np.uint8))
+    _registered(receiver, np.zeros(4096, dtype=np.uint8))
+    session = receiver.get_session_id()
+    for _ in range(3):  # connect; the connection fails and the sender connects again (a new ZMQ routing id)
+        sender._session(session)  # connects: the handshake
+        assert sender.peer_transports(session)[0] == "cuda"
+        sender._drop_socket(session)
+    assert len(mappings) == 3
+    assert _eventually(lambda: not receiver._verified_peers and not receiver._peer_devices)
+    assert all(mapping.closed for mapping in mappings)
+
+
+def test_a_peer_device_mapping_closes_each_ipc_handle_with_its_last_user(monkeypatch):
+    import contextlib
+
+    import torch
+
+    from pfs_sglang.transfer import cuda_ipc
+
+    class Cudart:
+        def __init__(self):
+            self.open, self.closed = [], []
+
+        def cudaIpcOpenMemHandle(self, mapped, handle, flags):
+            mapped._obj.value = (1 << 40) + (len(self.open) << 30)
+            self.open.append(bytes(handle.reserved)[:1])
+            return 0
+
+        def cudaIpcCloseMemHandle(self, base):
+            self.closed.append(base.value)
+            return 0
+
+    cudart = Cudart()
+    monkeypatch.setattr(cuda_ipc, "_load_cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    opened = cuda_ipc.OpenedAllocations()
+    handle = "01" + "00" * 63
+    exported = [{"start": 4096 * (i + 1), "length": 4096, "handle": handle, "offset": 4096 * i} for i in range(2)]
+    first = cuda_ipc.PeerDeviceMemory(exported, os.getpid() + 1, 0, opened)
+    second = cuda_ipc.PeerDeviceMemory(exported, os.getpid() + 1, 0, opened)  # another connection, same sender
+    assert len(cudart.open) == 1  # one open per handle and process
+    first.close()
+    assert cudart.closed == []  # the other connection still maps it
+    second.close()
+    assert cudart.closed == [1 << 40]
+
+
 def test_device_reads_pair_every_source_row_with_its_destination_row():
     """The ``cuda`` transport's row pairing, run on host regions: blocks of mixed sizes land exactly."""
     from pfs_sglang.transfer.cuda_ipc import paired_rows, plans_in_one_unit

@@ -8,7 +8,8 @@ crosses PCIe twice and copies on the host twice; here the bytes never leave the 
   region's offset in it; a sender in the same process exports plain addresses);
 * the receiver maps them (``PeerDeviceMemory``: ``cudaIpcOpenMemHandle``, each
   allocation once per process) and accepts the ``cuda`` transport only if every region
-  mapped;
+  mapped; a mapping is closed with the connection it was made for, and an allocation
+  with the last mapping that uses it (``cudaIpcCloseMemHandle``);
 * for a request the sender synchronises the devices its sources live on (the KV its
   model wrote is complete) and names its blocks; the receiver, having checked that every
   destination lies in device memory it registered and every source in a region the
@@ -70,13 +71,15 @@ def export_regions(regions: list[Region]) -> list[dict]:
 
 
 class OpenedAllocations:
-    """Every IPC handle this process opened, once each (a second open of one handle fails), until close."""
+    """The IPC handles this process opened, once each (a second open of one handle fails), while a user holds one."""
 
     def __init__(self) -> None:
         self._bases: dict[str, int] = {}
+        self._users: dict[str, int] = {}  # handle -> how many ``base`` calls have not been released
         self._lock = threading.Lock()
 
     def base(self, handle_hex: str, device: int) -> int:
+        """The handle's allocation mapped here (opened at its first user); ``release`` it when done."""
         import torch
 
         with self._lock:
@@ -90,29 +93,53 @@ class OpenedAllocations:
                     _load_cudart().cudaGetLastError()
                     raise RuntimeError(f"cudaIpcOpenMemHandle failed with status {status}")
                 self._bases[handle_hex] = mapped.value
+            self._users[handle_hex] = self._users.get(handle_hex, 0) + 1
             return self._bases[handle_hex]
+
+    def release(self, handle_hex: str) -> None:
+        """One user of the handle is done; the last one closes it."""
+        with self._lock:
+            self._users[handle_hex] -= 1
+            if not self._users[handle_hex]:
+                del self._users[handle_hex]
+                _load_cudart().cudaIpcCloseMemHandle(ctypes.c_void_p(self._bases.pop(handle_hex)))
 
     def close(self) -> None:
         with self._lock:
             for base in self._bases.values():
                 _load_cudart().cudaIpcCloseMemHandle(ctypes.c_void_p(base))
             self._bases.clear()
+            self._users.clear()
 
 
 class PeerDeviceMemory:
-    """A sender's exported device regions, mapped into this process on ``device``."""
+    """A sender's exported device regions, mapped into this process on ``device`` until ``close``."""
 
     def __init__(self, exported: list[dict], sender_pid: int, device: int, opened: OpenedAllocations) -> None:
         self.device = device
         same_process = sender_pid == os.getpid()  # its addresses are ours (IPC refuses one's own handles)
         self._sender = RegionTable([Region(int(e["start"]), int(e["length"]), device) for e in exported])
+        self._opened, self._handles = opened, []  # the handles this mapping uses, once per ``base`` call
         local = {}
-        for e in exported:
-            mapped = int(e["start"]) if same_process else opened.base(e["handle"], device) + int(e["offset"])
-            local[int(e["start"])] = mapped
+        try:
+            for e in exported:
+                if same_process:
+                    local[int(e["start"])] = int(e["start"])
+                else:
+                    local[int(e["start"])] = opened.base(e["handle"], device) + int(e["offset"])
+                    self._handles.append(e["handle"])
+        except BaseException:
+            self.close()
+            raise
         # per exported region (in the sender's table order): local address minus sender address
         self._shift = np.array([local[r.start] - r.start for r in self._sender.regions], dtype=np.int64)
         self.local = RegionTable([Region(local[r.start], r.length, device) for r in self._sender.regions])
+
+    def close(self) -> None:
+        """Unmap: the sender's allocations are closed here once no other mapping uses them."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            self._opened.release(handle)
 
     def translate(self, src: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """The sender's source addresses as addresses in this process; raises outside its exported regions."""

@@ -156,6 +156,13 @@ class PeerPools:
         with self._lock:
             return self._tables.get(pid)
 
+    def close(self, pid: int) -> None:
+        """Unmap ``pid``'s pool (no connection of it reads it any more)."""
+        with self._lock:
+            self._tables.pop(pid, None)
+            self._started.pop(pid, None)
+            self._views = {key: view for key, view in self._views.items() if key[0] != pid}
+
     def _forget_exited_processes(self) -> None:
         """Unmap the pools of senders that exited (a restarted prefill server must not stay pinned here),
         also where another process has its pid now."""

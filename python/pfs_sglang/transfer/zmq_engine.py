@@ -70,7 +70,11 @@ one: ``PFS_KV_SECRET``, set by the launcher), and says which same-host transport
 proved on the sender's probe buffer (``shm``: it can map the sender's staging; ``pvm``:
 it can read the sender's memory; ``map``: it mapped the sender's shared pool segments,
 each checked to be the announced memfd). A write or read request on a connection that has not
-passed the handshake is refused; an inbound message larger than
+passed the handshake is refused. What the receiver keeps per connection (that it passed,
+the sender's device regions it mapped, whose pool it reads) goes with the connection
+(ZMQ reports it gone, or a new connection reads over its socket), a sender's mapped pool
+with the last connection that reads it, so reconnects and restarted prefill servers
+leave nothing behind. An inbound message larger than
 ``MAX_MESSAGE_BYTES`` drops the connection (ZMQ's ``MAXMSGSIZE``); nothing received is
 ever unpickled. Every call has a deadline; a late or failed call returns
 non-zero and the reason is kept for the calling thread (``last_error``).
@@ -97,6 +101,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pfs_sglang.transfer import FAULT_STALL_ENV
 from pfs_sglang.transfer.cuda_ipc import OpenedAllocations, PeerDeviceMemory, copy_blocks, export_regions, synchronize_devices
@@ -224,7 +229,9 @@ class ZmqTransferEngine:
         self.identity = identity
         self.tcp_only = tcp_only  # every peer over TCP and socket frames, also one on this host
         self._secret = secret.encode()
-        self._verified_peers: set[bytes] = set()  # ZMQ routing ids of connections that passed the handshake
+        # receiver, per connection (its ZMQ routing id), while it lasts (``_forget_peer``)
+        self._verified_peers: set[bytes] = set()  # connections that passed the handshake
+        self._peer_by_fd: dict[int, bytes] = {}  # the socket each connection's messages came over
         self.timeout_s = timeout_s
         self._check_peer = check_peer or identity.mismatch_with
         self._local_transports = () if tcp_only else tuple(local_transports)
@@ -655,30 +662,73 @@ class ZmqTransferEngine:
             import torch
 
             torch.cuda.set_device(self._device)  # this thread's CUDA work runs on the server's device
+        disconnects = self._server.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self._server, zmq.POLLIN)
-        while not self._stopped.is_set():
-            if not poller.poll(200):
-                continue
-            message = self._server.recv_multipart(copy=False)
-            arrived = time.monotonic()
-            peer, frames = message[0].bytes, message[1:]
-            if len(frames) < 3 or frames[0].bytes != MAGIC:
-                logger.warning("pfs zmq KV engine: dropped a malformed message")
-                continue
-            kind, request_id = frames[1].bytes, frames[2].bytes
+        poller.register(disconnects, zmq.POLLIN)
+        try:
+            while not self._stopped.is_set():
+                ready = dict(poller.poll(200))
+                # first: a message's connection may have taken over the socket of one that went
+                self._forget_disconnected(disconnects)
+                if self._server in ready:
+                    self._serve_one()
+        finally:
+            self._server.disable_monitor()
+            disconnects.close(0)
+
+    def _serve_one(self) -> None:
+        """Answer the next message (every one is answered, a malformed one dropped)."""
+        message = self._server.recv_multipart(copy=False)
+        arrived = time.monotonic()
+        peer, frames = message[0].bytes, message[1:]
+        self._note_connection(peer, message[-1].get(zmq.SRCFD))
+        if len(frames) < 3 or frames[0].bytes != MAGIC:
+            logger.warning("pfs zmq KV engine: dropped a malformed message")
+            return
+        kind, request_id = frames[1].bytes, frames[2].bytes
+        try:
+            answer = [b"OK", request_id, *self._handle(peer, kind, frames[3:], arrived)]
+        except Exception as error:  # every failure is answered, never left hanging
+            answer = [b"ERR", request_id, str(error).encode()]
+        self._server.send_multipart([peer, *answer])
+
+    # ----- receiver side: per-connection state lives as long as its connection -----
+    def _note_connection(self, peer: bytes, fd: int) -> None:
+        """``peer``'s messages come over socket ``fd``; a connection that had that socket before is gone."""
+        previous = self._peer_by_fd.get(fd)
+        if previous != peer:
+            if previous is not None:
+                self._forget_peer(previous)
+            self._peer_by_fd[fd] = peer
+
+    def _forget_disconnected(self, disconnects: zmq.Socket) -> None:
+        """Drop the state of every connection ZMQ has reported gone (its event names its socket)."""
+        while True:
             try:
-                answer = [b"OK", request_id, *self._handle(peer, kind, frames[3:], arrived)]
-            except Exception as error:  # every failure is answered, never left hanging
-                answer = [b"ERR", request_id, str(error).encode()]
-            self._server.send_multipart([peer, *answer])
+                event = recv_monitor_message(disconnects, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer = self._peer_by_fd.pop(event["value"], None)
+            if peer is not None:
+                self._forget_peer(peer)
+
+    def _forget_peer(self, peer: bytes) -> None:
+        """``peer``'s connection went (or handshakes again): it is unverified, its sender's memory unmapped."""
+        self._verified_peers.discard(peer)
+        memory = self._peer_devices.pop(peer, None)
+        if memory is not None:
+            memory.close()
+        pid = self._peer_pool_pids.pop(peer, None)
+        if pid is not None and pid not in self._peer_pool_pids.values():
+            self._peer_pools.close(pid)
 
     def _handle(self, peer: bytes, kind: bytes, frames: list, arrived: float) -> list[bytes]:
         """Answer one request (``arrived``: when this engine took it in, on its monotonic clock)."""
         if kind == b"P":
             return []
         if kind == b"H":
-            self._verified_peers.discard(peer)
+            self._forget_peer(peer)
             writer = EngineIdentity(**json.loads(frames[0].bytes))
             reason = self._check_peer(writer)
             if reason:
