@@ -70,15 +70,20 @@ def prefillshare_greedy(
     prompt_ids: list[int],
     max_new_tokens: int,
     stop_token_ids: tuple[int, ...] = (),
+    prefill_len: int | None = None,
 ) -> GreedyReference:
-    """Greedy continuation: base KV for ``prompt[:-1]``, decode model from ``prompt[-1]``."""
+    """Greedy continuation: base KV for ``prompt[:k]``, decode model from ``prompt[k]``
+    (``k = prefill_len``, by default ``len - 1``; smaller where input logprobs start earlier)."""
     if len(prompt_ids) < 1:
         raise ValueError("the prompt must hold at least one token")
+    k = len(prompt_ids) - 1 if prefill_len is None else prefill_len
+    if not 0 <= k < len(prompt_ids):
+        raise ValueError(f"prefill_len {k} outside [0, {len(prompt_ids)})")
     base, decode = load_causal_lm(str(base_dir)), load_causal_lm(str(decode_dir))
     past = None
-    if len(prompt_ids) > 1:
-        past = base(torch.tensor([prompt_ids[:-1]]), use_cache=True).past_key_values
-    next_input = torch.tensor([prompt_ids[-1:]])
+    if k > 0:
+        past = base(torch.tensor([prompt_ids[:k]]), use_cache=True).past_key_values
+    next_input = torch.tensor([prompt_ids[k:]])
     output_ids: list[int] = []
     margins: list[float] = []
     for _ in range(max_new_tokens):

@@ -15,6 +15,11 @@ requested stop, the child's own code when a server dies during start-up, 1 for a
 other launch failure. ``--api-key`` can also come from the YAML (``api_key:``), which
 keeps it out of ``ps``.
 
+``--mode`` chooses the shape (``Topology.deployment_mode()``): ``auto`` (the default) serves
+LoRA decode modules on one host unified (one server holds the base and every adapter;
+``--replicas`` such servers) and anything else PD; the launcher prints which and why.
+``--mode unified`` where one server cannot hold the models is refused with the reason.
+
 Across hosts (``docs/multi_host.md``) each host runs one launcher with ``--role``:
 ``prefill`` or ``decode:NAME`` starts that one server on ``--port`` (and the prefill's
 ``--bootstrap-port``) at ``--server-host``, ``router`` only the router, over the servers
@@ -40,6 +45,7 @@ from pfs_sglang.launch.startup import StartupEvent, StartupStep
 from pfs_sglang.launch.supervision import SupervisionEvent, SupervisionStep
 from pfs_sglang.launch.topology import (
     SGLANG_BOOTSTRAP_PORT,
+    MODES,
     TRANSFER_BACKENDS,
     Role,
     Topology,
@@ -83,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-model", action="append", metavar="NAME=PATH",
                         help="a decode module served as model NAME (repeatable)")
     parser.add_argument("--default-model", help="model for requests that name none (default: the first)")
+    parser.add_argument("--mode", choices=MODES,
+                        help="auto (default): unified when every decode model is a LoRA adapter of the base served "
+                             "on one host (one server holds the base and every adapter; no KV is copied), else pd "
+                             "(a prefill server and decode servers, the KV handed over)")
+    parser.add_argument("--replicas", type=int, help="unified mode: how many whole unified servers (default 1)")
     parser.add_argument("--prefill-replicas", type=int)
     parser.add_argument("--decode-replicas", type=int, help="replicas per decode model")
     parser.add_argument("--transfer-backend", choices=TRANSFER_BACKENDS, help="KV transfer (default zmq)")
@@ -175,6 +186,8 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "base_model": args.base_model,
         "decode_models": tuple(parse_decode_model(text) for text in args.decode_model) if args.decode_model else None,
         "default_model": args.default_model,
+        "mode": args.mode,
+        "replicas": args.replicas,
         "prefill_replicas": args.prefill_replicas,
         "decode_replicas": args.decode_replicas,
         "transfer_backend": args.transfer_backend,
@@ -299,7 +312,9 @@ def _describe_launch(topology: Topology, deployment: Deployment) -> str:
     if t.role.kind == "prefill":
         return f"--role prefill: prefill module {t.base_model}; logs in {deployment.log_dir}"
     role = f"--role {t.role}: " if t.role.serves_alone else ""
-    return f"{role}prefill module {t.base_model}; decode models {models}; logs in {deployment.log_dir}"
+    mode = t.deployment_mode()
+    return (f"{role}mode {mode.mode} ({mode.reason}); prefill module {t.base_model}; decode models {models}; "
+            f"logs in {deployment.log_dir}")
 
 
 def say_supervision(event: SupervisionEvent) -> None:

@@ -18,6 +18,11 @@ deployment's KV secret (made at launch, or given: ``kv_secret``, ``PFS_KV_SECRET
 requires of clients and passes on. ``dry_run()`` does the checks and returns every
 server's environment and command line instead of starting them.
 
+In the unified mode (``Topology.deployment_mode()``) the servers are ``replicas`` unified
+servers (``unified-N``: the base and every LoRA decode module in one SGLang server,
+``pfs_sglang.unified``) and no prefill server; the router sends each request whole to
+one of them. Everything else above holds.
+
 A deployment can span hosts (``topology.role``, ``docs/multi_host.md``): a server role
 (``prefill``, ``decode:NAME``) checks and starts only its own server, on the fixed ports
 the topology gives (``port``, ``bootstrap_port``) and with the KV secret every host
@@ -75,6 +80,7 @@ from pfs_sglang.launch.server_commands import (
     cpu_server_env,
     decode_server_command,
     prefill_server_command,
+    unified_server_command,
     write_server_auth,
 )
 from pfs_sglang.launch.startup import BringUp, ServerLaunch, StartupEvent
@@ -170,6 +176,7 @@ class PlannedServer:
     decode_server: DecodeServerSpec | None
     child: ManagedProcess
     ports: ServerPorts | None = None
+    unified: bool = False  # a unified server: the base and every adapter, no disaggregation
 
     @property
     def name(self) -> str:
@@ -271,15 +278,20 @@ class Deployment:
         t = self.topology
         threads = cpu_server_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
-        planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)] if t.role.runs_prefill else []
-        planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.local_decode_servers()
-                    for index in range(t.decode_replicas)]
+        unified = t.deployment_mode().unified
+        if unified:
+            spec = t.unified_server()
+            planned = [(f"{spec.name}-{index}", spec) for index in range(t.replicas)]
+        else:
+            planned = [(f"prefill-{index}", None) for index in range(t.prefill_replicas)] if t.role.runs_prefill else []
+            planned += [(f"decode-{spec.name}-{index}", spec) for spec in t.local_decode_servers()
+                        for index in range(t.decode_replicas)]
         self.servers = []
         for name, spec in planned:
             env = {**child_env(t.server_host, t.transfer_timeout_s, self.kv_secret, t.transfer_force_tcp), **threads,
                    **self.placements[name].env, **handoff}
             child = ManagedProcess(name=name, command=[], log_path=self.log_dir / f"{name}.log", url="", env=env)
-            server = PlannedServer(spec, child)
+            server = PlannedServer(spec, child, unified=unified)
             self._choose_ports(server)
             self.servers.append(server)
 
@@ -288,6 +300,16 @@ class Deployment:
         server role's HTTP and bootstrap ports are the topology's (other hosts are told them)."""
         t, placement = self.topology, self.placements[server.name]
         prefill, fixed = server.decode_server is None, t.role.serves_alone
+        if server.unified:
+            free = free_ports(1 + (t.device == "cuda"), t.server_host)
+            server.ports = ServerPorts(http=free.pop(0), nccl=free.pop(0) if t.device == "cuda" else None)
+            spec = server.decode_server
+            server.child.command = unified_server_command(
+                t.base_model, t.server_host, server.ports, t.device, t.max_total_tokens,
+                tuple((model.name, model.path) for model in spec.models), t.decode_args_of(spec), placement,
+                self.log_dir / SERVER_AUTH_FILE if t.api_key else None)
+            server.child.url = f"http://{t.server_host}:{server.ports.http}"
+            return
         free = free_ports((0 if fixed else 1 + prefill) + (t.device == "cuda"), t.server_host)
         http = t.port if fixed else free.pop(0)
         bootstrap = (t.prefill_bootstrap_port if fixed else free.pop(0)) if prefill else None
@@ -320,6 +342,9 @@ class Deployment:
 
     def _local_pools(self) -> tuple[list[PrefillWorker], dict[str, DecodePool]]:
         t = self.topology
+        if t.deployment_mode().unified:  # every model's pool: every unified server, with the model's adapter
+            servers = [Worker(url=s.child.url) for s in self.servers]
+            return [], {spec.name: DecodePool(spec.name, servers, lora_adapter=spec.name) for spec in t.decode_models}
         prefill_workers = [PrefillWorker(url=s.child.url, bootstrap_host=t.server_host, bootstrap_port=s.ports.bootstrap)
                            for s in self.servers if s.decode_server is None]
         workers = {s.name: Worker(url=s.child.url) for s in self.servers if s.decode_server is not None}
@@ -360,8 +385,12 @@ class Deployment:
                           for name, pool in config.decode_pools.items())
         wait = f"waits up to {self.startup_timeout_s:.0f} s for their /health" if self.remote_servers else \
             f"servers start {self.startup_concurrency} at a time, deadline {self.startup_timeout_s:.0f} s"
-        lines.append(f"# router (in the launcher process): {self.url}; prefill pool "
-                     f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}; {wait}")
+        if config.unified:
+            lines.append(f"# router (in the launcher process): {self.url}; unified servers (no prefill pool, "
+                         f"no KV transfer): {pools}; {wait}")
+        else:
+            lines.append(f"# router (in the launcher process): {self.url}; prefill pool "
+                         f"{', '.join(worker.url for worker in config.prefill_workers)}; decode pools {pools}; {wait}")
         return "\n".join(lines)
 
     def bring_up(self) -> BringUp:

@@ -149,6 +149,11 @@ def check_guards(topology: Topology) -> None:
     placed = t.device == "cuda"
     prefill = sglang_args(t.prefill_args, "--prefill-args")
     _check_server("prefill servers", prefill, defaults, placed, t.pack or t.prefill_mem_fraction is not None)
+    if t.deployment_mode().unified:  # one server: nothing is handed over between pools
+        spec = t.unified_server()
+        unified = sglang_args(t.decode_args_of(spec), "unified servers' --decode-args")
+        _check_server("unified servers", unified, defaults, placed, t.pack or t.decode_mem_fraction_of(spec) is not None)
+        return
     for spec in t.local_decode_models():
         label = f"decode model '{spec.name}'"
         decode = sglang_args(t.decode_args_of(spec), f"{label} --decode-args")

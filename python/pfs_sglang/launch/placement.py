@@ -75,6 +75,10 @@ class _Pool:
 def _pools(topology: Topology) -> list[_Pool]:
     """The pools this host runs (``Topology.role``): all of them, one, or none (the router)."""
     t = topology
+    if t.deployment_mode().unified:
+        spec = t.unified_server()
+        return [_Pool("unified", tuple(f"{spec.name}-{i}" for i in range(t.replicas)), t.decode_tp_of(spec),
+                      t.decode_mem_fraction_of(spec))]
     pools = [_Pool("prefill", tuple(f"prefill-{i}" for i in range(t.prefill_replicas)), t.prefill_tp,
                    t.prefill_mem_fraction)] if t.role.runs_prefill else []
     for spec in t.local_decode_servers():

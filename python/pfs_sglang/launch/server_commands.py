@@ -9,6 +9,9 @@ scheduling, prefill servers turn it off (its early send records a CUDA event). C
 servers share the machine's cores and put torch's large allocations on huge pages
 (``cpu_server_env``): torch's default of one thread per core in every server
 oversubscribes the cores several times over.
+Unified (``pfs_sglang.unified``): no disaggregation; the base with SGLang's multi-LoRA
+holding every adapter (and a slot for the base, which serves the positions before
+``k``) and the ``pfs`` tree; overlap scheduling stays on.
 Serving flags are adjusted here and nowhere else.
 """
 
@@ -86,14 +89,14 @@ def write_server_auth(api_key: str, path: Path) -> Path:
     return path
 
 
-def _common(model: Path, host: str, ports: ServerPorts, backend: str, device: str, max_total_tokens: int,
+def _common(model: Path, host: str, ports: ServerPorts, backend: str | None, device: str, max_total_tokens: int,
             auth_file: Path | None) -> list[str]:
     args = [
         sys.executable, "-m", "sglang.launch_server",
         *(["--config", str(auth_file)] if auth_file is not None else []),
         "--model-path", str(model),
         "--host", host, "--port", str(ports.http),
-        "--disaggregation-transfer-backend", backend,
+        *(["--disaggregation-transfer-backend", backend] if backend is not None else []),
         "--enable-metrics", "--enable-cache-report",
         *_dtype_args(model),
     ]
@@ -142,8 +145,29 @@ def decode_server_command(
         # default host pool needs cudaHostRegister, a plain CPU tensor does not.
         args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
     if lora_adapters:
-        args += ["--enable-lora", "--max-loras-per-batch", str(len(lora_adapters)),
-                 "--lora-paths", *(f"{adapter}={path}" for adapter, path in lora_adapters)]
-        if device == "cpu":
-            args += ["--lora-backend", "torch_native"]  # SGLang's only LoRA backend without GPU kernels
+        args += _lora_args(lora_adapters, device, slots=len(lora_adapters))
     return [*args, *extra]
+
+
+def _lora_args(lora_adapters: tuple[tuple[str, Path], ...], device: str, slots: int) -> list[str]:
+    args = ["--enable-lora", "--max-loras-per-batch", str(slots),
+            "--lora-paths", *(f"{adapter}={path}" for adapter, path in lora_adapters)]
+    if device == "cpu":
+        args += ["--lora-backend", "torch_native"]  # SGLang's only LoRA backend without GPU kernels
+    return args
+
+
+def unified_server_command(
+    base_model: Path, host: str, ports: ServerPorts, device: str, max_total_tokens: int,
+    lora_adapters: tuple[tuple[str, Path], ...], extra: tuple[str, ...] = (),
+    placement: ServerPlacement | None = None, auth_file: Path | None = None,
+) -> list[str]:
+    """A unified server: the base, every adapter under its name, the ``pfs`` tree; one batch
+    may hold every adapter and the base (``--max-loras-per-batch`` adapters + 1)."""
+    return [
+        *_common(base_model, host, ports, None, device, max_total_tokens, auth_file),
+        *_placement_args(ports, placement),
+        "--radix-cache-backend", RADIX_CACHE_BACKEND,
+        *_lora_args(lora_adapters, device, slots=len(lora_adapters) + 1),
+        *extra,
+    ]

@@ -22,6 +22,16 @@ the base's weights with SGLang's multi-LoRA; with ``colocate_lora`` (the default
 adapter shares one such server (``decode-lora-N``), so N task models cost one copy of
 the base plus N adapters (``decode_servers()``).
 
+**Mode** (``mode``: ``auto``, ``unified`` or ``pd``; ``deployment_mode()`` says which and
+why). When every decode model is a LoRA adapter of the base and one host serves them,
+``auto`` chooses the unified deployment (``pfs_sglang.unified``): ``replicas`` SGLang
+servers (``unified-N``), each holding the base and every adapter, one KV pool and one
+prefix tree, with no prefill server, no KV transfer and no bootstrap; the co-located
+LoRA server's settings (``decode_tp``, ``decode_mem_fraction``, ``decode_args``) are
+theirs. Otherwise (a full-weight decode module, a server role of a multi-host
+deployment, ``--no-colocate-lora``) it is PD, as below; ``mode: unified`` where that
+cannot hold is refused with the reason.
+
 A deployment can span machines (``docs/multi_host.md``): ``role`` says what this host
 runs of it (``Role``: everything, the prefill server, one decode server, or only the
 router); the server roles listen on fixed ports (``port``, ``bootstrap_port``) at
@@ -53,6 +63,8 @@ TRANSFER_BACKENDS = ("zmq", "mooncake", "nixl")
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA adapter directory
 COLOCATED_LORA_SERVER = "lora"  # the name of the decode server co-located adapters share
 SGLANG_BOOTSTRAP_PORT = 8998  # SGLang's default --disaggregation-bootstrap-port: the prefill role's default
+MODES = ("auto", "unified", "pd")
+UNIFIED_SERVER = "unified"  # its servers are unified-{replica}
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,18 @@ class DecodeServerSpec:
 
 
 @dataclass(frozen=True)
+class DeploymentMode:
+    """The shape a topology is served in: ``unified`` or ``pd``, and why (the launcher prints it)."""
+
+    mode: str
+    reason: str
+
+    @property
+    def unified(self) -> bool:
+        return self.mode == "unified"
+
+
+@dataclass(frozen=True)
 class Topology:
     """One prefill pool of ``base_model`` and, per decode model, a pool of ``decode_replicas``."""
 
@@ -197,6 +221,38 @@ class Topology:
     transfer_force_tcp: bool = False  # zmq engines talk TCP over the socket even on one host
     kv_secret: str | None = None  # the KV secret every host's servers share (None: made at launch, role all)
     external_servers: ExternalServers | None = None  # --role router: the servers started elsewhere
+    mode: str = "auto"  # auto, unified or pd (deployment_mode())
+    replicas: int = 1  # unified servers (the unified mode's; PD has prefill_replicas and decode_replicas)
+
+    def _unified_blocker(self) -> str | None:
+        """Why one server cannot hold every decode model, or None."""
+        if self.role.kind != "all":
+            return f"--role {self.role} is one part of a multi-host deployment, which is PD"
+        full = [spec.name for spec in self.decode_models if not spec.is_lora_adapter]
+        if full:
+            return (f"decode model(s) {', '.join(map(repr, full))} are full-weight models, not LoRA adapters of the "
+                    "base: each needs a server of its own")
+        if not self.colocate_lora:
+            return "--no-colocate-lora asks for one decode server per adapter"
+        return None
+
+    def deployment_mode(self) -> DeploymentMode:
+        """Unified where every decode model is a LoRA adapter served by one host, else PD (``mode`` forces either)."""
+        if self.mode == "pd":
+            return DeploymentMode("pd", "asked for (--mode pd)")
+        blocker = self._unified_blocker()
+        if self.mode == "unified":
+            if blocker is not None:
+                raise ValueError(f"--mode unified cannot hold: {blocker}")
+            return DeploymentMode("unified", "asked for (--mode unified)")
+        if blocker is not None:
+            return DeploymentMode("pd", blocker)
+        return DeploymentMode("unified", "every decode model is a LoRA adapter of the base, served on one host: one "
+                                         "server holds the base and every adapter (no KV is copied)")
+
+    def unified_server(self) -> DecodeServerSpec:
+        """What each unified server serves: every decode model, as LoRA adapters over the base."""
+        return DecodeServerSpec.of(UNIFIED_SERVER, self.decode_models, lora=True)
 
     def decode_servers(self) -> tuple[DecodeServerSpec, ...]:
         """The decode servers to start (each ``decode_replicas`` times): one per full-weight
@@ -240,8 +296,10 @@ class Topology:
     def validate(self) -> None:
         if self.transfer_backend not in TRANSFER_BACKENDS:
             raise ValueError(f"transfer backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
-        if self.prefill_replicas < 1 or self.decode_replicas < 1:
+        if self.prefill_replicas < 1 or self.decode_replicas < 1 or self.replicas < 1:
             raise ValueError("replica counts must be at least 1")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.max_restarts < 0:
             raise ValueError(f"max restarts must be at least 0, got {self.max_restarts}")
         if self.startup_concurrency is not None and self.startup_concurrency < 1:
@@ -274,6 +332,13 @@ class Topology:
                              *((f"decode '{s.name}'", s.mem_fraction) for s in self.decode_models)]:
             if share is not None and not 0 < share < 1:
                 raise ValueError(f"{label} memory fraction must be between 0 and 1, got {share}")
+        mode = self.deployment_mode()
+        if mode.unified and (self.prefill_replicas != 1 or self.decode_replicas != 1):
+            raise ValueError("the unified mode runs --replicas whole servers; --prefill-replicas and "
+                             "--decode-replicas are PD's")
+        if not mode.unified and self.replicas != 1:
+            raise ValueError(f"--replicas counts unified servers, but this deployment is PD ({mode.reason}); "
+                             "use --prefill-replicas and --decode-replicas")
 
     def _validate_role(self, names: list[str]) -> list[str]:
         """Refuse what ``role`` cannot run; the model names the router serves."""

@@ -28,6 +28,12 @@ on every server. A server whose process is gone is out of rotation until its hea
 check passes again (``worker_health.py``); a request whose pool has no server in
 rotation gets 503 at once. With ``--api-key`` every request but ``/health*`` and
 ``/metrics`` needs the key (``api_key.py``).
+
+A unified deployment (``RouterConfig`` with no prefill workers: every decode pool's
+servers hold the base and every LoRA decode module, ``pfs_sglang.unified``) routes each
+request whole to one of those servers, chosen by prefix locality across models (so a
+session's turns meet the tree that holds its context), with the model's adapter as
+``lora_path``; everything else above holds unchanged.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from pfs_sglang.router.api_key import RequireApiKey
 from pfs_sglang.router.fanout import FanOut, RunningSubRequests, StreamMerger, SubRequest, combine, plan_fan_out, sse
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
-from pfs_sglang.router.pd import DecodeLines, PrefillDecodeClient, UpstreamError, pd_body
+from pfs_sglang.router.pd import DecodeLines, PrefillDecodeClient, UpstreamError, one_server_body, pd_body
 from pfs_sglang.router.pools import DecodePool, Lease, NoHealthyWorker, PrefillWorker, PrefixLocality, Worker
 from pfs_sglang.router.request_body import (
     CHAT,
@@ -80,7 +86,9 @@ MODEL_PREFIX = "/models/{model}"
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """The servers a router fronts. ``default_model`` answers requests that name none (``/generate``)."""
+    """The servers a router fronts. ``default_model`` answers requests that name none (``/generate``).
+
+    No ``prefill_workers``: a unified deployment (each request whole on one of the pools' servers)."""
 
     prefill_workers: list[PrefillWorker]
     decode_pools: dict[str, DecodePool]
@@ -92,10 +100,14 @@ class RouterConfig:
     health_checks: HealthCheckSettings = HealthCheckSettings()
 
     def __post_init__(self) -> None:
-        if not self.prefill_workers or not self.decode_pools:
-            raise ValueError("a router needs at least one prefill worker and one decode pool")
+        if not self.decode_pools:
+            raise ValueError("a router needs at least one decode pool")
         if self.default_model is not None and self.default_model not in self.decode_pools:
             raise ValueError(f"default model {self.default_model!r} is not served: {sorted(self.decode_pools)}")
+
+    @property
+    def unified(self) -> bool:
+        return not self.prefill_workers
 
     @property
     def fallback_model(self) -> str:
@@ -107,9 +119,11 @@ class PrefillShareRouter:
         self.config = config
         self.client = client
         self.metrics = RouterMetrics()
-        self.locality = PrefixLocality(config.prefill_workers)
         # each set of decode servers once: co-located LoRA adapters' pools hold the same servers
         decode = {tuple(map(id, pool.workers)): pool.workers for pool in config.decode_pools.values()}
+        unified_servers = list({id(w): w for workers in decode.values() for w in workers}.values())
+        self.locality = PrefixLocality(config.prefill_workers) if not config.unified else \
+            PrefixLocality(unified_servers, pool_name="unified")
         self.health_checker = WorkerHealthChecker([config.prefill_workers, *decode.values()], client,
                                                   config.health_checks)
         self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
@@ -188,6 +202,13 @@ class PrefillShareRouter:
         self._record_reply(routed, reply)
         return JSONResponse(reply)
 
+    def _unified_lease(self, prompt: str) -> Lease[Worker]:
+        """A unified server in rotation, by prefix locality, or 503 at once when none is."""
+        try:
+            return self.locality.acquire(prompt)
+        except NoHealthyWorker as error:
+            raise UpstreamError(503, str(error)) from error
+
     def _leases(self, model: str, prompt: str) -> tuple[Lease[PrefillWorker], Lease[Worker]]:
         """A prefill and a decode server in rotation, or 503 at once when a pool has none."""
         try:
@@ -203,6 +224,12 @@ class PrefillShareRouter:
     async def _hand_off(self, model: str, endpoint: str, body: dict, prompt: str,
                         on_prefill_done: Callable[[], None] | None = None) -> dict:
         """One prompt, one sample: the decode server's reply (``cached_tokens`` filled in, transfer counted)."""
+        if self.config.unified:
+            reply = await self.pd.complete_one(self._unified_lease(prompt), endpoint,
+                                               {**one_server_body(endpoint, body), **self._decode_fields(model)},
+                                               on_prefill_done)
+            ensure_cached_tokens(reply)
+            return reply
         prefill, decode = self._leases(model, prompt)
         reply, prefill_reply = await self.pd.complete(prefill, decode, endpoint,
                                                       pd_body(endpoint, body, prefill.worker), on_prefill_done,
@@ -215,6 +242,10 @@ class PrefillShareRouter:
 
     async def _open_stream(self, model: str, endpoint: str, body: dict, prompt: str,
                            on_prefill_done: Callable[[], None] | None = None) -> DecodeLines:
+        if self.config.unified:
+            return await self.pd.stream_one(self._unified_lease(prompt), endpoint,
+                                            {**one_server_body(endpoint, body), **self._decode_fields(model)},
+                                            on_prefill_done)
         prefill, decode = self._leases(model, prompt)
         return await self.pd.stream(prefill, decode, endpoint, pd_body(endpoint, body, prefill.worker),
                                     on_prefill_done, self._decode_fields(model))
@@ -429,6 +460,8 @@ class PrefillShareRouter:
         prefills = self.config.prefill_workers
         decodes = [(name, worker) for name, pool in self.config.decode_pools.items() for worker in pool.workers]
         body = {"text": "health", "sampling_params": {"max_new_tokens": 1, "temperature": 0}, "log_metrics": False}
+        if self.config.unified:
+            return await self._health_generate_unified(decodes, body)
 
         async def one(index: int) -> str | None:
             prefill, (model, decode) = prefills[index % len(prefills)], decodes[index % len(decodes)]
@@ -446,6 +479,23 @@ class PrefillShareRouter:
                     if f is not None]
         if failures:
             return error_response(503, "generation through the PD path failed: " + "; ".join(failures))
+        return Response(status_code=200)
+
+    async def _health_generate_unified(self, served: list[tuple[str, Worker]], body: dict) -> Response:
+        """A one-token generation of every model on every unified server that serves it."""
+        async def one(model: str, server: Worker) -> str | None:
+            request = {**body, "rid": f"pfs-health-{uuid.uuid4().hex}", **self._decode_fields(model)}
+            try:
+                await asyncio.wait_for(self.pd.complete_one(Lease(server), GENERATE, request), HEALTH_GENERATE_TIMEOUT_S)
+                return None
+            except UpstreamError as error:
+                return f"{server.url} ({model}): {error.message}"
+            except asyncio.TimeoutError:
+                return f"{server.url} ({model}): no token in {HEALTH_GENERATE_TIMEOUT_S:.0f} s"
+
+        failures = [f for f in await asyncio.gather(*(one(model, server) for model, server in served)) if f is not None]
+        if failures:
+            return error_response(503, "generation on the unified servers failed: " + "; ".join(failures))
         return Response(status_code=200)
 
     async def abort_request(self, body: dict[str, Any]) -> Response:

@@ -13,6 +13,12 @@ timeout (the client's ``httpx.Timeout``). A server that fails at the connection
 reported (``on_connection_failure``: the router takes it out of rotation if its port
 refuses connections, ``worker_health.py``). A caller may ask to hear when the prefill
 server has answered (``on_prefill_done``): the prompt's KV is then in its prefix tree.
+
+A unified deployment (one server holds the base and every LoRA decode module:
+``pfs_sglang.unified``) has no hand-off: ``complete_one`` and ``stream_one`` send the
+client's body to that one server, with the same timeouts, errors and connection-failure
+reports; ``on_prefill_done`` comes with the reply (or the stream's first line), when the
+prompt's base KV is in that server's tree.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ def pd_body(endpoint: str, client_body: dict[str, Any], prefill: PrefillWorker) 
     """
     body = {**client_body, "bootstrap_host": prefill.bootstrap_host, "bootstrap_port": prefill.bootstrap_port,
             "bootstrap_room": secrets.randbits(63)}
+    if endpoint == GENERATE:
+        body.pop("model", None)
+    return body
+
+
+def one_server_body(endpoint: str, client_body: dict[str, Any]) -> dict[str, Any]:
+    """The body a unified server receives: the client's (one prompt, one sample); ``/generate`` loses ``model``."""
+    body = dict(client_body)
     if endpoint == GENERATE:
         body.pop("model", None)
     return body
@@ -164,6 +178,25 @@ class PrefillDecodeClient:
             decode.release()
             raise
         self._finish_in_background(prefill_task)
+        return DecodeLines(first, lines)
+
+    async def complete_one(self, server: Lease[Worker], endpoint: str, body: dict,
+                           on_prefill_done: Callable[[], None] | None = None) -> dict:
+        """A unified server's JSON reply (``body`` as ``one_server_body`` makes it, plus the model's fields)."""
+        return await self._start(self._post_json("decode", server, endpoint, body), server, on_prefill_done)
+
+    async def stream_one(self, server: Lease[Worker], endpoint: str, body: dict,
+                         on_prefill_done: Callable[[], None] | None = None) -> "DecodeLines":
+        """A unified server's SSE lines; the lease is released when they end, as in ``stream``."""
+        lines = self._decode_lines(server, endpoint, body)
+        try:
+            first = await self._first_line(server.worker, lines)
+        except BaseException:
+            await lines.aclose()
+            server.release()
+            raise
+        if on_prefill_done is not None:
+            on_prefill_done()
         return DecodeLines(first, lines)
 
     @staticmethod

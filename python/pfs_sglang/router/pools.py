@@ -97,21 +97,22 @@ class DecodePool:
         return Lease(self._balance.choose())
 
 
-class PrefixLocality:
-    """Chooses a prefill replica: the owner of the prompt's longest known prefix, else least-loaded.
+class PrefixLocality(Generic[W]):
+    """Chooses a prefill replica (or a unified server): the owner of the prompt's longest
+    known prefix, else least-loaded.
 
     ``max_imbalance``: an owner with this many more requests in flight than the
     least-loaded replica loses the prompt to it (the prefix is then recomputed there).
     """
 
-    def __init__(self, workers: Sequence[PrefillWorker], block_chars: int = 64, capacity: int = 100_000,
-                 max_imbalance: int = 32):
+    def __init__(self, workers: Sequence[W], block_chars: int = 64, capacity: int = 100_000,
+                 max_imbalance: int = 32, pool_name: str = "prefill"):
         self.workers = list(workers)
         self.block_chars = block_chars
         self.capacity = capacity
         self.max_imbalance = max_imbalance
-        self._balance: LeastLoaded[PrefillWorker] = LeastLoaded(self.workers, "prefill")
-        self._owner: OrderedDict[str, PrefillWorker] = OrderedDict()
+        self._balance: LeastLoaded[W] = LeastLoaded(self.workers, pool_name)
+        self._owner: OrderedDict[str, W] = OrderedDict()
 
     def _block_hashes(self, text: str) -> list[str]:
         """Hashes of each whole leading block: the hash of block i covers text[: (i+1)*block_chars]."""
@@ -122,14 +123,14 @@ class PrefixLocality:
             hashes.append(running.copy().hexdigest())
         return hashes
 
-    def _owner_of(self, hashes: list[str]) -> PrefillWorker | None:
+    def _owner_of(self, hashes: list[str]) -> W | None:
         for block_hash in reversed(hashes):  # longest known prefix first
             owner = self._owner.get(block_hash)
             if owner is not None:
                 return owner
         return None
 
-    def acquire(self, text: str) -> Lease[PrefillWorker]:
+    def acquire(self, text: str) -> Lease[W]:
         hashes = self._block_hashes(text)
         least_loaded = self._balance.choose()
         owner = self._owner_of(hashes)

@@ -1,0 +1,168 @@
+"""The unified deployment: one SGLang server holds the base and every LoRA decode module.
+
+Started by the launcher (``Deployment``) with two LoRA adapters of the demo base whose
+weights are random and large, so the KV and the tokens an adapter computes differ
+visibly from the base's: any adapter-computed KV served as prompt KV, or any prompt
+position before ``k`` run with an adapter, changes the greedy output. The server runs
+page size 4 and 32-token prefill chunks, so prompts of 50-100 tokens straddle chunks
+and pages at ``k``; overlap scheduling is SGLang's default. Every answer is checked
+against the transformers oracle of invariant 5 (base KV of ``prompt[:k]``, the adapter
+from ``k``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from pfs_sglang.identity import fingerprint_of, token_sequence_of, write_decode_module_record
+from pfs_sglang.identity.compat import PREFILL_TOKEN_SEQUENCE
+from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
+from pfs_sglang.launch.processes import free_port
+from pfs_sglang.oracle import prefillshare_greedy, prefillshare_input_logprobs
+from sglang_process import generate_greedy, wait_deployment_idle
+
+pytestmark = pytest.mark.server  # starts a unified SGLang server
+
+PAGE_SIZE = 4
+ADAPTERS = {"alpha": 1, "beta": 2}  # name -> seed
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora_adapter(base: Path, out: Path, seed: int) -> Path:
+    """A LoRA decode module of ``base`` with random, large weights (its record says so)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_" in name:
+                weight.mul_(3.0)
+    model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        shutil.copy2(base / name, out / name)
+    write_decode_module_record(out, fingerprint_of(base), {"trained_by": "random weights (tests)",
+                                                          PREFILL_TOKEN_SEQUENCE: token_sequence_of(base)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_models, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unified_adapters")
+    return {name: random_lora_adapter(demo_models.base, root / name, seed) for name, seed in ADAPTERS.items()}
+
+
+@pytest.fixture(scope="module")
+def unified(demo_models, adapters, tmp_path_factory):
+    topology = Topology(
+        base_model=demo_models.base,
+        decode_models=tuple(DecodeModelSpec(name, path) for name, path in adapters.items()),
+        port=free_port(), max_total_tokens=4096, log_dir=tmp_path_factory.mktemp("unified_logs"),
+        decode_args=("--page-size", str(PAGE_SIZE), "--chunked-prefill-size", "32"),
+    )
+    assert topology.deployment_mode().unified
+    with Deployment(topology) as deployment:
+        yield deployment
+
+
+def _prompt(seed: int, length: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(5, 500) for _ in range(length)]
+
+
+def _expect(demo_models, adapter: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    return prefillshare_greedy(demo_models.base, adapter, prompt, max_new_tokens).output_ids
+
+
+def test_one_server_no_prefill_pool(unified):
+    workers = requests.get(f"{unified.url}/workers", timeout=10).json()["workers"]
+    assert {row["role"] for row in workers} == {"decode"}
+    assert len({row["url"] for row in workers}) == 1
+    assert [server.name for server in unified.servers] == ["unified-0"]
+    command = unified.servers[0].child.command
+    assert "--disaggregation-mode" not in command and "--radix-cache-backend" in command
+
+
+def test_every_adapter_matches_the_oracle_cold_and_warm(unified, demo_models, adapters):
+    for index, (name, path) in enumerate(adapters.items()):
+        prompt = _prompt(100 + index, 70)
+        expected = _expect(demo_models, path, prompt, 8)
+        cold = generate_greedy(unified.url, name, prompt, 8)
+        warm = generate_greedy(unified.url, name, prompt, 8)
+        assert cold["output_ids"] == expected, name
+        assert warm["output_ids"] == expected, name
+        assert warm["meta_info"]["cached_tokens"] == (len(prompt) - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+def test_adapter_kv_never_enters_the_tree(unified, demo_models, adapters):
+    """Turn 2 extends turn 1's prompt with alpha's own answer: both adapters must see only base KV."""
+    turn1 = _prompt(7, 53)
+    answer = generate_greedy(unified.url, "alpha", turn1, 12)["output_ids"]
+    assert answer == _expect(demo_models, adapters["alpha"], turn1, 12)
+    turn2 = turn1 + answer + _prompt(8, 9)
+    for name in ("alpha", "beta"):
+        reply = generate_greedy(unified.url, name, turn2, 8)
+        assert reply["output_ids"] == _expect(demo_models, adapters[name], turn2, 8), name
+    # beta reuses the base KV alpha's turn put in the one tree (stock SGLang keys it by adapter)
+    assert reply["meta_info"]["cached_tokens"] == (len(turn2) - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+def test_input_logprobs_come_from_the_adapter_from_their_start(unified, demo_models, adapters):
+    prompt, start = _prompt(21, 60), 17
+    reply = generate_greedy(unified.url, "beta", prompt, 2, return_logprob=True, logprob_start_len=start)
+    served = {i: value for i, (value, _token, _text) in enumerate(reply["meta_info"]["input_token_logprobs"], start)
+              if value is not None}
+    expected = prefillshare_input_logprobs(demo_models.base, adapters["beta"], prompt, start)
+    assert set(expected) <= set(served)
+    for position, value in expected.items():
+        assert served[position] == pytest.approx(value, abs=1e-4), position
+    # the first token comes from the adapter's forward over prompt[start:] too
+    assert reply["output_ids"] == prefillshare_greedy(demo_models.base, adapters["beta"], prompt, 2,
+                                                      prefill_len=start).output_ids
+
+
+def test_mixed_batch_streaming_and_n_through_the_router(unified, demo_models, adapters):
+    prompts = [_prompt(40 + i, 50 + 9 * i) for i in range(3)]
+    batch = requests.post(f"{unified.url}/generate", json={
+        "model": "alpha", "input_ids": prompts,
+        "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True, "n": 2},
+    }, timeout=300)
+    assert batch.status_code == 200, batch.text
+    outputs = [item["output_ids"] for item in batch.json()]
+    expected = [_expect(demo_models, adapters["alpha"], prompt, 6) for prompt in prompts]
+    assert outputs == [ids for ids in expected for _ in range(2)]
+    streamed = requests.post(f"{unified.url}/generate", stream=True, json={
+        "model": "beta", "input_ids": prompts[2], "stream": True,
+        "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+    }, timeout=300)
+    events = [json.loads(line[len("data: "):]) for line in streamed.iter_lines(decode_unicode=True)
+              if line.startswith("data: {")]
+    assert events[-1]["output_ids"][-6:] == _expect(demo_models, adapters["beta"], prompts[2], 6)
+
+
+def test_openai_chat_names_the_adapter(unified):
+    reply = requests.post(f"{unified.url}/v1/chat/completions", json={
+        "model": "beta", "messages": [{"role": "user", "content": "name: ana; city: oslo"}],
+        "max_tokens": 4, "temperature": 0,
+    }, timeout=120)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["model"] == "beta" and body["usage"]["completion_tokens"] == 4
+    models = requests.get(f"{unified.url}/v1/models", timeout=10).json()["data"]
+    assert sorted(card["id"] for card in models) == sorted(ADAPTERS)
+
+
+def test_pool_is_idle_after(unified):
+    wait_deployment_idle(unified.url, timeout_s=60)
