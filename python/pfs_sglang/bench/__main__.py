@@ -195,4 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pfs_sglang.launch.processes import exit_on_stop_signals
+
+    exit_on_stop_signals()  # SIGTERM stops what the command started, as Ctrl-C does
     sys.exit(main())

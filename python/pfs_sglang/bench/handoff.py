@@ -603,4 +603,7 @@ def _machine() -> dict:
 
 
 if __name__ == "__main__":
+    from pfs_sglang.launch.processes import exit_on_stop_signals
+
+    exit_on_stop_signals()  # SIGTERM stops what the command started, as Ctrl-C does
     sys.exit(main())

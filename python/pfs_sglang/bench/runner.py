@@ -3,7 +3,8 @@
 For each system in turn (one deployment at a time on the machine): start it, then for
 every point (a number of concurrent sessions) empty its caches, warm each model up with
 one short request, empty the caches again, read the servers' counters, run the
-workload, read them again; then stop it. The same seeded sessions run against every
+workload, read them again; then stop it, however the run ends (``started_group``; the
+command turns SIGTERM into an exit that runs this). The same seeded sessions run against every
 system. Per point, ``write_point`` writes into its directory:
 
 - ``summary.json``: the issue's schema (workload, floor, per-system figures, ratios,
@@ -23,6 +24,8 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -116,22 +119,27 @@ def measure(system: BenchSystem, sessions: list[Session], models: list[str], voc
                         system.server_pools())
 
 
-def start_group(config: BenchConfig, group: tuple[str, ...], models: ModelSet) -> list[BenchSystem] | None:
-    """Start one group of systems; a failed start (e.g. a port taken meanwhile) is tried again once."""
+@contextmanager
+def started_group(config: BenchConfig, group: tuple[str, ...], models: ModelSet) -> Iterator[list[BenchSystem] | None]:
+    """One group of systems, started (None if it would not start: a failed start, e.g. a port
+    taken meanwhile, is tried again once) and stopped when the block ends, however it ends."""
     for attempt in range(1, START_ATTEMPTS + 1):
         systems = make_group(group, models, config.budget, config.device, config.out / "logs" / f"attempt-{attempt}",
                              config.startup_timeout_s)
-        _say(f"starting {' + '.join(group)} (logs in {config.out / 'logs' / f'attempt-{attempt}'})")
-        started = time.monotonic()
         try:
-            systems[0].start()
-        except LaunchError as error:
-            _say(f"{' + '.join(group)} did not start (attempt {attempt}): {str(error)[:1500]}")
+            _say(f"starting {' + '.join(group)} (logs in {config.out / 'logs' / f'attempt-{attempt}'})")
+            started = time.monotonic()
+            try:
+                systems[0].start()
+            except LaunchError as error:
+                _say(f"{' + '.join(group)} did not start (attempt {attempt}): {str(error)[:1500]}")
+                continue
+            _say(f"{' + '.join(group)} up in {time.monotonic() - started:.0f} s")
+            yield systems
+            return
+        finally:
             systems[0].stop()
-            continue
-        _say(f"{' + '.join(group)} up in {time.monotonic() - started:.0f} s")
-        return systems
-    return None
+    yield None
 
 
 def run_benchmark(config: BenchConfig, session_counts: list[int]) -> tuple[ModelSet, dict[int, PointResult]]:
@@ -148,12 +156,11 @@ def run_benchmark(config: BenchConfig, session_counts: list[int]) -> tuple[Model
         for point in points.values():
             point.skipped["vllm"] = VLLM_SKIPPED
     for group in groups_of(tuple(name for name in config.systems if name != "vllm")):
-        systems = start_group(config, group, models)
-        if systems is None:
-            for point in points.values():
-                point.skipped.update({name: "did not start (see the logs)" for name in group})
-            continue
-        try:
+        with started_group(config, group, models) as systems:
+            if systems is None:
+                for point in points.values():
+                    point.skipped.update({name: "did not start (see the logs)" for name in group})
+                continue
             for count in session_counts:
                 for system in systems:
                     result = measure(system, workloads[count], list(models.decode), vocab, config.progress)
@@ -162,8 +169,6 @@ def run_benchmark(config: BenchConfig, session_counts: list[int]) -> tuple[Model
                     _say(f"{system.name}, {count} sessions: p95 e2e {summary['e2e_p95_s']}, "
                          f"{summary['requests_per_s']:.2f} req/s, hit ratio {summary['hit_ratio']}, "
                          f"{summary['errors']} errors")
-        finally:
-            systems[0].stop()
     return models, points
 
 

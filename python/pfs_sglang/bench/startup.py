@@ -48,18 +48,20 @@ def launch_once(concurrency: str, log_dir: Path, launcher_args: list[str], timeo
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = LaunchResult(concurrency, came_up=False, seconds_to_serving=None)
     output = []
-    for line in process.stdout:
-        output.append(line)
-        if match := _HEALTHY.search(line):
-            result.healthy_at_s[match[1]] = float(match[2])
-        result.restarts += bool(_RESTARTED.search(line))
-        if "pfs_sglang: serving on" in line:
-            result.came_up, result.seconds_to_serving = True, time.monotonic() - began
-            break
-        if time.monotonic() - began > timeout_s:
-            break
-    process.send_signal(signal.SIGTERM)
-    output.append(process.communicate(timeout=120)[0])
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if match := _HEALTHY.search(line):
+                result.healthy_at_s[match[1]] = float(match[2])
+            result.restarts += bool(_RESTARTED.search(line))
+            if "pfs_sglang: serving on" in line:
+                result.came_up, result.seconds_to_serving = True, time.monotonic() - began
+                break
+            if time.monotonic() - began > timeout_s:
+                break
+    finally:  # also when this command is stopped: the launcher stops every server it started
+        process.send_signal(signal.SIGTERM)
+        output.append(process.communicate(timeout=120)[0])
     result.exit_code = process.returncode
     (log_dir / "launcher.log").write_text("".join(output))
     result.tracebacks = {log.name: log.read_text(errors="replace").count("Traceback")
@@ -129,4 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pfs_sglang.launch.processes import exit_on_stop_signals
+
+    exit_on_stop_signals()  # SIGTERM stops what the command started, as Ctrl-C does
     sys.exit(main())

@@ -6,7 +6,10 @@ child's whole process group at once, waits a grace period, then SIGKILLs what is
 On Linux each child also gets SIGTERM if the launcher dies without stopping it
 (``PR_SET_PDEATHSIG``; SGLang's own subprocesses follow their parent the same way).
 The death signal is tied to the thread that started the child: start deployments from
-a thread that outlives them (normally the main thread).
+a thread that outlives them (normally the main thread). It reaches the child only, not
+the processes the child started (an SGLang server's scheduler): a command that starts
+servers calls ``exit_on_stop_signals``, so SIGTERM ends it through the code that stops
+them, as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -103,6 +106,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise LaunchError(f"cannot listen on {host}:{port}: {error.strerror}") from error
     return sock
+
+
+def exit_on_stop_signals() -> None:
+    """SIGTERM and Ctrl-C end this command through its ``finally`` and ``with`` blocks (which
+    stop every server it started): the first raises ``SystemExit(128 + signal)``; later ones
+    are ignored, so the stopping is not cut short. Call it from a command's main thread."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def _die_with_parent() -> None:
