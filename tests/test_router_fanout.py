@@ -7,8 +7,8 @@ room, ``n`` taken out), SGLang's order (prompt-major) and shapes (a list for
 failing sub-request failing the whole request at once with every lease released,
 the samples of one prompt held back until its prefill has answered, ``/abort_request``
 reaching the sub-requests (of the request named, not another whose rid begins the same;
-every sub-request of a list-rid batch when its client leaves), ``/health_generate`` through every server, and OpenAI 404s
-for paths the router does not serve. Shapes against a real SGLang server:
+every sub-request of a list-rid batch when its client leaves), ``/health_generate``
+through every server, and OpenAI 404s for paths the router does not serve. Shapes against a real SGLang server:
 ``test_router_sglang_shapes.py``.
 """
 
