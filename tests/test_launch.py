@@ -1,7 +1,7 @@
 """The launcher: refuses foreign decode models before starting anything, fails fast when
-a child dies at start-up; topology and command lines. (Stopping every child on SIGTERM
-and hashing the base's weights once per launch are checked on the deployments of
-``test_startup.py``.)
+a child dies at start-up; topology and command lines. (Hashing the base's weights once
+per launch is checked on the deployment of ``test_startup.py``, stopping every child on
+SIGTERM on the launchers of ``test_multi_host.py``.)
 
 The process tests start real SGLang servers on 127.0.0.1 (CPU), one deployment at a time.
 """
@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -81,6 +82,7 @@ def test_deployment_api_checks_before_it_starts_anything(demo_models, tmp_path):
         assert busy.children == []
 
 
+@pytest.mark.server
 def test_child_that_dies_at_startup_fails_the_launch_with_its_error(demo_models, tmp_path):
     started = time.monotonic()
     process = launch(["--base-model", str(demo_models.base), "--decode-model", f"extract={demo_models.decode['extract']}",
@@ -110,7 +112,7 @@ def test_yaml_topology_and_flags_override(tmp_path, demo_models):
     assert topology.decode_args == ("--mem-fraction-static", "0.5")
     assert (topology.transfer_backend, topology.host, topology.prefill_replicas) == ("zmq", "127.0.0.1", 1)
     with pytest.raises(ValueError, match="unknown topology keys"):
-        config.write_text("base_model: x\nreplicas: 3\n")
+        config.write_text("base_model: x\nreplica: 3\n")  # a typo of replicas
         topology_from_args(build_parser().parse_args(["--config", str(config)]))
 
 
@@ -120,9 +122,33 @@ def test_no_model_given_serves_the_demo_models_written_once(tmp_path, monkeypatc
     demo_json = tmp_path / "demo_models" / "demo_models.json"
     assert demo_json.is_file() and topology.base_model.parent == demo_json.parent
     assert [spec.name for spec in topology.decode_models] == ["extract", "compute", "transform"]
+    # the demo's LoRA decode modules, served unified; --mode pd serves the full-weight ones
+    assert all(spec.is_lora_adapter for spec in topology.decode_models) and topology.deployment_mode().unified
     written = demo_json.stat().st_mtime_ns
     assert topology_from_args(build_parser().parse_args(["--device", "cpu"])) == topology
     assert demo_json.stat().st_mtime_ns == written  # not rewritten
+    pd = topology_from_args(build_parser().parse_args(["--device", "cpu", "--mode", "pd"]))
+    assert not any(spec.is_lora_adapter for spec in pd.decode_models) and pd.base_model == topology.base_model
+    assert pd.deployment_mode().mode == "pd"
+
+
+def test_the_mode_is_chosen_and_said_and_a_forced_unified_mode_is_refused_with_its_reason(demo_models, tmp_path):
+    from pfs_sglang.models import write_demo_lora_adapters
+
+    adapters = write_demo_lora_adapters(tmp_path / "lora")
+    lora = tuple(DecodeModelSpec(name, path) for name, path in adapters.decode.items())
+    full = DecodeModelSpec("extract-full", demo_models.decode["extract"])
+    unified = Topology(base_model=adapters.base, decode_models=lora, replicas=2)
+    assert unified.deployment_mode().unified and "LoRA adapter" in unified.deployment_mode().reason
+    mixed = Topology(base_model=adapters.base, decode_models=(*lora, full))
+    assert mixed.deployment_mode().mode == "pd" and "'extract-full'" in mixed.deployment_mode().reason
+    with pytest.raises(ValueError, match="--mode unified cannot hold: .*'extract-full' are full-weight"):
+        Topology(base_model=adapters.base, decode_models=(*lora, full), mode="unified").validate()
+    with pytest.raises(ValueError, match="--replicas counts unified servers"):
+        Topology(base_model=adapters.base, decode_models=lora, mode="pd", replicas=2).validate()
+    dry = Deployment(replace(unified, log_dir=tmp_path / "logs")).dry_run()
+    assert dry.count("# unified-") == 2 and "--disaggregation-mode" not in dry and "prefill-0" not in dry
+    assert "--max-loras-per-batch 4" in dry  # three adapters and the base
 
 
 def test_server_command_lines(tmp_path):

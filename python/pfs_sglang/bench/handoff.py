@@ -421,7 +421,7 @@ def measure_latency(prompt_tokens=LATENCY_PROMPTS, repeats: int = 5, log_dir: Op
     from pfs_sglang.launch.topology import with_demo_models
 
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pfs_bench_handoff-"))
-    demo = with_demo_models(Topology(base_model=None))
+    demo = with_demo_models(Topology(base_model=None, mode="pd"))  # the hand-off is PD's
     decode = demo.decode_models[0]
     extra = (TIME_STATS_FLAG,) if time_stats else ()
     topology = Topology(base_model=demo.base_model, decode_models=(decode,), port=free_port(), log_dir=log_dir / "pfs",

@@ -425,11 +425,14 @@ DEMO_GPU_SHARE = 0.15
 
 
 def with_demo_models(topology: Topology) -> Topology:
-    """Fill in the embedded demo models (written once under ``demo_models_home()``)."""
-    from pfs_sglang.models import load_demo_models, write_demo_models
+    """Fill in the embedded demo models (written under ``demo_models_home()``): the LoRA
+    decode modules, served unified, or with ``mode: pd`` the full-weight ones, served PD."""
+    from pfs_sglang.models import load_demo_models, write_demo_lora_adapters, write_demo_models
 
     root = demo_models_home()
     models = load_demo_models(root) if (root / "demo_models.json").exists() else write_demo_models(root)
+    if topology.mode != "pd":
+        models = write_demo_lora_adapters(root, write_base=False)
     placed = topology.gpus is not None or topology.pack or topology.prefill_mem_fraction is not None \
         or topology.decode_mem_fraction is not None
     if topology.device == "cuda" and not placed:

@@ -5,7 +5,9 @@ from pfs_sglang.models.demo import (
     DemoModels,
     TinyLlamaShape,
     load_demo_models,
+    write_demo_lora_adapters,
     write_demo_models,
 )
 
-__all__ = ["DEMO_DECODE_MODULES", "DemoModels", "TinyLlamaShape", "load_demo_models", "write_demo_models"]
+__all__ = ["DEMO_DECODE_MODULES", "DemoModels", "TinyLlamaShape", "load_demo_models", "write_demo_lora_adapters",
+           "write_demo_models"]
