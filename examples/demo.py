@@ -1,9 +1,10 @@
 """The demo: one shared context, three task models, one prefill.
 
 Starts a PrefillShare deployment on the embedded demo models (the same thing
-``python -m pfs_sglang.launch_server`` does with no arguments), sends one shared
-context to every decode model through the OpenAI client, and shows each answer with
-how much of its prompt the shared prefill cache served. Then stops everything.
+``python -m pfs_sglang.launch_server`` does with no arguments: the unified mode, one
+server holding the base and the three LoRA decode modules), sends one shared context to
+every decode model through the OpenAI client, and shows each answer with how much of its
+prompt the shared prefill cache served. Then stops everything.
 """
 
 from __future__ import annotations

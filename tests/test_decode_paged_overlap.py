@@ -1,8 +1,10 @@
-"""The decode path under SGLang's overlap scheduling, paged KV and retraction (issue 7).
+"""The decode path under SGLang's overlap scheduling, paged KV and retraction (issue 7), in both modes.
 
-One deployment (base + ``compute`` + ``extract``) runs outside the envelope the other
-serving tests use: ``--page-size 4`` on both pools, SGLang's overlap event loop on the
-decode servers (their default), and SGLang's own retraction test switch
+One deployment (base + ``compute`` + ``extract``) per mode runs outside the envelope the
+other serving tests use: PD (the full-weight decode modules) and unified (the demo's LoRA
+decode modules in one server, ``pfs_sglang.unified``), each with ``--page-size 4``,
+SGLang's overlap event loop on the decode and unified servers (their default), and
+SGLang's own retraction test switch
 (``SGLANG_TEST_RETRACT``: every third decode step retracts all but one running
 request, whose KV is backed up and restored) on every server. Checks, each against
 the transformers oracle (invariant 5) and each ending with every server idle (no KV
@@ -35,31 +37,42 @@ from pfs_sglang.oracle import (
     prefillshare_greedy,
     prefillshare_input_logprobs,
 )
+from pfs_sglang.models import DemoModels, write_demo_lora_adapters
 from sglang_process import generate_greedy, wait_deployment_idle
+
+pytestmark = pytest.mark.server
 
 PAGE_SIZE = 4
 MODELS = ("compute", "extract")
 
 
+@pytest.fixture(scope="module", params=["pd", "unified"])
+def served_models(request, demo_models, tmp_path_factory) -> DemoModels:
+    """The base and the decode modules one mode serves: full-weight (PD) or LoRA adapters (unified)."""
+    if request.param == "pd":
+        return demo_models
+    return write_demo_lora_adapters(tmp_path_factory.mktemp("paged_overlap_lora"), names=MODELS)
+
+
 @pytest.fixture(scope="module")
-def deployment(demo_models, tmp_path_factory):
+def deployment(served_models, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("paged_overlap")
     paged = ("--page-size", str(PAGE_SIZE))
     # JSON without free whitespace, so a tiny model's JSON ends within a few tokens
     compact_json = ("--constrained-json-disable-any-whitespace",)
     topology = Topology(
-        base_model=demo_models.base,
-        decode_models=tuple(DecodeModelSpec(name, demo_models.decode[name]) for name in MODELS),
+        base_model=served_models.base,
+        decode_models=tuple(DecodeModelSpec(name, served_models.decode[name]) for name in MODELS),
         port=free_port(), log_dir=log_dir, max_total_tokens=2048, prefill_args=paged, decode_args=paged + compact_json,
     )
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
+        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode and unified schedulers; prefill ones never retract
         with Deployment(topology) as running:
             yield running
 
 
-def assert_oracle(demo_models, model: str, prompt_ids: list[int], served: list[int]) -> None:
-    reference = prefillshare_greedy(demo_models.base, demo_models.decode[model], prompt_ids, len(served))
+def assert_oracle(served_models, model: str, prompt_ids: list[int], served: list[int]) -> None:
+    reference = prefillshare_greedy(served_models.base, served_models.decode[model], prompt_ids, len(served))
     divergence = first_real_divergence(served, reference)
     assert divergence is None, f"{model} {len(prompt_ids)}-token prompt: {served} != {reference.output_ids}"
 
@@ -69,47 +82,47 @@ def prompt_of(length: int, seed: int) -> list[int]:
 
 
 def retractions_logged(deployment) -> int:
-    return sum(int(count) for log in deployment.log_dir.glob("decode-*.log")
+    return sum(int(count) for log in deployment.log_dir.glob("*.log")
                for count in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log.read_text(errors="replace")))
 
 
-def test_every_prompt_length_modulo_the_page_size_matches_the_oracle(deployment, demo_models):
+def test_every_prompt_length_modulo_the_page_size_matches_the_oracle(deployment, served_models):
     for length in range(1, 2 * PAGE_SIZE + 2):  # every residue twice, and a 1-token prompt
         prompt = prompt_of(length, seed=length)
-        assert_oracle(demo_models, "compute", prompt, generate_greedy(deployment.url, "compute", prompt, 6)["output_ids"])
+        assert_oracle(served_models, "compute", prompt, generate_greedy(deployment.url, "compute", prompt, 6)["output_ids"])
     wait_deployment_idle(deployment.url)
 
 
-def test_retracted_and_resumed_requests_give_the_unretracted_output(deployment, demo_models):
+def test_retracted_and_resumed_requests_give_the_unretracted_output(deployment, served_models):
     before = retractions_logged(deployment)
     jobs = [(MODELS[i % 2], prompt_of(9 + 3 * i, seed=100 + i)) for i in range(8)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: generate_greedy(deployment.url, job[0], job[1], 24), jobs))
     for (model, prompt), answer in zip(jobs, answers):
-        assert_oracle(demo_models, model, prompt, answer["output_ids"])
+        assert_oracle(served_models, model, prompt, answer["output_ids"])
     assert retractions_logged(deployment) > before, "no request was retracted: the test did not test retraction"
     wait_deployment_idle(deployment.url)
 
 
 @pytest.mark.parametrize("start", [0, 1, 5, 10])
-def test_input_logprobs_from_position_k_come_from_the_decode_module(deployment, demo_models, start):
+def test_input_logprobs_from_position_k_come_from_the_decode_module(deployment, served_models, start):
     prompt = prompt_of(12, seed=start)
     answer = generate_greedy(deployment.url, "compute", prompt, 1, return_logprob=True, logprob_start_len=start)
     served = answer["meta_info"]["input_token_logprobs"]
     assert [token for _, token, _ in served] == prompt[start:]
     k = min(start, len(prompt) - 1)
-    reference = prefillshare_input_logprobs(demo_models.base, demo_models.decode["compute"], prompt, k)
+    reference = prefillshare_input_logprobs(served_models.base, served_models.decode["compute"], prompt, k)
     for position, (logprob, _, _) in enumerate(served, start=start):
         if position in reference:
             assert logprob == pytest.approx(reference[position], abs=1e-4), position
     # ...and not the base's: the prefill module never scores a prompt token
-    base = prefillshare_input_logprobs(demo_models.base, demo_models.base, prompt, k)
+    base = prefillshare_input_logprobs(served_models.base, served_models.base, prompt, k)
     assert any(abs(logprob - base[position]) > 1e-3
                for position, (logprob, _, _) in enumerate(served, start=start) if position in base)
     wait_deployment_idle(deployment.url)
 
 
-def test_select_scores_the_choices_with_the_decode_module(deployment, demo_models):
+def test_select_scores_the_choices_with_the_decode_module(deployment, served_models):
     import sglang as sgl
 
     question = "name: tom; city: oslo; qty: 3; price: 7\nWhat is qty plus price?\n"
@@ -123,22 +136,22 @@ def test_select_scores_the_choices_with_the_decode_module(deployment, demo_model
     served = pick.run(backend=backend)["answer"]
     # SGLang's default choice rule: the mean logprob of each choice's tokens, here from the
     # decode module over the base KV of the question (the oracle of invariant 2).
-    tokenizer = load_tokenizer(str(demo_models.base))
+    tokenizer = load_tokenizer(str(served_models.base))
     scores = {}
     for choice in choices:
         ids = tokenizer.encode(question + choice, add_special_tokens=False)
         prefix = len(tokenizer.encode(question, add_special_tokens=False))
         k = max(prefix - 2, 0)  # RuntimeEndpoint.select asks from prompt_len - 2 (token healing)
-        logprobs = prefillshare_input_logprobs(demo_models.base, demo_models.decode["compute"], ids, k)
+        logprobs = prefillshare_input_logprobs(served_models.base, served_models.decode["compute"], ids, k)
         scored = [logprobs[i] for i in range(prefix, len(ids))]
         scores[choice] = sum(scored) / len(scored)
     assert served == max(scores, key=scores.get), scores
     wait_deployment_idle(deployment.url)
 
 
-def test_regex_and_json_schema_constrain_the_first_token_and_the_rest(deployment, demo_models):
+def test_regex_and_json_schema_constrain_the_first_token_and_the_rest(deployment, served_models):
     prompt = "name: tom; city: oslo; qty: 3; price: 7\nWhat is the city?\n"
-    tokenizer = load_tokenizer(str(demo_models.base))
+    tokenizer = load_tokenizer(str(served_models.base))
     unconstrained = generate_greedy(deployment.url, "extract", tokenizer.encode(prompt, add_special_tokens=False), 1)
     first_free = tokenizer.decode(unconstrained["output_ids"])
     regex = "Z[0-9]{3}" if not first_free.startswith("Z") else "Q[0-9]{3}"
