@@ -1,4 +1,9 @@
-# Two entry points (see README.md): `make demo` and `make test`. Both install first.
+# Entry points (see README.md): `make demo`, `make test` (what .ci/run calls) and `make test-fast`.
+# All install first. The test tiers are pytest markers (tests/conftest.py):
+#   test-fast       no SGLang server started (-m "not server and not slow"), several tests at once
+#   test            everything but the scenario runs: the tests without a server several at a
+#                   time, then the server tests one at a time (both phases run; it fails if either did)
+#   test-scenarios  the long scenario runs (start-up storm, benchmark run) kept out of `make test`
 # The install is a virtualenv inside the checkout; pip's own cache (~/.cache/pip) is reused,
 # and a stamp file makes a second run a no-op until pyproject.toml changes.
 PYTHON ?= python3
@@ -6,7 +11,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pfs-installed
 
-.PHONY: install demo test replicate clean-venv
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+# workers for the tests without a server: they mostly wait on sockets and child processes
+JOBS ?= 4
+
+.PHONY: install demo test test-fast test-scenarios replicate clean-venv
 
 install: $(STAMP)
 
@@ -20,7 +29,16 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	@status=0; \
+	$(PYTEST) -n $(JOBS) --durations=10 -m "not server and not scenario" tests || status=$$?; \
+	$(PYTEST) --durations=15 -m "server and not scenario" tests || status=$$?; \
+	exit $$status
+
+test-fast: install
+	$(PYTEST) -n $(JOBS) --durations=10 -m "not server and not slow and not scenario" tests
+
+test-scenarios: install
+	$(PYTEST) --durations=15 -m scenario tests
 
 replicate: install
 	$(PY) -m pfs_sglang.train replicate out/replication --report-dir docs/replication

@@ -1,8 +1,23 @@
-"""Shared fixtures: the demo models (written once per session), two LoRA decode modules
-trained against the demo base, the GPU marker, and the two servers several modules use:
-stock SGLang serving the base, and a PrefillShare demo deployment started from the
-command line (the three demo decode models, and the two adapters co-located on one
-decode server).
+"""Shared fixtures and the suite's tiers.
+
+Fixtures: the demo models (written once per session), two LoRA decode modules trained
+against the demo base, and the two servers several modules use: stock SGLang serving
+the base, and a PrefillShare demo deployment started from the command line (the three
+demo decode models, and the two adapters co-located on one decode server).
+
+Tiers (markers registered in ``pyproject.toml``):
+
+- ``server``: the test runs an SGLang server (a real ``sglang.launch_server`` process).
+  A test that uses one of the shared servers is marked here; a module or test that
+  starts its own marks itself (``pytestmark = pytest.mark.server``). Every other test
+  is checked while it runs: one that has an SGLang server running under it fails,
+  naming the server, so a new test that starts one cannot slip into the fast tier.
+- ``slow``: starts no server but takes many seconds of CPU (training, a command in a fresh
+  process that imports SGLang).
+- ``make test-fast`` runs the rest (``-m "not server and not slow"``); ``make test``
+  runs everything but the ``scenario`` tests: the fast and slow tests first, several
+  at a time, then the ``server`` tests one at a time (two deployments starting at once
+  on 2 cores would slow each other); ``make test-scenarios`` runs the long scenario runs.
 
 Starting an SGLang server costs ~40 s of CPU on the 2-core CI box (its three
 processes import SGLang), so each of the two shared servers starts once per session.
@@ -12,10 +27,12 @@ no other test shares the CPU with them, and they stop when the session ends.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
 
+import psutil
 import pytest
 import torch
 
@@ -29,15 +46,57 @@ from sglang_process import sglang_server
 SHARED_SERVERS = ("stock_base", "demo_deployment")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
-    # Users of the shared servers last: the stock server's users, then the deployment's.
-    items.sort(key=lambda item: tuple(name in item.fixturenames for name in reversed(SHARED_SERVERS)))
+    for item in items:
+        if any(name in item.fixturenames for name in SHARED_SERVERS):
+            item.add_marker(pytest.mark.server)
+    # Tests without a server first, then the server tests, the shared servers' users last
+    # (the stock server's users, then the deployment's), so those run alone on the CPU.
+    items.sort(key=lambda item: (item.get_closest_marker("server") is not None,
+                                 *(name in item.fixturenames for name in reversed(SHARED_SERVERS))))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def running_sglang_servers() -> list[str]:
+    """``sglang.launch_server`` processes under this one (however deep: launchers start them)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = process.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(a == "-m" and b == "sglang.launch_server" for a, b in zip(command, command[1:])):
+            found.append(f"pid {process.pid}: {' '.join(command)[:300]}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def servers_only_in_server_tests(request):
+    """A test not marked ``server`` must have no SGLang server running under it (checked every
+    half second while it runs: a server takes tens of seconds to start, so none slips by)."""
+    if request.node.get_closest_marker("server"):
+        yield
+        return
+    seen = running_sglang_servers()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not seen and not done.wait(0.5):
+            seen.extend(running_sglang_servers())
+
+    watcher = threading.Thread(target=watch, daemon=True, name="sglang-server-watch")
+    watcher.start()
+    yield
+    done.set()
+    watcher.join()
+    assert not seen, ("an SGLang server ran under this test, which is not marked `server`: mark it (or its module) "
+                      f"with pytest.mark.server so `make test-fast` leaves it out; {seen[0]}")
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,7 @@ def test_handoff_subcommand_dispatches(monkeypatch):
     assert seen == [["--shape", "x"]]
 
 
+@pytest.mark.server
 def test_run_on_the_demo_models(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pfs_sglang.bench", "run", "--shape", "tiny", "--sessions", "2", "--rounds", "1",

@@ -23,6 +23,8 @@ from pfs_sglang.launch.topology import DecodeModelSpec, Topology
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from sglang_process import generate_greedy, wait_deployment_idle
 
+pytestmark = pytest.mark.server
+
 DECODE_POOL_TOKENS = 160
 PROMPT_TOKENS, NEW_TOKENS, REQUESTS = 24, 60, 6  # any 2 of these 84-token requests overflow 160
 

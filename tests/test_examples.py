@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pfs_sglang.launch.cli import main as launcher_main
 from pfs_sglang.launch.processes import free_port
 from pfs_sglang.oracle import load_tokenizer
@@ -73,6 +75,7 @@ def test_topology_yaml_passes_the_launchers_dry_run(demo_models, tmp_path, monke
     assert "dry run: nothing was started" in out
 
 
+@pytest.mark.slow  # trains an adapter for 300 steps on one thread (about a minute)
 def test_lora_walkthrough_trains_an_adapter_that_learns_its_task_and_plans_it_next_to_the_demo_models(
         demo_models, tmp_path):
     adapter = tmp_path / "larger-lora"

@@ -45,6 +45,8 @@ from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from pfs_sglang.transfer import FAULT_STALL_ENV
 from sglang_process import generate_greedy, used_kv_tokens, wait_deployment_idle
 
+pytestmark = pytest.mark.server
+
 MODEL = "extract"
 TRANSFER_TIMEOUT_S = 8
 # Fault injection: the prefill server holds its KV writes for this one room past the decode

@@ -23,7 +23,7 @@ from pfs_sglang.launch.topology import DEMO_GPU_SHARE, DecodeModelSpec, Topology
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from sglang_process import generate_greedy, wait_deployment_idle
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.server]
 
 
 @pytest.fixture(scope="module", params=[(), ("--page-size", "16")], ids=["page-1", "page-16"])

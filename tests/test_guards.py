@@ -141,6 +141,7 @@ def test_decode_module_that_tokenizes_differently_is_refused(demo_models, tmp_pa
     assert "tokenizer differs" in refused(demo_models, tmp_path, decode={"added": added})
 
 
+@pytest.mark.slow  # a fresh process that imports SGLang: seconds of CPU, so make test runs it, not make test-fast
 def test_cli_refusal_exits_1_and_starts_nothing(demo_models, tmp_path):
     log_dir = tmp_path / "logs"
     result = subprocess.run([sys.executable, "-m", "pfs_sglang.launch_server", "--base-model", str(demo_models.base),

@@ -45,6 +45,7 @@ def test_real_module_wins(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
+@pytest.mark.slow  # a fresh process that imports SGLang and builds its rotary embedding (~12 s of CPU)
 def test_sglang_rotary_embedding_builds_and_runs_natively_on_cpu():
     """The only SGLang import the stand-in serves: RotaryEmbedding, whose CPU forward is native."""
     script = textwrap.dedent("""

@@ -44,6 +44,7 @@ def sglang_processes_with(argument: str) -> set[int]:
     }
 
 
+@pytest.mark.slow  # a fresh process that imports SGLang: seconds of CPU, so make test runs it, not make test-fast
 def test_foreign_decode_model_is_refused_before_anything_starts(demo_models, tmp_path):
     retrained_base = write_perturbed_decode_module(demo_models.base, tmp_path / "retrained_base", seed=11)
     foreign = write_perturbed_decode_module(demo_models.base, tmp_path / "foreign", seed=12)

@@ -94,6 +94,7 @@ def first_router_answer(url: str, router: ManagedProcess, timeout_s: float = 120
     raise AssertionError(f"the router never answered; its launcher's log ends:\n{router.log_tail()}")
 
 
+@pytest.mark.server
 def test_prefill_decode_and_router_on_three_hosts_over_tcp(demo_models, lora_adapters, tmp_path):
     prefill_port, bootstrap_port, decode_port, router_port = free_ports(4)
     adapter = lora_adapters[ADAPTER]

@@ -230,6 +230,7 @@ def test_servers_sharing_a_gpu_start_one_after_another(demo_models, tmp_path, mo
                       "start decode-compute-0", "started decode-compute-0", "healthy decode-compute-0"]
 
 
+@pytest.mark.slow  # a fresh process that imports SGLang: seconds of CPU, so make test runs it, not make test-fast
 def test_cli_dry_run_prints_and_starts_nothing(demo_models, tmp_path):
     result = subprocess.run([sys.executable, "-m", "pfs_sglang.launch_server",
                              *demo_flags(demo_models, tmp_path, "extract"), "--gpus", "0,1", "--dry-run"],

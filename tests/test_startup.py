@@ -1,5 +1,7 @@
 """A deployment comes up every time (real SGLang servers on CPU, demo models).
 
+One deployment (``Deployment``: base + ``extract``) is started here:
+
 * Port collisions: the ports the launcher chose are taken by another socket before the
   servers bind them (prefill-0's bootstrap port, decode-0's HTTP port): both servers are
   restarted on fresh ports, the deployment comes up, and the router routes to the new
@@ -9,10 +11,14 @@
 * ``--api-key``: the router (401 with an OpenAI error body) and every server (401)
   refuse requests without the key, ``/health`` and ``/metrics`` stay open, no SGLang admin endpoint is
   routed, and no metrics or bootstrap endpoint shows prompt text.
-* Two deployments started at the same moment (the one above, and one from the command
-  line) both come up and serve, the second's server logs free of tracebacks; SIGTERM
-  stops every child of it.
 * A launch hashes the base's weights once (in the launcher; the servers take its record).
+
+The start-up storm, two deployments started at the same moment (the one above, and one
+from the command line) that both come up and serve, the second's server logs free of
+tracebacks and SIGTERM stopping every child of it, is a ``scenario`` test (``make
+test-scenarios``): it doubles the CPU the start-up takes. A launcher stopping every
+child on SIGTERM with clean logs is in ``make test`` on the three launchers of
+``test_multi_host.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import requests
 
 from pfs_sglang.identity import fingerprint as fingerprint_module
@@ -34,6 +41,8 @@ from pfs_sglang.launch.processes import free_port, free_ports
 from pfs_sglang.launch.startup import StartupStep
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from sglang_process import generate_greedy
+
+pytestmark = pytest.mark.server
 
 MODEL = "extract"
 PROMPT = [21, 48, 95, 130, 77, 64, 33]
@@ -82,6 +91,11 @@ def poll_while_starting(url: str, answers: list[tuple[str, int, float, dict]], d
         time.sleep(0.5)
 
 
+def test_taken_ports_starting_router_api_key(demo_models, tmp_path, monkeypatch):
+    bring_up_with_taken_ports_and_an_api_key(demo_models, tmp_path, monkeypatch)
+
+
+@pytest.mark.scenario
 def test_two_deployments_at_once_taken_ports_starting_router_api_key(demo_models, tmp_path, monkeypatch):
     other = CliLaunch(demo_models, tmp_path / "other")  # a second deployment, started at the same moment
     try:

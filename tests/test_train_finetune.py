@@ -43,6 +43,7 @@ def held_out_loss(base_dir, model_dir, data) -> float:
                                batch.target_ids).item()
 
 
+@pytest.mark.slow  # 300 training steps (~12 s of CPU)
 def test_loss_falls_and_a_trained_decode_module_beats_the_base(demo_models, corpus, tmp_path):
     out = tmp_path / "extract"
     finetune(tiny_config(demo_models, corpus, out, max_steps=300, batch_size=32, learning_rate=3e-3))
