@@ -24,10 +24,7 @@ After each, every server's KV pool holds no request's slots.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import random
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,14 +33,14 @@ import requests
 
 from pfs_sglang.identity import fingerprint_of, write_decode_module_record
 from pfs_sglang.launch import Deployment, DecodeModelSpec, Topology
-from pfs_sglang.launch.deployment import PlannedServer, child_env
+from pfs_sglang.launch.deployment import child_env
 from pfs_sglang.launch.processes import ManagedProcess, free_port, wait_until_healthy
 from pfs_sglang.launch.server_commands import ServerPorts, decode_server_command
-from pfs_sglang.launch.supervision import SupervisionEvent, SupervisionStep
+from pfs_sglang.launch.supervision import SupervisionStep
 from pfs_sglang.models.demo import write_perturbed_decode_module
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from pfs_sglang.transfer import FAULT_STALL_ENV
-from sglang_process import generate_greedy, used_kv_tokens, wait_deployment_idle
+from sglang_process import Supervised, generate_greedy, used_kv_tokens, wait_deployment_idle
 
 pytestmark = pytest.mark.server
 
@@ -54,7 +51,6 @@ TRANSFER_TIMEOUT_S = 8
 STALLED_ROOM = 4_242_424_242
 STALL_S = TRANSFER_TIMEOUT_S + 6
 LATE_WRITE_REFUSED = "is no longer receiving (late write refused)"
-RESTART_TIMEOUT_S = 300
 PROMPT = [(7 * i) % 150 + 20 for i in range(48)]
 
 
@@ -63,50 +59,6 @@ def assert_pools_idle(urls: list[str]) -> None:
     while any(used_kv_tokens(url) for url in urls):
         assert time.monotonic() < deadline, {url: used_kv_tokens(url) for url in urls}
         time.sleep(1)
-
-
-class Supervised:
-    """A deployment whose ``supervise()`` runs in a thread, as the launcher's loop runs it."""
-
-    def __init__(self, deployment: Deployment):
-        self.deployment = deployment
-        self.events: list[SupervisionEvent] = []
-        self.given_up: list[str] = []
-        deployment.on_supervision = self.events.append
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            dead = self.deployment.supervise()
-            if dead is not None:
-                self.given_up.append(dead.name)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def server(self, name: str) -> PlannedServer:
-        return next(server for server in self.deployment.servers if server.name == name)
-
-    def kill(self, name: str) -> int:
-        pid = self.server(name).child.process.pid
-        os.killpg(pid, signal.SIGKILL)  # the server and its scheduler and detokenizer
-        return pid
-
-    def workers(self) -> list[dict]:
-        return requests.get(f"{self.deployment.url}/workers", timeout=10).json()["workers"]
-
-    def wait_serving_again(self, name: str, pid_before: int) -> None:
-        """Until ``name`` was restarted and is serving, and the router has it in rotation again."""
-        url = self.server(name).child.url
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while not (any(e.server == name and e.step is SupervisionStep.SERVING for e in self.events)
-                   and any(w["url"] == url and w["healthy"] for w in self.workers())):
-            assert not self.given_up and time.monotonic() < deadline, (self.events, self.given_up)
-            time.sleep(1)
-        assert self.server(name).child.process.pid != pid_before
 
 
 @pytest.fixture(scope="module")

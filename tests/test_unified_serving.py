@@ -14,48 +14,21 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 import requests
-import torch
 
-from pfs_sglang.identity import fingerprint_of, token_sequence_of, write_decode_module_record
-from pfs_sglang.identity.compat import PREFILL_TOKEN_SEQUENCE
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
 from pfs_sglang.launch.processes import free_port
+from pfs_sglang.models.random_lora import random_lora_adapter
 from pfs_sglang.oracle import prefillshare_greedy, prefillshare_input_logprobs
-from sglang_process import generate_greedy, wait_deployment_idle
+from sglang_process import Supervised, generate_greedy, wait_deployment_idle
 
 pytestmark = pytest.mark.server  # starts a unified SGLang server
 
 PAGE_SIZE = 4
 ADAPTERS = {"alpha": 1, "beta": 2}  # name -> seed
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def random_lora_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A LoRA decode module of ``base`` with random, large weights (its record says so)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False))
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_" in name:
-                weight.mul_(3.0)
-    model.save_pretrained(out)
-    config = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        shutil.copy2(base / name, out / name)
-    write_decode_module_record(out, fingerprint_of(base), {"trained_by": "random weights (tests)",
-                                                          PREFILL_TOKEN_SEQUENCE: token_sequence_of(base)})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +139,78 @@ def test_openai_chat_names_the_adapter(unified):
 
 def test_pool_is_idle_after(unified):
     wait_deployment_idle(unified.url, timeout_s=60)
+
+
+def test_a_model_path_serves_that_model_and_refuses_another(unified, demo_models, adapters):
+    prompt = _prompt(61, 30)
+    reply = requests.post(f"{unified.url}/models/beta/generate", json={
+        "input_ids": prompt, "sampling_params": {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}},
+        timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["output_ids"] == _expect(demo_models, adapters["beta"], prompt, 5)
+    other = requests.post(f"{unified.url}/models/beta/generate", json={
+        "model": "alpha", "input_ids": prompt, "sampling_params": {"max_new_tokens": 1}}, timeout=60)
+    assert other.status_code == 400, other.text
+
+
+def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(unified):
+    body = {"model": "alpha", "input_ids": _prompt(62, 30), "stream": True,
+            "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True, "temperature": 0}}
+    with requests.post(f"{unified.url}/generate", json=body, stream=True, timeout=60) as reply:
+        assert reply.status_code == 200
+        assert next(line for line in reply.iter_lines() if line.startswith(b"data: "))  # generating; leave
+    wait_deployment_idle(unified.url, timeout_s=20)  # aborted on its server: no lease, no KV slot held
+
+
+API_KEY = "unified-test-key"
+
+
+@pytest.fixture(scope="module")
+def supervised(demo_models, adapters, tmp_path_factory):
+    """Two whole unified servers behind the router, restarted when one exits, behind an API key."""
+    topology = Topology(
+        base_model=demo_models.base,
+        decode_models=tuple(DecodeModelSpec(name, path) for name, path in adapters.items()),
+        replicas=2, port=free_port(), max_total_tokens=4096, log_dir=tmp_path_factory.mktemp("unified_supervised"),
+        restart_on_failure=True, api_key=API_KEY,
+    )
+    with Deployment(topology) as running:
+        watcher = Supervised(running, headers={"Authorization": f"Bearer {API_KEY}"})
+        try:
+            yield watcher
+        finally:
+            watcher.stop()
+
+
+def test_replicas_api_key_and_a_killed_server_restarted(supervised, demo_models, adapters):
+    url, auth = supervised.deployment.url, {"Authorization": f"Bearer {API_KEY}"}
+    prompt = _prompt(70, 40)
+    refused = requests.post(f"{url}/generate", json={"model": "alpha", "input_ids": prompt}, timeout=30)
+    assert refused.status_code == 401, refused.text
+    assert [s.name for s in supervised.deployment.servers] == ["unified-0", "unified-1"]
+    expected = _expect(demo_models, adapters["alpha"], prompt, 6)
+    assert generate_greedy(url, "alpha", prompt, 6, headers=auth)["output_ids"] == expected
+    killed_pid = supervised.kill("unified-0")
+    for _ in range(4):  # the other replica serves meanwhile (the router takes the dead one out)
+        reply = requests.post(f"{url}/generate", headers=auth, json={
+            "model": "beta", "input_ids": prompt,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}, timeout=60)
+        assert reply.status_code in (200, 502, 503), reply.text
+    supervised.wait_serving_again("unified-0", killed_pid)
+    assert generate_greedy(url, "beta", prompt, 6, headers=auth)["output_ids"] == \
+        _expect(demo_models, adapters["beta"], prompt, 6)
+    wait_deployment_idle_with(url, auth)
+
+
+def wait_deployment_idle_with(url: str, auth: dict[str, str]) -> None:
+    """``wait_deployment_idle`` through an API key (``/workers`` and ``/flush_cache`` need it)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        workers = requests.get(f"{url}/workers", headers=auth, timeout=10).json()["workers"]
+        if not any(row["in_flight"] for row in workers) and \
+                requests.post(f"{url}/flush_cache", headers=auth, timeout=30).status_code == 200:
+            return
+        assert time.monotonic() < deadline, workers
+        time.sleep(0.5)
