@@ -200,3 +200,14 @@ def test_free_ports_come_from_below_the_ephemeral_range_and_skip_taken_ones(monk
     ports = processes.free_ports(20)
     assert len(set(ports)) == 20
     assert all(processes.PORT_RANGE[0] <= port < min(processes.PORT_RANGE[1] + 1, ephemeral_low) for port in ports)
+
+
+def test_unified_mode_refuses_dp_attention(tmp_path):
+    from pfs_sglang.launch.guards import check_guards
+    from pfs_sglang.models import write_demo_lora_adapters
+
+    adapters = write_demo_lora_adapters(tmp_path / "lora", names=("extract",))
+    topology = Topology(base_model=adapters.base, decode_models=(DecodeModelSpec("extract", adapters.decode["extract"]),),
+                        decode_args=("--enable-dp-attention",))
+    with pytest.raises(LaunchError, match="--enable-dp-attention is not supported in the unified mode"):
+        check_guards(topology)

@@ -17,6 +17,8 @@ server, which fails with its own message).
 - **Pools that disagree** on ``--page-size``, ``--kv-cache-dtype`` or ``--chat-template``:
   the KV would be laid out or encoded differently, or the prompt tokenized differently,
   on each side.
+- **DP attention in the unified mode** (``--enable-dp-attention``): SGLang prepares
+  those LoRA batches where the per-request split at ``k`` is not applied (invariant 2).
 - **Placement flags in pass-through arguments** on GPUs (``--tp-size``, ``--dp-size``,
   ``--pp-size``, ``--base-gpu-id``, and ``--mem-fraction-static`` where the launcher
   sets it): the launcher's flags place servers; a second, conflicting placement would
@@ -153,6 +155,10 @@ def check_guards(topology: Topology) -> None:
         spec = t.unified_server()
         unified = sglang_args(t.decode_args_of(spec), "unified servers' --decode-args")
         _check_server("unified servers", unified, defaults, placed, t.pack or t.decode_mem_fraction_of(spec) is not None)
+        if unified.enable_dp_attention:
+            raise LaunchError("unified servers: --enable-dp-attention is not supported in the unified mode: SGLang "
+                              "prepares DP-attention LoRA batches outside the step that splits each request's "
+                              "adapter at k (invariant 2); use --mode pd")
         return
     for spec in t.local_decode_models():
         label = f"decode model '{spec.name}'"
