@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfs_sglang.transfer import shared_pool, zmq_engine
+from pfs_sglang.transfer import registration, shared_pool, zmq_engine
 from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.memory_regions import OutsideRegisteredMemory, RegionTable, Region, copy_slots
 from pfs_sglang.transfer.shared_pool import PeerPools, move_to_shared_memory, segments_holding
@@ -229,8 +229,8 @@ def test_sglangs_cpu_pool_is_built_in_shared_memory_on_a_zmq_prefill_server(monk
 
     create = MHATokenToKVPool._create_buffers_normal
     monkeypatch.setattr(MHATokenToKVPool, "_create_buffers_normal",
-                        lambda pool: shared_pool.share_cpu_prefill_pool(create, pool))
-    monkeypatch.setattr(shared_pool, "_is_zmq_prefill_server", lambda: zmq_prefill_server)
+                        lambda pool: registration.share_cpu_prefill_pool(create, pool))
+    monkeypatch.setattr(registration, "_is_zmq_prefill_server", lambda: zmq_prefill_server)
     pool = MHATokenToKVPool(size=64, page_size=1, dtype=torch.float32, head_num=2, head_dim=8, layer_num=2,
                             device="cpu", enable_memory_saver=False)
     ptrs, lengths, _ = pool.get_contiguous_buf_infos()  # what the KV manager registers
@@ -243,4 +243,4 @@ def test_sglangs_cpu_pool_is_built_in_shared_memory_on_a_zmq_prefill_server(monk
 
 
 def test_a_process_that_published_no_server_args_is_no_zmq_prefill_server():
-    assert shared_pool._is_zmq_prefill_server() is False
+    assert registration._is_zmq_prefill_server() is False

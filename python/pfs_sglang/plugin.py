@@ -7,14 +7,15 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 * CPU import stand-ins and unpinned host memory for SGLang's multi-LoRA
   (``pfs_kernels``) where no CUDA is present, and ``torch_native`` extend attention
   that skips the cached prefix's rows (``pfs_kernels``, every device);
-* the ``zmq`` KV transfer backend (``pfs_sglang.transfer``), a CPU prefill server's
-  KV pool in shared memory for same-host decode servers to read in place,
-  per-request KV transfer figures in prefill replies, and PD servers that poll
-  rather than spin while a hand-off is in flight (with ``--sleep-on-idle``);
+* the ``zmq`` KV transfer backend, a CPU prefill server's KV pool in shared memory
+  for same-host decode servers to read in place, per-request KV transfer figures in
+  prefill replies, and PD servers that poll rather than spin while a hand-off is in
+  flight (with ``--sleep-on-idle``): ``pfs_sglang.transfer.registration``;
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
   invariant 3);
 * the decode-side hooks that make the decode module compute the prompt's tail
-  (``pfs_sglang.decode``, invariant 2);
+  (``pfs_sglang.decode``, invariant 2), and the decode server's request-length cap
+  to what its pool can admit (``pfs_sglang.decode.admission``: no request waits forever);
 * the unified server's adapter routing: each LoRA decode module applies from the
   position where it takes over (``pfs_sglang.unified``, invariant 2);
 * SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs).
@@ -30,24 +31,20 @@ logger = logging.getLogger(__name__)
 def load() -> None:
     from pfs_kernels import install_import_stand_ins, install_unpinned_host_memory, register_prefix_extend_attention
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
+    from pfs_sglang.decode.admission import register_decode_admission_hooks
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
     from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
-    from pfs_sglang.transfer.registration import register_zmq_transfer_backend
-    from pfs_sglang.transfer.shared_pool import register_shared_cpu_pool
-    from pfs_sglang.transfer.transfer_report import register_kv_transfer_report
-    from pfs_sglang.transfer.waiting_without_spinning import register_pd_wait_polling
+    from pfs_sglang.transfer.registration import register_transfer_hooks
     from pfs_sglang.unified.adapter_segments import register_adapter_segment_hooks
 
     installed = install_import_stand_ins()
     if installed:
         logger.info("pfs_sglang: CPU import stand-ins installed for %s", ", ".join(installed))
     install_unpinned_host_memory()
-    register_zmq_transfer_backend()
-    register_shared_cpu_pool()
-    register_kv_transfer_report()
-    register_pd_wait_polling()
+    register_transfer_hooks()
     register_prefix_extend_attention()
     register_prompt_tail_hooks()
+    register_decode_admission_hooks()
     register_adapter_segment_hooks()
     register_prefill_module_cache()
     register_freeze_gc_after_listening()

@@ -49,12 +49,14 @@ TRANSPORT = "none: how the KV bytes move, not which"
 CPU_SERVING = "none: SGLang serves on a machine without CUDA"
 KV_FIGURES = "none: per-request KV bytes and transfer time in prefill replies (router metrics)"
 KNOWN_FIELDS = "none: a request field no SGLang request type has is a 400, not silently dropped"
+ADMISSION = "none: a decode server refuses at once what its pool could never admit; no request waits forever"
 
 _MOONCAKE = "sglang.srt.disaggregation.mooncake.conn"
 _DECODE = "sglang.srt.disaggregation.decode"
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer"
 _ZMQ_BACKEND = "pfs_sglang.transfer.zmq_backend"
 _TAIL = "pfs_sglang.decode.prompt_tail_extend"
+_ADMISSION = "pfs_sglang.decode.admission.cap_request_length_to_decode_pool"
 _REPORT = "pfs_sglang.transfer.transfer_report.KVTransferReportingStreamer"
 _CACHE = "pfs_sglang.cache.prefill_module_cache"
 _SEGMENTS = "pfs_sglang.unified.adapter_segments"
@@ -94,7 +96,7 @@ SEAMS: tuple[Seam, ...] = (
          f"{_CACHE}.build_prefill_module_cache", parameters=("ctx", "cache_class")),
     Seam("registry", "sglang.srt.arg_groups.choices.add_disagg_transfer_backend_choices", ZMQ_PD,
          "SGLang's helper for a new --disaggregation-transfer-backend choice",
-         "pfs_sglang.transfer.registration.register_zmq_transfer_backend", entry="zmq"),
+         "pfs_sglang.transfer.registration.register_transfer_hooks", entry="zmq"),
     Seam("enum-member", "sglang.srt.disaggregation.utils.TransferBackend", ZMQ_PD,
          "backends are TransferBackend members and an Enum has no public way to grow: ZMQ is created "
          "as EnumType creates members", "pfs_sglang.transfer.registration._add_enum_member", entry="ZMQ"),
@@ -105,7 +107,7 @@ SEAMS: tuple[Seam, ...] = (
          "pfs_sglang.transfer.registration._get_kv_class_with_zmq", hook_type="around"),
     Seam("hook", "sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.create_sender", DECODE_TAIL,
          "nothing tells a sender its request's k; the prefill side must stop at prompt[:k]",
-         "pfs_sglang.transfer.registration._record_prefill_module_len", hook_type="around"),
+         "pfs_sglang.transfer.registration.record_prefill_module_len", hook_type="around"),
     Seam("hook", f"{_DECODE}.DecodeTransferQueue._commit_transfer_to_req", DECODE_TAIL,
          "stock PD makes the prefill server's token the first output; no option leaves it out",
          f"{_TAIL}.commit_transfer_without_prefill_token", hook_type="around"),
@@ -131,11 +133,11 @@ SEAMS: tuple[Seam, ...] = (
          "are for subclasses, but no option selects one", _REPORT, hook_type="replace"),
     Seam("hook", "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal", TRANSPORT,
          "no allocator option puts the KV pool in shared memory for same-host decode servers to read",
-         "pfs_sglang.transfer.shared_pool.share_cpu_prefill_pool", hook_type="around"),
+         "pfs_sglang.transfer.registration.share_cpu_prefill_pool", hook_type="around"),
     Seam("hook", "sglang.srt.managers.scheduler.Scheduler.on_idle",
          "none: a PD server waiting only on a hand-off does not spin a core (--sleep-on-idle)",
          "--sleep-on-idle sleeps only when fully idle; no option covers a hand-off in flight",
-         "pfs_sglang.transfer.waiting_without_spinning.on_idle_polling_pd_waits", hook_type="around"),
+         "pfs_sglang.transfer.registration.on_idle_polling_pd_waits", hook_type="around"),
     Seam("hook", "sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",
          "none: clean start-up logs and a frozen GC with --skip-server-warmup",
          "SGLang posts /freeze_gc before uvicorn listens; no option makes it wait",
@@ -147,6 +149,17 @@ SEAMS: tuple[Seam, ...] = (
          parameters=("self", "query", "output", "k_cache", "v_cache", "req_to_token", "req_pool_indices",
                      "seq_lens", "extend_prefix_lens", "extend_seq_lens", "encoder_lens", "scaling", "enable_gqa",
                      "causal", "is_cross_attn", "sliding_window_size")),
+    Seam("hook", "sglang.srt.managers.scheduler.Scheduler.init_disaggregation", ADMISSION,
+         "SGLang caps a request at the KV pool (max_req_len) but its decode admission also needs "
+         "num_reserved_decode_tokens free; no option lowers the cap by that reserve", _ADMISSION,
+         hook_type="around"),
+    *(Seam("private-member", f"sglang.srt.managers.scheduler.Scheduler.{member}", ADMISSION,
+           "read (the pool, its page size, the mode) or lowered (the request caps) once the pool is built, "
+           "before the scheduler serves", _ADMISSION)
+      for member in ("max_total_num_tokens", "page_size", "disaggregation_mode", "max_req_len",
+                     "max_req_input_len", "disagg_decode_prealloc_queue")),
+    Seam("private-member", f"{_DECODE}.DecodePreallocQueue.num_reserved_decode_tokens", ADMISSION,
+         "the decode reserve SGLang's admission adds to every request", _ADMISSION),
     # ----- CPU support outside HookRegistry (installed only where no CUDA is present) -----
     Seam("import-stand-in", "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__", CPU_SERVING,
          "it imports vllm._custom_ops for a CUDA-only path; no option skips the import",

@@ -2,10 +2,11 @@
 
 ``zmq_engine`` moves bytes (one-sided writes into registered pool memory, with an
 identity handshake and deadlines); ``zmq_backend`` plugs it under SGLang's Mooncake
-PD protocol; ``registration`` makes ``--disaggregation-transfer-backend zmq`` exist;
-``transfer_report`` puts each request's KV bytes and transfer time in prefill replies;
-``shared_pool`` puts a CPU prefill server's KV pool in shared memory, for same-host
-decode servers to read in place.
+PD protocol; ``registration`` holds every hook and patch this package puts into
+SGLang's processes (the ``zmq`` backend's registration, a CPU prefill server's KV pool
+in shared memory, PD servers that poll rather than spin); ``transfer_report`` puts each
+request's KV bytes and transfer time in prefill replies; ``shared_pool`` is the shared
+memory of a CPU prefill server's KV pool, which same-host decode servers read in place.
 """
 
 # Set by the launcher for every server it starts, read by ``zmq_backend``: the deadline

@@ -2,10 +2,9 @@
 
 Owns the memory of the ``map`` transport. Sender side: on a CPU prefill server of the
 ``zmq`` backend, the buffers of SGLang's MHA KV pool are moved onto ``memfd`` memory
-once, as the pool is built and before any pointer to them is taken
-(``share_cpu_prefill_pool``, AROUND ``MHATokenToKVPool._create_buffers_normal``): every
-tensor keeps its shape, strides and dtype, only where its bytes live changes, one
-storage (layer) at a time so the pool is never held twice. Receiver side
+once, as the pool is built (``move_to_shared_memory``, called by the hook
+``registration.share_cpu_prefill_pool``): every tensor keeps its shape, strides and
+dtype, only where its bytes live changes, one storage at a time. Receiver side
 (``PeerPools``): an engine on the same host maps those segments read-only through
 ``/proc/<pid>/fd/<fd>`` at the identity handshake, after checking each is the announced
 memfd (its name and inode), and then copies a request's slots straight from the
@@ -17,7 +16,6 @@ copied is the same. Invariant-neutral: this changes how KV bytes move, not which
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import threading
@@ -29,8 +27,6 @@ import numpy as np
 import torch
 
 from pfs_sglang.transfer.memory_regions import Region, RegionTable
-
-logger = logging.getLogger(__name__)
 
 _MEMFD_NAME = "pfs-kv-pool"
 
@@ -88,38 +84,6 @@ def segments_holding(regions: Sequence[Region]) -> list[SharedSegment]:
         segments = list(_segments.values())
     return [segment for segment in segments
             if any(segment.start <= r.start and r.start + r.length <= segment.start + segment.length for r in regions)]
-
-
-def share_cpu_prefill_pool(original, pool, *args, **kwargs):
-    """AROUND ``MHATokenToKVPool._create_buffers_normal``: a CPU ``zmq`` prefill server's buffers on memfd memory."""
-    result = original(pool, *args, **kwargs)
-    if torch.device(pool.device).type == "cpu" and _is_zmq_prefill_server():
-        for layer in range(len(pool.k_buffer)):
-            pool.k_buffer[layer], pool.v_buffer[layer] = move_to_shared_memory([pool.k_buffer[layer],
-                                                                                pool.v_buffer[layer]])
-        logger.info("pfs_sglang: KV pool in shared memory (%d layers): same-host decode servers read it in place",
-                    len(pool.k_buffer))
-    return result
-
-
-def _is_zmq_prefill_server() -> bool:
-    from sglang.srt.runtime_context import get_server_args
-
-    from pfs_sglang.transfer.registration import ZMQ_BACKEND
-
-    try:
-        args = get_server_args()
-    except Exception:  # no server published (a pool built outside a server): leave it as it is
-        return False
-    return (getattr(args, "disaggregation_mode", None) == "prefill"
-            and getattr(args, "disaggregation_transfer_backend", None) == ZMQ_BACKEND)
-
-
-def register_shared_cpu_pool() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers_normal",
-                          share_cpu_prefill_pool, HookType.AROUND)
 
 
 class PeerPools:

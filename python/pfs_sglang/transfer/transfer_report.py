@@ -2,7 +2,7 @@
 
 SGLang's prefill scheduler measures every hand-off (``KVTransferMetric``: bytes sent,
 latency) but only feeds server-wide Prometheus histograms. This output streamer, a
-subclass of SGLang's ``SchedulerOutputStreamer`` swapped in by the plugin, adds them to
+subclass of SGLang's ``SchedulerOutputStreamer`` swapped in by ``registration``, adds them to
 the request's own reply as ``meta_info["pfs_kv_transfer"] = [{"bytes", "seconds"}]`` (a
 list: SGLang accumulates customized info per request) so the router can count KV bytes
 moved and transfer time per decode model.
@@ -43,12 +43,3 @@ class KVTransferReportingStreamer(SchedulerOutputStreamer):
     def is_request_level_customized_info_key(self, key: str) -> bool:
         return key == KV_TRANSFER_KEY or super().is_request_level_customized_info_key(key)
 
-
-def register_kv_transfer_report() -> None:
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer",
-        KVTransferReportingStreamer,
-        HookType.REPLACE,
-    )

@@ -269,7 +269,7 @@ class ZmqKVSender(MooncakeKVSender):
     """Sends the KV of ``prompt[:k]`` only: the decode module computes ``prompt[k:]`` (invariant 2).
 
     ``k`` (``prefill_module_len``) is set on the sender when the prefill server creates
-    it (``record_prefill_module_len``); pages past the one holding token ``k - 1`` are
+    it (``registration.record_prefill_module_len``); pages past the one holding token ``k - 1`` are
     left out of every chunk, and the last chunk still concludes the transfer.
     """
 
@@ -291,16 +291,6 @@ class ZmqKVSender(MooncakeKVSender):
         # goes, carrying the metadata that concludes the transfer.
         should_skip = len(kv_indices) == 0 and not is_last_chunk
         return kv_indices, slice(index_slice.start, stop), is_last_chunk, should_skip
-
-
-def record_prefill_module_len(original, bootstrap_queue, req, *args, **kwargs):
-    """AROUND ``PrefillBootstrapQueue.create_sender``: tell the request's sender its ``k``."""
-    from pfs_sglang.decode.prompt_split import prefill_module_len
-
-    created = original(bootstrap_queue, req, *args, **kwargs)
-    if created and isinstance(req.disagg_kv_sender, ZmqKVSender):
-        req.disagg_kv_sender.prefill_module_len = prefill_module_len(req)
-    return created
 
 
 class ZmqKVReceiver(MooncakeKVReceiver):
