@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from pfs_sglang.transfer import registration, shared_pool, zmq_engine
+from pfs_sglang.transfer import receiver as receiver_side, registration, shared_pool
 from pfs_sglang.transfer.kv_blocks import KVSlots
 from pfs_sglang.transfer.memory_regions import OutsideRegisteredMemory, RegionTable, Region, copy_slots
 from pfs_sglang.transfer.shared_pool import PeerPools, move_to_shared_memory, segments_holding
-from pfs_sglang.transfer.zmq_engine import LATE_WRITE_REFUSED, EngineIdentity, ZmqTransferEngine
+from pfs_sglang.transfer.wire import LATE_WRITE_REFUSED
+from pfs_sglang.transfer.zmq_engine import EngineIdentity, ZmqTransferEngine
 
 PREFILL = EngineIdentity(role="prefill", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="uint8", kv_layout="nhd")
 DECODE = EngineIdentity(role="decode", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="uint8", kv_layout="nhd")
@@ -89,7 +90,7 @@ def _slot_layouts(rng, slots: int, tokens: int) -> dict[str, tuple[np.ndarray, n
 @pytest.mark.parametrize("item", [16, 2048])
 @pytest.mark.parametrize("layout", ["scattered", "shuffled", "consecutive", "mixed"])
 def test_slots_land_exactly_when_the_receiver_reads_the_senders_pool(monkeypatch, layout, item, threaded):
-    monkeypatch.setattr(zmq_engine, "THREADED_COPY_MIN_BYTES", 0 if threaded else 1 << 40)
+    monkeypatch.setattr(receiver_side, "THREADED_COPY_MIN_BYTES", 0 if threaded else 1 << 40)
     monkeypatch.setattr("pfs_sglang.transfer.memory_regions._COPY_TASK_BYTES", 4096)  # many pieces per buffer
     with _engines(shared_source=True, item=item) as (sender, receiver, source, destination):
         src_slots, dst_slots = _slot_layouts(np.random.default_rng(2), 300, 150)[layout]
@@ -153,12 +154,12 @@ def test_a_connection_that_goes_leaves_no_state_in_the_receiver():
         for attempt in range(3):  # the connection fails and the sender connects again (a new ZMQ routing id)
             assert _send(sender, receiver, source, destination, [1, 2], [3, 4]) == 0, sender.last_error()
             assert sender.peer_transports(session)[0] == "map"
-            sender._drop_socket(session)
+            sender.sender._drop_socket(session)
         deadline = time.monotonic() + 5
-        while (receiver._verified_peers or receiver._peer_pool_pids) and time.monotonic() < deadline:
+        while (receiver.receiver._verified_peers or receiver.receiver._peer_pool_pids) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not receiver._verified_peers and not receiver._peer_pool_pids
-        assert receiver._peer_pools.table(os.getpid()) is None  # the sender's pool is mapped no more
+        assert not receiver.receiver._verified_peers and not receiver.receiver._peer_pool_pids
+        assert receiver.receiver._peer_pools.table(os.getpid()) is None  # the sender's pool is mapped no more
 
 
 def _hold_a_shared_segment(conn) -> None:

@@ -18,9 +18,10 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from pfs_sglang.transfer import zmq_engine
+from pfs_sglang.transfer import receiver as receiver_side, sender as sender_side, wire
 from pfs_sglang.transfer.memory_regions import CopyPlan
-from pfs_sglang.transfer.zmq_engine import EngineIdentity, SessionAddress, ZmqTransferEngine
+from pfs_sglang.transfer.wire import SessionAddress
+from pfs_sglang.transfer.zmq_engine import EngineIdentity, ZmqTransferEngine
 
 PREFILL = EngineIdentity(role="prefill", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="float32", kv_layout="nhd")
 DECODE = EngineIdentity(role="decode", prefill_fingerprint="pfs-aaa", page_size=1, kv_dtype="float32", kv_layout="nhd")
@@ -85,7 +86,7 @@ def test_tcp_only_engines_on_one_host_talk_tcp_over_the_socket(caplog):
     sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5, tcp_only=True)
     receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5, tcp_only=True)
     try:
-        with caplog.at_level("INFO", logger=zmq_engine.__name__):
+        with caplog.at_level("INFO", logger=sender_side.__name__):
             _round_trip(sender, receiver)
         session = receiver.get_session_id()
         assert sender.peer_transports(session) == ["socket"]
@@ -98,9 +99,9 @@ def test_tcp_only_engines_on_one_host_talk_tcp_over_the_socket(caplog):
 def test_a_peer_on_another_host_gets_tcp_and_no_same_host_offer(caplog):
     sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5)
     receiver = ZmqTransferEngine(DECODE, "localhost", timeout_s=5)  # advertised as localhost:PORT
-    sender._local_hosts = {"127.0.0.1"}  # so, to the sender, an address of another host
+    sender.sender._local_hosts = {"127.0.0.1"}  # so, to the sender, an address of another host
     try:
-        with caplog.at_level("INFO", logger=zmq_engine.__name__):
+        with caplog.at_level("INFO", logger=sender_side.__name__):
             _round_trip(sender, receiver)
         session = receiver.get_session_id()
         assert session.startswith("localhost:") and sender.peer_transports(session) == ["socket"]
@@ -247,9 +248,7 @@ def test_scattered_slots_land_exactly_over_every_transport(transport_engines, it
 
 
 def test_transfers_larger_than_a_chunk_are_pipelined_and_exact(transport_engines, monkeypatch):
-    from pfs_sglang.transfer import zmq_engine
-
-    monkeypatch.setattr(zmq_engine, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(sender_side, "CHUNK_BYTES", 4096)
     _, sender, receiver = transport_engines
     source, destination = _pools(sender, receiver, layers=2, slots=64, item=512)
     # one long run per buffer (split into chunk-sized pieces) and scattered single rows
@@ -353,19 +352,19 @@ def test_a_connection_that_goes_releases_its_senders_device_mapping(engines, fak
         def close(self):
             self.closed = True
 
-    monkeypatch.setattr(zmq_engine, "export_regions", lambda regions: [{"handle": "00", "start": r.start}
+    monkeypatch.setattr(sender_side, "export_regions", lambda regions: [{"handle": "00", "start": r.start}
                                                                        for r in regions])
-    monkeypatch.setattr(zmq_engine, "PeerDeviceMemory", Mapping)
+    monkeypatch.setattr(receiver_side, "PeerDeviceMemory", Mapping)
     fake_cuda(_FakeCudart(status=0, memory_type=2, device=0))  # both pools "are on a GPU"
     _registered(sender, np.ones(4096, dtype=np.uint8))
     _registered(receiver, np.zeros(4096, dtype=np.uint8))
     session = receiver.get_session_id()
     for _ in range(3):  # connect; the connection fails and the sender connects again (a new ZMQ routing id)
-        sender._session(session)  # connects: the handshake
+        sender.sender._session(session)  # connects: the handshake
         assert sender.peer_transports(session)[0] == "cuda"
-        sender._drop_socket(session)
+        sender.sender._drop_socket(session)
     assert len(mappings) == 3
-    assert _eventually(lambda: not receiver._verified_peers and not receiver._peer_devices)
+    assert _eventually(lambda: not receiver.receiver._verified_peers and not receiver.receiver._peer_devices)
     assert all(mapping.closed for mapping in mappings)
 
 
@@ -485,7 +484,7 @@ def _raw_connection(receiver: ZmqTransferEngine):
 
 
 def _ask(sock, kind: bytes, *frames: bytes, timeout_ms: int = 3000) -> list[bytes] | None:
-    sock.send_multipart([zmq_engine.MAGIC, kind, b"req-1", *frames])
+    sock.send_multipart([wire.MAGIC, kind, b"req-1", *frames])
     return sock.recv_multipart() if sock.poll(timeout_ms) else None
 
 
@@ -550,7 +549,7 @@ def test_a_peer_without_the_deployments_secret_is_refused():
 
 
 def test_an_oversized_message_drops_its_connection_and_the_engine_serves_on(monkeypatch):
-    monkeypatch.setattr(zmq_engine, "MAX_MESSAGE_BYTES", 1 << 16)
+    monkeypatch.setattr(receiver_side, "MAX_MESSAGE_BYTES", 1 << 16)
     receiver = ZmqTransferEngine(DECODE, "127.0.0.1", timeout_s=5)
     sender = ZmqTransferEngine(PREFILL, "127.0.0.1", timeout_s=5)
     flood = _raw_connection(receiver)
@@ -647,7 +646,7 @@ def test_retiring_a_room_waits_for_the_write_in_progress(transport_engines, monk
 
     # the receiver's two ways of applying a write: scatter from staging, or read from the sender
     monkeypatch.setattr(CopyPlan, "scatter", slowly(CopyPlan.scatter))
-    monkeypatch.setattr(zmq_engine, "read_from_process", slowly(zmq_engine.read_from_process))
+    monkeypatch.setattr(receiver_side, "read_from_process", slowly(receiver_side.read_from_process))
     generation = receiver.open_room(ROOM)
     statuses = []
     writer = threading.Thread(target=lambda: statuses.append(_write_for(sender, receiver, ROOM, generation, blocks)))

@@ -1,12 +1,15 @@
 """KV transfer between the prefill pool and the decode pools (the ``zmq`` backend).
 
 ``zmq_engine`` moves bytes (one-sided writes into registered pool memory, with an
-identity handshake and deadlines); ``zmq_backend`` plugs it under SGLang's Mooncake
-PD protocol; ``registration`` holds every hook and patch this package puts into
-SGLang's processes (the ``zmq`` backend's registration, a CPU prefill server's KV pool
-in shared memory, PD servers that poll rather than spin); ``transfer_report`` puts each
-request's KV bytes and transfer time in prefill replies; ``shared_pool`` is the shared
-memory of a CPU prefill server's KV pool, which same-host decode servers read in place.
+identity handshake and deadlines), a facade over ``wire`` (the message format),
+``rooms`` (no late write lands in freed slots), ``sender`` and ``receiver``, with the
+transports' memory and copies in modules of their own; it never imports SGLang.
+``zmq_backend`` plugs it under SGLang's Mooncake PD protocol; ``registration`` holds
+every hook and patch this package puts into SGLang's processes (the ``zmq`` backend's
+registration, a CPU prefill server's KV pool in shared memory, PD servers that poll
+rather than spin); ``transfer_report`` puts each request's KV bytes and transfer time
+in prefill replies; ``shared_pool`` is the shared memory of a CPU prefill server's KV
+pool, which same-host decode servers read in place.
 """
 
 # Set by the launcher for every server it starts, read by ``zmq_backend``: the deadline
