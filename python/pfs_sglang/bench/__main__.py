@@ -121,11 +121,31 @@ def bench_config(args: argparse.Namespace, sessions: int):
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     budget = KVBudget(pick(args.kv_tokens_per_model, defaults.kv_tokens_per_model),
-                      pick(args.decode_kv_tokens, defaults.decode_kv_tokens))
+                      decode_pool_tokens(workload, args.decode_kv_tokens, defaults.decode_kv_tokens))
     budget.prefill_tokens(len(models))
     return BenchConfig(workload=workload, shape=args.shape, systems=systems, budget=budget,
                        device=args.device or default_device(), models_dir=args.models_dir, out=args.out,
                        startup_timeout_s=args.startup_timeout, progress=not args.no_progress)
+
+
+def decode_pool_tokens(workload: WorkloadConfig, asked: int | None, default: int) -> int:
+    """Each PD decode pool: the shape's default grown, or the one asked for checked, so every
+    request of the workload fits it whole (a decode pool of P tokens serves a context of
+    P - 512: SGLang's decode admission reserves 512 tokens per request, ``decode.admission``)."""
+    from pfs_sglang.bench.workloads import context_needed_by
+    from pfs_sglang.decode.admission import pool_tokens_for
+
+    needed = context_needed_by(workload)
+    if needed is None:  # a trace: its requests over the pool's limit are refused (400) and counted as failed
+        return default if asked is None else asked
+    fitting = pool_tokens_for(needed)
+    if asked is None:
+        return max(default, fitting)
+    if asked < fitting:
+        raise ValueError(f"--decode-kv-tokens {asked} cannot serve this workload: its longest request needs a "
+                         f"context of {needed} tokens, which a PD decode pool holds from {fitting} tokens on "
+                         "(SGLang's decode admission reserves 512 per request)")
+    return asked
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -187,3 +187,25 @@ def models_of(sessions: list[Session]) -> list[str]:
         for step in session.steps:
             seen.setdefault(step.model, None)
     return list(seen)
+
+
+def context_needed_by(config: WorkloadConfig) -> int | None:
+    """The context length every request of the workload needs to be served whole: its
+    longest prompt and that prompt's ``max_tokens`` (outputs counted at their maximum),
+    with SGLang's margins (``decode.admission.context_needed``). None for a trace (its
+    prompts are known only once tokenized). Token counts do not depend on the vocabulary."""
+    from pfs_sglang.decode.admission import context_needed
+
+    if config.kind == "trace":
+        return None
+    config.validate()
+    vocab = Vocabulary(low=0, high=2)
+    needed = 0
+    for session in (react_sessions if config.kind == "react" else reflexion_sessions)(config, vocab):
+        context = len(session.context)
+        for step in session.steps:
+            context = len(step.prefix) if step.reset else context + len(step.prefix)
+            needed = max(needed, context_needed(context, step.max_tokens))
+            if step.keep_output:
+                context += step.max_tokens
+    return needed

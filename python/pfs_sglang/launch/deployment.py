@@ -18,6 +18,12 @@ deployment's KV secret (made at launch, or given: ``kv_secret``, ``PFS_KV_SECRET
 requires of clients and passes on. ``dry_run()`` does the checks and returns every
 server's environment and command line instead of starting them.
 
+Each PD decode server whose KV pool the launcher sizes gets the context length that pool
+can admit (SGLang's decode admission reserves ``--num-reserved-decode-tokens`` per
+request on top of its prompt): ``--context-length`` when that is less than the model's,
+said in ``--dry-run`` and its start-up line; a pool that admits nothing is refused
+(``decode_limits.py``).
+
 In the unified mode (``Topology.deployment_mode()``) the servers are ``replicas`` unified
 servers (``unified-N``: the base and every LoRA decode module in one SGLang server,
 ``pfs_sglang.unified``) and no prefill server; the router sends each request whole to
@@ -65,6 +71,7 @@ from pfs_sglang.identity import (
     token_sequence_of,
     write_fingerprint_handoff,
 )
+from pfs_sglang.launch.decode_limits import PlannedDecodeLimit, check_decode_limits
 from pfs_sglang.launch.guards import check_guards
 from pfs_sglang.launch.placement import ServerPlacement, plan_placement
 from pfs_sglang.launch.processes import (
@@ -232,6 +239,7 @@ class Deployment:
         self._kv_secret_shown = "<given>" if given_secret else "<made at launch>"
         self.servers: list[PlannedServer] = []
         self.remote_servers = _remote_servers(topology)
+        self.decode_limits: dict[str, PlannedDecodeLimit] = {}  # PD decode server name -> its context length
         self._router_server: uvicorn.Server | None = None
         self._router_thread: threading.Thread | None = None
 
@@ -268,6 +276,7 @@ class Deployment:
         """Refuse what cannot be served (guards, identities); write the base's fingerprint
         for the servers and return that file."""
         check_guards(self.topology)
+        self.decode_limits = check_decode_limits(self.topology)
         base = check_decode_models(self.topology)
         if self.topology.api_key:
             write_server_auth(self.topology.api_key, self.log_dir / SERVER_AUTH_FILE)
@@ -322,15 +331,22 @@ class Deployment:
         else:
             spec = server.decode_server
             adapters = tuple((model.name, model.path) for model in spec.models) if spec.lora else ()
+            plan = self.decode_limits.get(spec.name)
+            extra = (*t.decode_args_of(spec), *(plan.context_args if plan is not None else ()))
             server.child.command = decode_server_command(spec.name, t.base_model if spec.lora else spec.models[0].path,
                                                          t.server_host, server.ports, t.transfer_backend, t.device,
-                                                         t.max_total_tokens, t.decode_args_of(spec), placement,
-                                                         auth_file, adapters)
+                                                         t.max_total_tokens, extra, placement, auth_file, adapters)
         server.child.url = f"http://{t.server_host}:{server.ports.http}"
 
     def _describe(self, server: PlannedServer) -> str:
         bootstrap = f", bootstrap port {server.ports.bootstrap}" if server.ports.bootstrap else ""
-        return f"{server.child.url}{bootstrap}; log {server.child.log_path}"
+        return f"{server.child.url}{bootstrap}; log {server.child.log_path}{self._limit_note(server)}"
+
+    def _limit_note(self, server: PlannedServer) -> str:
+        """``; <context length and why>`` for a PD decode server, else nothing."""
+        if server.unified or server.decode_server is None or server.decode_server.name not in self.decode_limits:
+            return ""
+        return "; " + self.decode_limits[server.decode_server.name].describe()
 
     def _router_config(self) -> RouterConfig:
         """The router's view of the servers: this host's at their current ports, or (``--role
@@ -372,7 +388,9 @@ class Deployment:
             self._plan(self.check())
         lines = []
         for child in self.children:
-            lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}")
+            server = next(s for s in self.servers if s.child is child)
+            lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}"
+                         f"{self._limit_note(server)}")
             env = {**child.env, KV_SECRET_ENV: self._kv_secret_shown}
             lines.append(" ".join([*(f"{key}={shlex.quote(value)}" for key, value in env.items()),
                                    shlex.join(child.command)]))

@@ -13,7 +13,8 @@ Endpoints: ``POST /v1/chat/completions``, ``/v1/completions`` (streaming or not)
 programs); batches and ``n > 1`` become one hand-off per prompt and sample
 (``fanout.py``). ``/flush_cache`` (every server), ``/abort_request`` (SGLang's body, sent
 to every server, for the client's ``rid`` and the running sub-requests made for it);
-``GET /v1/models``, ``/v1/models/{id}``, ``/get_model_info``, ``/model_info``,
+``GET /v1/models``, ``/v1/models/{id}`` (each PD model's ``max_model_len``: what its
+decode pool admits, ``decode_limits.py``), ``/get_model_info``, ``/model_info``,
 ``/get_server_info``, ``/server_info`` (the default model's decode server), ``/health``
 (200 when every server is), ``/health_generate`` (a one-token generation through the
 PD path that reaches every server), ``/metrics`` (Prometheus), ``/workers`` (each with
@@ -27,7 +28,9 @@ still starting). A client that disconnects has its request aborted
 on every server. A server whose process is gone is out of rotation until its health
 check passes again (``worker_health.py``); a request whose pool has no server in
 rotation gets 503 at once. With ``--api-key`` every request but ``/health*`` and
-``/metrics`` needs the key (``api_key.py``).
+``/metrics`` needs the key (``api_key.py``). A token-id prompt longer than its model's
+decode servers admit is refused with 400 before any hand-off (``decode_limits.py``; a
+text prompt is refused by the decode server, with SGLang's 400, as soon as it is tokenized).
 
 A unified deployment (``RouterConfig`` with no prefill workers: every decode pool's
 servers hold the base and every LoRA decode module, ``pfs_sglang.unified``) routes each
@@ -53,6 +56,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from pfs_sglang.router.api_key import RequireApiKey
+from pfs_sglang.router.decode_limits import DecodeLimits
 from pfs_sglang.router.fanout import FanOut, RunningSubRequests, StreamMerger, SubRequest, combine, plan_fan_out, sse
 from pfs_sglang.router.metrics import CONTENT_TYPE, RouterMetrics
 from pfs_sglang.router.openai_errors import error_response
@@ -127,6 +131,9 @@ class PrefillShareRouter:
         self.health_checker = WorkerHealthChecker([config.prefill_workers, *decode.values()], client,
                                                   config.health_checks)
         self.pd = PrefillDecodeClient(client, self.health_checker.connection_failed)
+        # what each PD model's decode pool admits (a unified server admits as stock SGLang does)
+        self.decode_limits = None if config.unified else DecodeLimits(config.decode_pools, client,
+                                                                      config.health_timeout_s)
         self._running_subs = RunningSubRequests()  # what a client's abort by its rid must reach
 
     def all_workers(self) -> list[Worker]:
@@ -144,6 +151,8 @@ class PrefillShareRouter:
             routed = parse_request(endpoint, body, self.config.decode_pools,
                                    self.config.fallback_model, self.config.vocab_size, path_model)
             routed.body.setdefault("rid", uuid.uuid4().hex)  # what an abort names if the client leaves
+            if self.decode_limits is not None:
+                self.decode_limits.check(routed.model, endpoint, routed.body)
             plan = plan_fan_out(endpoint, routed.body)
         except RequestRejected as rejected:
             return error_response(rejected.status, rejected.message, param=rejected.param, code=rejected.code)
@@ -416,12 +425,18 @@ class PrefillShareRouter:
             for event in last_usage.values():
                 self._record_usage(routed.model, event)
 
-    def models(self) -> dict:
+    async def models(self) -> dict:
+        if self.decode_limits is not None:
+            await self.decode_limits.learned()
         return {"object": "list", "data": [self.model_card(name) for name in self.config.decode_pools]}
 
     def model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "pfs_sglang",
-                "root": name}
+        """The model's card; ``max_model_len``: the context its decode pool admits (once its servers said)."""
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "pfs_sglang", "root": name}
+        limit = self.decode_limits.of_model(name) if self.decode_limits is not None else None
+        if limit is not None:
+            card["max_model_len"] = limit.context_length
+        return card
 
     def workers(self) -> dict:
         rows = [{"url": w.url, "role": "prefill", "bootstrap_port": w.bootstrap_port, "in_flight": w.in_flight,
@@ -599,12 +614,14 @@ def build_router_app(config: RouterConfig | None = None, still_starting: Callabl
 
     @app.get("/v1/models")
     async def models():
-        return router().models()
+        return await router().models()
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
         if model not in router().config.decode_pools:
             return _unknown_model(model)
+        if router().decode_limits is not None:
+            await router().decode_limits.learned()
         return router().model_card(model)
 
     @app.get("/workers")
