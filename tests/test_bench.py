@@ -1,9 +1,11 @@
-"""The benchmark harness (issue 9): its parts on their own, and one short run on the demo models.
+"""The benchmark harness (issue 9): its parts on their own, and short runs on the demo models.
 
-The run starts one real PD deployment (``pfs`` and ``pfs-noshare`` share it) for 2
+One run starts one real PD deployment (``pfs`` and ``pfs-noshare`` share it) for 2
 ReAct sessions of 1 round and checks the files, the summary's schema, the same-output
-check, and that sharing prefills fewer tokens than per-model namespaces. No timing is
-asserted.
+check, and that sharing prefills fewer tokens than per-model namespaces. Another runs
+the LoRA systems (``pfs-unified``, ``sglang-lora``, the demo LoRA adapters) the same
+way: the unified tree shares the context across adapters, stock SGLang's does not. No
+timing is asserted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import pytest
 
 from pfs_sglang.bench import __main__ as cli
 from pfs_sglang.bench.metrics import RequestRecord, percentile, ratios, same_outputs, unique_prefix_tokens
-from pfs_sglang.bench.systems import KVBudget, cpu_server_args, groups_of
+from pfs_sglang.bench.shapes import ModelSet
+from pfs_sglang.bench.systems import KVBudget, cpu_server_args, groups_of, stock_lora_command
 from pfs_sglang.bench.workloads import Vocabulary, WorkloadConfig, build_sessions, react_sessions, reflexion_sessions
 from pfs_sglang.launch.server_commands import ServerPorts, prefill_server_command
 from pfs_sglang.oracle import load_tokenizer
@@ -26,7 +29,8 @@ SYSTEM_KEYS = {"ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s
                "output_tokens_per_s", "prefill_tokens", "hit_ratio", "kv_bytes", "kv_gb_per_s", "peak_kv_tokens",
                "errors", "requests"}
 RATIO_KEYS = {"p95_e2e_noshare_over_pfs", "throughput_pfs_over_noshare", "p95_e2e_sglang_over_pfs",
-              "throughput_pfs_over_sglang"}
+              "throughput_pfs_over_sglang", "p95_e2e_sglang_lora_over_unified", "throughput_unified_over_sglang_lora",
+              "p95_e2e_sglang_over_unified", "throughput_unified_over_sglang"}
 VOCAB = Vocabulary(10, 500)
 
 
@@ -57,7 +61,13 @@ def test_same_outputs_needs_every_request_equal_and_successful():
 def test_ratios():
     systems = {"pfs": {"e2e_p95_s": 1.0, "requests_per_s": 4.0}, "pfs-noshare": {"e2e_p95_s": 3.0, "requests_per_s": 2.0}}
     assert ratios(systems) == {"p95_e2e_noshare_over_pfs": 3.0, "throughput_pfs_over_noshare": 2.0,
-                               "p95_e2e_sglang_over_pfs": None, "throughput_pfs_over_sglang": None}
+                               "p95_e2e_sglang_over_pfs": None, "throughput_pfs_over_sglang": None,
+                               "p95_e2e_sglang_lora_over_unified": None, "throughput_unified_over_sglang_lora": None,
+                               "p95_e2e_sglang_over_unified": None, "throughput_unified_over_sglang": None}
+    lora = {"pfs-unified": {"e2e_p95_s": 1.0, "requests_per_s": 6.0}, "sglang-lora": {"e2e_p95_s": 2.0,
+                                                                                      "requests_per_s": 3.0}}
+    assert ratios(lora)["p95_e2e_sglang_lora_over_unified"] == 2.0
+    assert ratios(lora)["throughput_unified_over_sglang_lora"] == 2.0
 
 
 def test_kv_budget_is_equal_across_systems():
@@ -72,6 +82,7 @@ def test_kv_budget_is_equal_across_systems():
 def test_pfs_and_noshare_share_one_deployment():
     assert groups_of(("pfs", "sglang", "pfs-noshare")) == [("pfs", "pfs-noshare"), ("sglang",)]
     assert groups_of(("sglang",)) == [("sglang",)]
+    assert groups_of(("sglang-lora", "pfs-unified", "vllm")) == [("pfs-unified",), ("sglang-lora",)]
     with pytest.raises(ValueError):
         groups_of(("tgi",))
 
@@ -92,6 +103,17 @@ def test_stock_server_uses_the_launchers_cpu_flags(demo_models, tmp_path):
         assert flag in stock, flag
         if value is not None:
             assert stock[stock.index(flag) + 1] == value, flag
+
+
+def test_stock_lora_is_the_unified_server_without_the_pfs_tree(tmp_path):
+    models = ModelSet("x", tmp_path / "base", {}, {"a": tmp_path / "lora-a", "b": tmp_path / "lora-b"})
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    command = stock_lora_command(models, KVBudget(per_model_tokens=1000, decode_tokens=0), "cpu", "127.0.0.1", 5)
+    assert "--radix-cache-backend" not in command
+    assert command[command.index("--max-total-tokens") + 1] == "2000"  # the whole budget: 2 models x 1000
+    assert "--enable-lora" in command and f"a={tmp_path / 'lora-a'}" in command
+    assert command[command.index("--lora-backend") + 1] == "torch_native"
 
 
 def test_react_sessions_share_the_system_prompt_and_call_every_model():
@@ -173,3 +195,26 @@ def test_run_on_the_demo_models(tmp_path):
     assert details["systems"]["pfs"]["kv_pool_total_tokens"] == summary["workload"]["kv_budget_tokens"]
     assert "| pfs |" in (out / "report.md").read_text()
     assert (out / "systems.png").stat().st_size > 0
+
+
+@pytest.mark.server
+def test_lora_systems_on_the_demo_adapters(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pfs_sglang.bench", "run", "--shape", "tiny", "--sessions", "2", "--rounds", "1",
+               "--systems", "pfs-unified,sglang-lora", "--models", "extract,compute",
+               "--models-dir", str(tmp_path / "models"), "--no-progress", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["systems"]) == {"pfs-unified", "sglang-lora"}
+    for figures in summary["systems"].values():
+        assert figures["requests"] == 2 * 2 and figures["errors"] == 0
+        assert summary["floor_prefill_tokens"] <= figures["prefill_tokens"]
+    unified, stock = summary["systems"]["pfs-unified"], summary["systems"]["sglang-lora"]
+    assert unified["prefill_tokens"] < stock["prefill_tokens"]  # one tree across adapters against one per adapter
+    assert summary["ratios"]["throughput_unified_over_sglang_lora"] is not None
+    details = json.loads((out / "details.json").read_text())
+    for name in ("pfs-unified", "sglang-lora"):
+        assert details["systems"][name]["kv_pool_total_tokens"] == summary["workload"]["kv_budget_tokens"]
+    assert "| pfs-unified |" in (out / "report.md").read_text()

@@ -6,6 +6,8 @@
   once): ``DIR/sessions-N/`` per point, plus ``DIR/sweep.json``, ``DIR/report.md`` and
   ``DIR/sweep_*.png``.
 - ``handoff ARGS...``: the KV hand-off microbenchmark (``pfs_sglang.bench.handoff``).
+- ``lone ARGS...``: one request for a LoRA decode module, the unified deployment against
+  stock SGLang multi-LoRA, and the router's hop (``pfs_sglang.bench.lone``).
 - ``startup ARGS...``: launch a deployment repeatedly, time it, read its logs
   (``pfs_sglang.bench.startup``).
 - ``load ARGS...``: closed-loop sessions for a while against one deployment; checks
@@ -31,6 +33,8 @@ EXAMPLES = """examples:
   python -m pfs_sglang.bench run --workload trace --trace trace.jsonl --shape tiny --out out/bench-trace
   python -m pfs_sglang.bench sweep --shape small --sessions-list 2,4,8,16 --out docs/bench/small
   python -m pfs_sglang.bench handoff --help
+  python -m pfs_sglang.bench lone --repeats 20 --out docs/bench/lone
+  python -m pfs_sglang.bench sweep --shape small --systems pfs-unified,sglang-lora,sglang --out docs/bench/unified
   python -m pfs_sglang.bench startup --launches 10 --out out/startup
   python -m pfs_sglang.bench load --sessions 200 --duration 120 --out docs/bench/load
 """
@@ -83,7 +87,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pfs_sglang.bench", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description="Multi-agent workloads against pfs, pfs-noshare and stock SGLang.")
+                                     description="Multi-agent workloads against pfs, pfs-noshare, pfs-unified, "
+                                                 "stock SGLang and stock SGLang multi-LoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one workload, every system")
     add_common(run)
@@ -92,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(sweep)
     sweep.add_argument("--sessions-list", default="2,4,8,16")
     sub.add_parser("handoff", help="KV hand-off microbenchmark (pfs_sglang.bench.handoff)", add_help=False)
+    sub.add_parser("lone", help="a lone LoRA request, pfs-unified against sglang-lora (pfs_sglang.bench.lone)",
+                   add_help=False)
     sub.add_parser("startup", help="launch a deployment repeatedly (pfs_sglang.bench.startup)", add_help=False)
     sub.add_parser("load", help="closed-loop load run with exactly-once, KV and memory checks "
                                 "(pfs_sglang.bench.load)", add_help=False)
@@ -198,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["handoff"]:
         return handoff_command(argv[1:])
+    if argv[:1] == ["lone"]:
+        from pfs_sglang.bench.lone import main as lone_main
+
+        return lone_main(argv[1:])
     if argv[:1] == ["startup"]:
         from pfs_sglang.bench.startup import main as startup_main
 

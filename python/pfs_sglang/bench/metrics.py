@@ -13,8 +13,9 @@
   the servers).
 - The floor: unique prompt tokens of the workload, i.e. the nodes of a token trie over
   every prompt sent; any system must prefill at least that many tokens once.
-- ``system_summary`` gives the issue's per-system keys; ``ratios`` the four headline
-  ratios.
+- ``system_summary`` gives the issue's per-system keys; ``ratios`` the headline ratios
+  (``pfs`` against ``pfs-noshare`` and ``sglang``; ``pfs-unified`` against ``sglang-lora``
+  and ``sglang``), None where a system was not run.
 """
 
 from __future__ import annotations
@@ -138,12 +139,17 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 
 def ratios(systems: dict[str, dict]) -> dict[str, float | None]:
-    pfs, noshare, sglang = (systems.get(name, {}) for name in ("pfs", "pfs-noshare", "sglang"))
+    pfs, noshare, sglang, unified, lora = (systems.get(name, {}) for name in (
+        "pfs", "pfs-noshare", "sglang", "pfs-unified", "sglang-lora"))
     return {
         "p95_e2e_noshare_over_pfs": _ratio(noshare.get("e2e_p95_s"), pfs.get("e2e_p95_s")),
         "throughput_pfs_over_noshare": _ratio(pfs.get("requests_per_s"), noshare.get("requests_per_s")),
         "p95_e2e_sglang_over_pfs": _ratio(sglang.get("e2e_p95_s"), pfs.get("e2e_p95_s")),
         "throughput_pfs_over_sglang": _ratio(pfs.get("requests_per_s"), sglang.get("requests_per_s")),
+        "p95_e2e_sglang_lora_over_unified": _ratio(lora.get("e2e_p95_s"), unified.get("e2e_p95_s")),
+        "throughput_unified_over_sglang_lora": _ratio(unified.get("requests_per_s"), lora.get("requests_per_s")),
+        "p95_e2e_sglang_over_unified": _ratio(sglang.get("e2e_p95_s"), unified.get("e2e_p95_s")),
+        "throughput_unified_over_sglang": _ratio(unified.get("requests_per_s"), sglang.get("requests_per_s")),
     }
 
 

@@ -28,8 +28,13 @@ RATIO_NAMES = {
     "throughput_pfs_over_noshare": "throughput, pfs / pfs-noshare",
     "p95_e2e_sglang_over_pfs": "p95 e2e, sglang / pfs",
     "throughput_pfs_over_sglang": "throughput, pfs / sglang",
+    "p95_e2e_sglang_lora_over_unified": "p95 e2e, sglang-lora / pfs-unified",
+    "throughput_unified_over_sglang_lora": "throughput, pfs-unified / sglang-lora",
+    "p95_e2e_sglang_over_unified": "p95 e2e, sglang / pfs-unified",
+    "throughput_unified_over_sglang": "throughput, pfs-unified / sglang",
 }
-COLORS = {"pfs": "tab:green", "pfs-noshare": "tab:orange", "sglang": "tab:blue", "vllm": "tab:purple"}
+COLORS = {"pfs": "tab:green", "pfs-noshare": "tab:orange", "sglang": "tab:blue", "pfs-unified": "tab:red",
+          "sglang-lora": "tab:cyan", "vllm": "tab:purple"}
 
 
 def fmt(value, pattern: str | None, key: str = "") -> str:
@@ -53,7 +58,16 @@ def systems_table(summary: dict) -> str:
 
 
 def ratios_line(ratios: dict) -> str:
-    return "; ".join(f"{RATIO_NAMES[key]} = {fmt(value, '{:.2f}')}" for key, value in ratios.items())
+    """The ratios of the systems that ran."""
+    return "; ".join(f"{RATIO_NAMES[key]} = {fmt(value, '{:.2f}')}" for key, value in ratios.items()
+                     if value is not None)
+
+
+def budget_line(workload: dict) -> str:
+    return (f"KV budget: {workload['kv_budget_tokens']} tokens in every system ({workload['kv_per_model_tokens']} "
+            f"per model: a stock server per model holds that; PD decode servers {workload['decode_kv_tokens']} "
+            "each, the prefill server the rest; pfs-unified and sglang-lora one server of the whole budget). "
+            "Each CPU server runs an equal share of the cores as its threads.")
 
 
 def write_point_report(summary: dict, details: dict, out: Path) -> None:
@@ -67,9 +81,7 @@ def write_point_report(summary: dict, details: dict, out: Path) -> None:
         f"{workload['system_tokens']} tokens, task {workload['task_tokens']}, observations "
         f"{workload['observation_tokens']}, outputs {workload['output_tokens']} tokens (greedy, ignore_eos), "
         f"{'Poisson arrivals at ' + str(workload['rate']) + ' sessions/s' if workload['rate'] else 'closed loop'}, "
-        f"seed {workload['seed']}. KV budget: {workload['kv_budget_tokens']} tokens in every system "
-        f"({workload['kv_per_model_tokens']} per model; PD decode servers {workload['decode_kv_tokens']} each, "
-        "the prefill server the rest).",
+        f"seed {workload['seed']}. {budget_line(workload)}",
         "",
         systems_table(summary),
         "",
@@ -78,11 +90,11 @@ def write_point_report(summary: dict, details: dict, out: Path) -> None:
         + ", ".join(f"{name} {floor}" for name, floor in details["floor_prefill_tokens_per_system"].items()) + ".",
         "",
         f"Ratios: {ratios_line(summary['ratios'])}.",
-        "",
-        f"Same greedy outputs, pfs vs pfs-noshare, every request: **{summary['same_outputs_pfs_noshare']}**"
-        + (f" (differing: {', '.join(details['differing_outputs_pfs_noshare'][:10])})"
-           if details["differing_outputs_pfs_noshare"] else "") + ".",
     ]
+    if summary["same_outputs_pfs_noshare"] is not None:
+        text += ["", f"Same greedy outputs, pfs vs pfs-noshare, every request: **{summary['same_outputs_pfs_noshare']}**"
+                 + (f" (differing: {', '.join(details['differing_outputs_pfs_noshare'][:10])})"
+                    if details["differing_outputs_pfs_noshare"] else "") + "."]
     for name, reason in details["skipped_systems"].items():
         text += ["", f"Skipped {name}: {reason.splitlines()[0]}"]
     text += ["", *(f"![{plot.stem}]({plot.name})" for plot in plots), ""]
@@ -144,6 +156,7 @@ def write_sweep_report(summaries: dict[int, dict], details: dict[int, dict], out
         paths.append(path)
     first = summaries[counts[0]]
     workload = first["workload"]
+    shown = [key for key in RATIO_NAMES if any(summaries[c]["ratios"].get(key) is not None for c in counts)]
     lines = [
         f"# Sweep: {workload['kind']}, shape {workload['shape']}, sessions {', '.join(map(str, counts))}",
         "",
@@ -151,18 +164,17 @@ def write_sweep_report(summaries: dict[int, dict], details: dict[int, dict], out
         f"Models: {workload['shape_description']}. {workload['rounds']} rounds per session, models "
         f"{', '.join(workload['models'])}, system prompt {workload['system_tokens']} tokens, task "
         f"{workload['task_tokens']}, observations {workload['observation_tokens']}, outputs "
-        f"{workload['output_tokens']}. KV budget {workload['kv_budget_tokens']} tokens in every system "
-        f"({workload['kv_per_model_tokens']} per model; PD decode servers {workload['decode_kv_tokens']} each).",
+        f"{workload['output_tokens']}. {budget_line(workload)}",
         "",
-        "| sessions | " + " | ".join(RATIO_NAMES.values()) + " | floor | prefilled: " + ", ".join(names)
+        "| sessions | " + " | ".join(RATIO_NAMES[key] for key in shown) + " | floor | prefilled: " + ", ".join(names)
         + " | hit ratio: " + ", ".join(names) + " | same outputs | errors |",
-        "|---" * (len(RATIO_NAMES) + 6) + "|",
+        "|---" * (len(shown) + 6) + "|",
     ]
     for count in counts:
         summary = summaries[count]
         systems = summary["systems"]
         lines.append(
-            f"| {count} | " + " | ".join(fmt(value, "{:.2f}") for value in summary["ratios"].values())
+            f"| {count} | " + " | ".join(fmt(summary["ratios"][key], "{:.2f}") for key in shown)
             + f" | {summary['floor_prefill_tokens']} | "
             + ", ".join(fmt(systems.get(n, {}).get("prefill_tokens"), "{:d}") for n in names) + " | "
             + ", ".join(fmt(systems.get(n, {}).get("hit_ratio"), "{:.2f}") for n in names)

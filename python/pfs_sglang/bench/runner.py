@@ -44,7 +44,7 @@ from pfs_sglang.bench.metrics import (
 )
 from pfs_sglang.bench.report import write_point_report
 from pfs_sglang.bench.shapes import ModelSet, describe, prepare_models
-from pfs_sglang.bench.systems import VLLM_SKIPPED, BenchSystem, KVBudget, groups_of, make_group
+from pfs_sglang.bench.systems import LORA_SYSTEMS, VLLM_SKIPPED, BenchSystem, KVBudget, groups_of, make_group
 from pfs_sglang.bench.workloads import Session, WorkloadConfig, build_sessions, vocabulary_of
 from pfs_sglang.launch.processes import LaunchError
 
@@ -146,7 +146,8 @@ def run_benchmark(config: BenchConfig, session_counts: list[int]) -> tuple[Model
     """Run every system over every point; returns the models used and each point's results."""
     from pfs_sglang.oracle import load_tokenizer
 
-    models = prepare_models(config.shape, config.workload.models, config.models_dir, seed=config.workload.seed)
+    models = prepare_models(config.shape, config.workload.models, config.models_dir, seed=config.workload.seed,
+                            lora=any(name in LORA_SYSTEMS for name in config.systems))
     tokenizer = load_tokenizer(str(models.base))
     vocab = vocabulary_of(tokenizer)
     workloads = {count: build_sessions(replace(config.workload, sessions=count), tokenizer) for count in session_counts}
@@ -204,7 +205,8 @@ def point_summary(config: BenchConfig, models: ModelSet, point: PointResult) -> 
     """``summary.json`` (the issue's schema) and ``details.json`` of one point."""
     systems = {name: result.summary for name, result in point.systems.items()}
     floors = {name: unique_prefix_tokens(result.outcome.prompts) for name, result in point.systems.items()}
-    reference = next((name for name in ("pfs", "pfs-noshare", "sglang") if name in floors), None)
+    reference = next((name for name in ("pfs", "pfs-noshare", "pfs-unified", "sglang-lora", "sglang")
+                      if name in floors), None)
     same, differing = None, []
     if "pfs" in point.systems and "pfs-noshare" in point.systems:
         same, differing = same_outputs(point.systems["pfs"].outcome.records,

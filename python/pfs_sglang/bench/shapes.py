@@ -15,20 +15,32 @@ name, each a seeded perturbation of the base that records the base's fingerprint
 ``prefillshare.json`` (``write_perturbed_decode_module``), so the launcher's identity
 check (invariant 4) accepts them. Written sets are cached under a directory and reused
 when the manifest matches.
+
+The LoRA systems (``pfs-unified``, ``sglang-lora``) serve each model name as a LoRA
+adapter of the same base instead (``ModelSet.adapters``, written only when asked for):
+the trained demo adapters for ``tiny`` (``write_demo_lora_adapters``), seeded
+random-weight ones for the random shapes (``random_lora_adapter``).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pfs_sglang.models import TinyLlamaShape, load_demo_models, write_demo_models
-from pfs_sglang.models.demo import DEMO_DECODE_MODULES, write_base_model, write_perturbed_decode_module
+from pfs_sglang.models.demo import (
+    DEMO_DECODE_MODULES,
+    write_base_model,
+    write_demo_lora_adapters,
+    write_perturbed_decode_module,
+)
+from pfs_sglang.models.random_lora import random_lora_adapter
 
 SHAPES = ("tiny", "small", "llama-8b")
 MANIFEST = "bench_models.json"
+LORA_MANIFEST = "bench_lora_adapters.json"
 
 SMALL = TinyLlamaShape(vocab_size=512, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
                        num_kv_heads=4, head_dim=64, max_positions=8192)
@@ -40,11 +52,13 @@ RANDOM_SHAPES = {"small": (SMALL, "float32"), "llama-8b": (LLAMA_8B, "bfloat16")
 
 @dataclass(frozen=True)
 class ModelSet:
-    """A base (prefill module) and named decode modules trained (or perturbed) against it."""
+    """A base (prefill module) and named decode modules trained (or perturbed) against it;
+    ``adapters``: the same names as LoRA adapters of the base (empty unless asked for)."""
 
     shape: str
     base: Path
     decode: dict[str, Path]
+    adapters: dict[str, Path] = field(default_factory=dict)
 
     def kv_bytes_per_token(self) -> int:
         """KV bytes one prompt token takes in every layer (K and V)."""
@@ -60,8 +74,37 @@ def default_model_names(shape: str) -> tuple[str, ...]:
     return DEMO_DECODE_MODULES if shape == "tiny" else ("planner", "actor", "critic")
 
 
-def prepare_models(shape: str, names: tuple[str, ...], root: Path, seed: int = 0) -> ModelSet:
-    """Write (or reuse) the models of ``shape`` with decode modules named ``names`` under ``root``."""
+def prepare_models(shape: str, names: tuple[str, ...], root: Path, seed: int = 0, lora: bool = False) -> ModelSet:
+    """Write (or reuse) the models of ``shape`` with decode modules named ``names`` under ``root``;
+    with ``lora`` also a LoRA adapter of the base per name."""
+    models = _prepare_decode_modules(shape, names, root, seed)
+    if not lora:
+        return models
+    if shape == "tiny":
+        unknown = set(names) - set(DEMO_DECODE_MODULES)
+        if unknown:
+            raise ValueError(f"the tiny shape's LoRA adapters are the demo ones {DEMO_DECODE_MODULES}, not {sorted(unknown)}")
+        return replace(models, adapters=write_demo_lora_adapters(models.base.parent, names, write_base=False).decode)
+    return replace(models, adapters=_random_adapters(models.base, names, seed))
+
+
+def _random_adapters(base: Path, names: tuple[str, ...], seed: int) -> dict[str, Path]:
+    """Seeded random-weight LoRA adapters of ``base`` beside it (reused when their manifest matches)."""
+    root = base.parent
+    adapters = {name: root / f"lora-{name}" for name in names}
+    wanted = {"seed": seed, "adapters": list(names)}
+    manifest = root / LORA_MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+        return adapters
+    for index, (name, path) in enumerate(adapters.items()):
+        if path.exists():
+            shutil.rmtree(path)
+        random_lora_adapter(base, path, seed=seed + 101 + index)
+    manifest.write_text(json.dumps(wanted, indent=2) + "\n")
+    return adapters
+
+
+def _prepare_decode_modules(shape: str, names: tuple[str, ...], root: Path, seed: int) -> ModelSet:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
     root = Path(root) / shape

@@ -1,7 +1,9 @@
 """The systems the benchmark compares, each started and stopped by the harness.
 
 Every system gets the same total KV budget: the sum of every server's
-``--max-total-tokens`` is ``models x per_model_tokens`` in all of them (``KVBudget``).
+``--max-total-tokens`` is ``models x per_model_tokens`` in all of them (``KVBudget``),
+and the same cores: each CPU server's threads are an equal share of the machine's
+(``cpu_server_env``: one server gets every core, three get a third each).
 
 - ``pfs``: this project (``pfs_sglang.launch.Deployment``): one shared prefill server
   whose ``pfs`` tree is keyed on the prefill module (invariant 3), one decode server per
@@ -14,6 +16,16 @@ Every system gets the same total KV budget: the sum of every server's
   unchanged).
 - ``sglang``: stock SGLang, one ordinary (non-PD) server per model with its own radix
   cache and ``per_model_tokens`` of pool, with the launcher's CPU flags.
+- ``pfs-unified``: this project's unified deployment (``Deployment`` of a topology whose
+  decode models are the LoRA adapters of ``ModelSet.adapters``): one SGLang server holds
+  the base and every adapter, one pool of the whole budget, one ``pfs`` tree keyed on
+  the prefill module, each adapter applied from the last prompt token; behind the router.
+- ``sglang-lora``: stock SGLang's multi-LoRA, one server of the base with every adapter
+  and the whole budget, its own radix cache (which keys a request by its adapter, so
+  every adapter holds its own copy of a shared context), each adapter applied to the
+  whole prompt; requests name the adapter as ``lora_path``. Its command line is the
+  unified server's with the ``pfs`` tree left out, so the two differ only in the tree's
+  namespace and where the adapter starts.
 - ``vllm``: not run here (see ``VLLM_SKIPPED``).
 """
 
@@ -31,9 +43,15 @@ import requests
 from pfs_sglang.bench.shapes import ModelSet
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
 from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
-from pfs_sglang.launch.server_commands import cpu_server_env
+from pfs_sglang.launch.server_commands import (
+    RADIX_CACHE_BACKEND,
+    ServerPorts,
+    cpu_server_env,
+    unified_server_command,
+)
 
-SYSTEMS = ("pfs", "pfs-noshare", "sglang", "vllm")
+SYSTEMS = ("pfs", "pfs-noshare", "sglang", "pfs-unified", "sglang-lora", "vllm")
+LORA_SYSTEMS = ("pfs-unified", "sglang-lora")  # served from ModelSet.adapters
 VLLM_SKIPPED = ("vllm skipped: vLLM has no CPU wheel on PyPI (its CPU backend is built from source) and its "
                 "CUDA wheel pins another torch than SGLang's, so it would need its own multi-GB virtualenv "
                 "and still not serve on this machine")
@@ -60,6 +78,7 @@ class KVBudget:
         return tokens
 
     def total(self, models: int) -> int:
+        """Every system's KV slots; a single-server system's (``pfs-unified``, ``sglang-lora``) one pool."""
         return models * self.per_model_tokens
 
 
@@ -221,17 +240,106 @@ class StockSGLangSystem(BenchSystem):
         return {process.name: self.budget.per_model_tokens for process in self.processes.values()}
 
 
+class UnifiedSystem(BenchSystem):
+    """``pfs-unified``: one unified server (the base and every adapter, the whole budget) behind the router."""
+
+    def __init__(self, models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float):
+        self.name, self.budget = "pfs-unified", budget
+        self.deployment = Deployment(Topology(
+            base_model=models.base,
+            decode_models=tuple(DecodeModelSpec(name, path) for name, path in models.adapters.items()),
+            port=free_port(), device=device, max_total_tokens=budget.total(len(models.adapters)), mode="unified",
+            log_dir=log_dir, startup_timeout_s=startup_timeout_s,
+        ))
+
+    def start(self) -> None:
+        self.deployment.start()
+
+    def stop(self) -> None:
+        self.deployment.stop()
+
+    def target(self, model: str) -> Target:
+        return Target(self.deployment.url, {"model": model})
+
+    def direct_target(self, model: str) -> Target:
+        """The unified server itself, past the router, the adapter named as the router names it."""
+        return Target(self.deployment.children[0].url, {"lora_path": model})
+
+    def servers(self) -> list[ManagedProcess]:
+        return list(self.deployment.children)
+
+    def prefill_servers(self) -> list[ManagedProcess]:
+        return []
+
+    def flush_urls(self) -> list[str]:
+        return [self.deployment.url]
+
+    def server_pools(self) -> dict[str, int]:
+        return {child.name: self.budget.total(len(self.deployment.model_names)) for child in self.deployment.children}
+
+
+def stock_lora_command(models: ModelSet, budget: KVBudget, device: str, host: str, port: int) -> list[str]:
+    """The unified server's command line for the same base and adapters, without the ``pfs`` tree: stock SGLang."""
+    command = unified_server_command(models.base, host, ServerPorts(http=port), device,
+                                     budget.total(len(models.adapters)), tuple(models.adapters.items()))
+    at = command.index("--radix-cache-backend")
+    if command[at + 1] != RADIX_CACHE_BACKEND:
+        raise RuntimeError(f"unexpected unified server command: {command}")
+    return command[:at] + command[at + 2:]
+
+
+class StockLoRASystem(BenchSystem):
+    """``sglang-lora``: one stock SGLang server of the base with every adapter (SGLang's multi-LoRA)."""
+
+    def __init__(self, models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float,
+                 host: str = "127.0.0.1"):
+        self.name, self.budget, self.startup_timeout_s = "sglang-lora", budget, startup_timeout_s
+        self.pool = budget.total(len(models.adapters))
+        port = free_port(host)
+        self.process = ManagedProcess(name="sglang-lora", command=stock_lora_command(models, budget, device, host, port),
+                                      log_path=Path(log_dir) / "sglang-lora.log", url=f"http://{host}:{port}",
+                                      env=cpu_server_env(1) if device == "cpu" else {})
+
+    def start(self) -> None:
+        try:
+            self.process.start()
+            wait_until_healthy([self.process], self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        stop_all([self.process])
+
+    def target(self, model: str) -> Target:
+        return Target(self.process.url, {"lora_path": model})
+
+    def servers(self) -> list[ManagedProcess]:
+        return [self.process]
+
+    def prefill_servers(self) -> list[ManagedProcess]:
+        return []
+
+    def flush_urls(self) -> list[str]:
+        return [self.process.url]
+
+    def server_pools(self) -> dict[str, int]:
+        return {self.process.name: self.pool}
+
+
 def groups_of(names: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The requested systems (``vllm`` left out), grouped by the processes they run on.
 
     ``pfs`` and ``pfs-noshare`` are one PD deployment (only the requests' namespace
-    differs), so they share it; caches are flushed between their runs.
+    differs), so they share it; caches are flushed between their runs. Every other
+    system is a group of its own.
     """
     unknown = set(names) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     pd = tuple(name for name in names if name in ("pfs", "pfs-noshare"))
-    return [group for group in (pd, ("sglang",) if "sglang" in names else ()) if group]
+    alone = [(name,) for name in ("sglang", *LORA_SYSTEMS) if name in names]
+    return [group for group in (pd, *alone) if group]
 
 
 def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, device: str, log_dir: Path,
@@ -239,5 +347,9 @@ def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, devic
     """Fresh systems (new ports) of one group; starting or stopping the first starts or stops them all."""
     if group == ("sglang",):
         return [StockSGLangSystem(models, budget, device, Path(log_dir) / "sglang", startup_timeout_s)]
+    if group == ("pfs-unified",):
+        return [UnifiedSystem(models, budget, device, Path(log_dir) / "unified", startup_timeout_s)]
+    if group == ("sglang-lora",):
+        return [StockLoRASystem(models, budget, device, Path(log_dir) / "sglang-lora", startup_timeout_s)]
     deployment = pd_deployment(models, budget, device, Path(log_dir) / "pd", startup_timeout_s)
     return [PrefillShareSystem(name, deployment, budget, share=name == "pfs") for name in group]
