@@ -247,7 +247,9 @@ def test_demo_models_share_one_gpu_unless_placed_otherwise(tmp_path, monkeypatch
     demo = topology_from_args(build_parser().parse_args(["--device", "cuda"]))
     assert (demo.pack, demo.prefill_mem_fraction, demo.decode_mem_fraction) == (True, 0.15, 0.15)
     assert set(gpus_of(plan_placement(demo, visible=["0"])).values()) == {("0",)}
-    spread = plan_placement(demo, visible=["0", "1", "2", "3"])
+    assert list(plan_placement(demo, visible=["0", "1"])) == ["unified-0"]  # the demo is one unified server
+    pd = topology_from_args(build_parser().parse_args(["--device", "cuda", "--mode", "pd"]))
+    spread = plan_placement(pd, visible=["0", "1", "2", "3"])
     assert sorted(gpus_of(spread).values()) == [("0",), ("1",), ("2",), ("3",)]
     placed = topology_from_args(build_parser().parse_args(["--gpus", "0-3"]))
     assert not placed.pack and placed.prefill_mem_fraction is None
