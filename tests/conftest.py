@@ -3,7 +3,9 @@
 Fixtures: the demo models (written once per session), two LoRA decode modules trained
 against the demo base, and the two servers several modules use: stock SGLang serving
 the base, and a PrefillShare demo deployment started from the command line (the three
-demo decode models, and the two adapters co-located on one decode server).
+demo decode models, the two adapters co-located on one decode server, and ``compute``
+once more as ``compute-tight``, with a decode KV pool too small for its load, for
+``test_decode_memory_pressure.py``).
 
 Tiers (markers registered in ``pyproject.toml``):
 
@@ -44,6 +46,11 @@ from pfs_sglang.train.trainer import FinetuneConfig, finetune
 from sglang_process import sglang_server
 
 SHARED_SERVERS = ("stock_base", "demo_deployment")
+# The demo deployment's decode server under memory pressure: ``compute`` with a KV pool of 160
+# tokens, overlap scheduling off and a small per-request decode reserve (test_decode_memory_pressure.py).
+TIGHT_MODEL = "compute-tight"
+TIGHT_POOL_TOKENS = 160
+TIGHT_DECODE_ARGS = f"--max-total-tokens {TIGHT_POOL_TOKENS} --num-reserved-decode-tokens 4 --disable-overlap-schedule"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -146,9 +153,11 @@ class RunningDeployment:
 @pytest.fixture(scope="session")
 def demo_deployment(demo_models, lora_adapters, tmp_path_factory) -> RunningDeployment:
     """``python -m pfs_sglang.launch_server`` with the base, the three demo decode models
-    (``decode-NAME-0``) and the two LoRA adapters (both on ``decode-lora-0``)."""
+    (``decode-NAME-0``), the two LoRA adapters (both on ``decode-lora-0``) and ``TIGHT_MODEL``
+    (``decode-compute-tight-0``; tests that rotate over every served model name theirs instead)."""
     log_dir = tmp_path_factory.mktemp("demo_deployment")
-    models = [f"--decode-model={name}={path}" for name, path in {**demo_models.decode, **lora_adapters}.items()]
-    with load.demo_deployment(log_dir, Topology.max_total_tokens, ["--base-model", str(demo_models.base), *models],
-                              timeout_s=600) as (url, launcher):
+    decode = {**demo_models.decode, **lora_adapters, TIGHT_MODEL: demo_models.decode["compute"]}
+    args = ["--base-model", str(demo_models.base), *(f"--decode-model={name}={path}" for name, path in decode.items()),
+            f"--decode-args={TIGHT_MODEL}={TIGHT_DECODE_ARGS}"]
+    with load.demo_deployment(log_dir, Topology.max_total_tokens, args, timeout_s=600) as (url, launcher):
         yield RunningDeployment(url, log_dir, launcher)

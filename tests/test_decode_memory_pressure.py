@@ -1,13 +1,14 @@
 """A decode pool too small for its load: real retraction, every output exact (issue 7).
 
-The decode server (``compute``) gets a KV pool of 160 tokens, overlap scheduling off
-(the loop the paged test does not run) and a small per-request decode reserve, so
-SGLang admits several requests whose outputs then outgrow the pool and it retracts
-some ("KV cache pool is full. Retract requests."). A retracted request's KV is backed
-up and restored exactly (``cpu_tensor``): base KV for its prompt, decode-module KV for
-what the decode module computed (invariant 1); nothing is recomputed by the prefill
-module. Every request must still give the oracle's output (invariant 5), and every
-pool must be idle afterwards.
+The decode server ``compute-tight`` of the session's demo deployment (``conftest.py``:
+the ``compute`` decode module once more) gets a KV pool of 160 tokens, overlap
+scheduling off (the loop the paged test does not run) and a small per-request decode
+reserve, so SGLang admits several requests whose outputs then outgrow the pool and it
+retracts some ("KV cache pool is full. Retract requests."). A retracted request's KV is
+backed up and restored exactly (``cpu_tensor``): base KV for its prompt, decode-module
+KV for what the decode module computed (invariant 1); nothing is recomputed by the
+prefill module. Every request must still give the oracle's output (invariant 5), and
+every pool must be idle afterwards.
 """
 
 from __future__ import annotations
@@ -15,44 +16,25 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-from pfs_sglang.launch.deployment import Deployment
-from pfs_sglang.launch.processes import free_port
-from pfs_sglang.launch.topology import DecodeModelSpec, Topology
+from conftest import TIGHT_MODEL
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from sglang_process import generate_greedy, wait_deployment_idle
 
-pytestmark = pytest.mark.server
-
-DECODE_POOL_TOKENS = 160
-PROMPT_TOKENS, NEW_TOKENS, REQUESTS = 24, 60, 6  # any 2 of these 84-token requests overflow 160
+PROMPT_TOKENS, NEW_TOKENS, REQUESTS = 24, 60, 6  # any 2 of these 84-token requests overflow 160 (TIGHT_POOL_TOKENS)
 
 
-@pytest.fixture(scope="module")
-def deployment(demo_models, tmp_path_factory):
-    topology = Topology(
-        base_model=demo_models.base, decode_models=(DecodeModelSpec("compute", demo_models.decode["compute"]),),
-        port=free_port(), log_dir=tmp_path_factory.mktemp("memory_pressure"),
-        decode_args=("--max-total-tokens", str(DECODE_POOL_TOKENS), "--num-reserved-decode-tokens", "4",
-                     "--disable-overlap-schedule"),
-    )
-    with Deployment(topology) as running:
-        yield running
-
-
-def test_retraction_under_memory_pressure_keeps_every_output_exact(deployment, demo_models):
+def test_retraction_under_memory_pressure_keeps_every_output_exact(demo_deployment, demo_models):
     prompts = [[(17 * r + 5 * i) % 200 + 20 for i in range(PROMPT_TOKENS)] for r in range(REQUESTS)]
 
     def generate(prompt: list[int]) -> list[int]:
-        return generate_greedy(deployment.url, "compute", prompt, NEW_TOKENS)["output_ids"]
+        return generate_greedy(demo_deployment.url, TIGHT_MODEL, prompt, NEW_TOKENS)["output_ids"]
 
     with ThreadPoolExecutor(REQUESTS) as pool:
         outputs = list(pool.map(generate, prompts))
     for prompt, served in zip(prompts, outputs):
         reference = prefillshare_greedy(demo_models.base, demo_models.decode["compute"], prompt, NEW_TOKENS)
         assert first_real_divergence(served, reference) is None, (served, reference.output_ids)
-    log = (deployment.log_dir / "decode-compute-0.log").read_text(errors="replace")
+    log = (demo_deployment.log_dir / f"decode-{TIGHT_MODEL}-0.log").read_text(errors="replace")
     retracted = sum(int(n) for n in re.findall(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)", log))
     assert retracted > 0, "the pool never ran out: the test did not test retraction"
-    wait_deployment_idle(deployment.url)
+    wait_deployment_idle(demo_deployment.url)

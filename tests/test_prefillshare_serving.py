@@ -2,7 +2,8 @@
 
 A real deployment (``python -m pfs_sglang.launch_server``: router, prefill server with
 the ``pfs`` prefix tree, one decode server per demo model and one for two LoRA adapters,
-``zmq`` KV transfer; the session's ``demo_deployment``, shared with other modules) runs
+``zmq`` KV transfer; the session's ``demo_deployment``, shared with other modules, whose
+``compute-tight`` server is ``test_decode_memory_pressure.py``'s) runs
 on 127.0.0.1. Checks: the greedy oracle of invariant 5 for every
 decode model (single turn, two turns whose second prompt holds the first answer, and a
 cache hit), cross-model prefix sharing (invariant 3), streaming, 3 models x 20
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import TIGHT_MODEL
 from pfs_sglang.bench import load
 from pfs_sglang.oracle import first_real_divergence, load_tokenizer, prefillshare_greedy
 from sglang_process import generate_greedy, metric_total, wait_deployment_idle
@@ -82,7 +84,7 @@ def assert_chat_matches_oracle(content, demo_models, model, messages, max_tokens
 
 def test_lists_every_decode_model(deployment, demo_models, lora_adapters):
     served = {entry["id"] for entry in requests.get(f"{deployment}/v1/models", timeout=10).json()["data"]}
-    assert served == {*demo_models.decode, *lora_adapters}
+    assert served == {*demo_models.decode, *lora_adapters, TIGHT_MODEL}
 
 
 def test_greedy_oracle_for_every_decode_model(deployment, demo_models):
@@ -289,8 +291,9 @@ def test_a_client_that_leaves_has_its_request_aborted_and_its_kv_freed(deploymen
 
 
 def test_short_load_run_passes_its_checks(deployment, deployment_dir, demo_models, lora_adapters, tmp_path):
+    models = [*demo_models.decode, *lora_adapters]  # not TIGHT_MODEL: its 160-token pool is for one test's load
     summary = load.run_load(deployment, load.LoadConfig(sessions=12, duration_s=15, inject_every=10, progress=False),
-                            tmp_path / "load", log_dir=deployment_dir)
+                            tmp_path / "load", models, log_dir=deployment_dir)
     failed = [name for name, ok in summary["checks"].items() if not ok]
     assert summary["passed"] and not failed, (failed, (tmp_path / "load" / "report.md").read_text())
     counted = summary["requests"]
