@@ -5,7 +5,8 @@ ReAct sessions of 1 round and checks the files, the summary's schema, the same-o
 check, and that sharing prefills fewer tokens than per-model namespaces. Another runs
 the LoRA systems (``pfs-unified``, ``sglang-lora``, the demo LoRA adapters) the same
 way: the unified tree shares the context across adapters, stock SGLang's does not. No
-timing is asserted.
+timing is asserted. The suite (``make test``) runs the first, the benchmark's one smoke
+run; the second is a ``scenario`` test (``make test-scenarios``).
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ def test_run_on_the_demo_models(tmp_path):
 
 
 @pytest.mark.server
+@pytest.mark.scenario  # a second benchmark run: make test-scenarios, not make test
 def test_lora_systems_on_the_demo_adapters(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pfs_sglang.bench", "run", "--shape", "tiny", "--sessions", "2", "--rounds", "1",
