@@ -61,8 +61,25 @@ def assert_pools_idle(urls: list[str]) -> None:
         time.sleep(1)
 
 
+def foreign_decode_process(deployment: Deployment, demo_models, root) -> ManagedProcess:
+    """A decode server (started by hand: the launcher would refuse it) for a foreign decode module."""
+    other_base = write_perturbed_decode_module(demo_models.base, root / "other_base", seed=21)
+    foreign = write_perturbed_decode_module(demo_models.base, root / "foreign", seed=22)
+    write_decode_module_record(foreign, fingerprint_of(other_base))
+    port = free_port()
+    t = deployment.topology
+    return ManagedProcess(
+        name="foreign-decode", log_path=root / "foreign-decode.log", url=f"http://127.0.0.1:{port}",
+        command=decode_server_command("foreign", foreign, t.server_host, ServerPorts(http=port), t.transfer_backend,
+                                      t.device, t.max_total_tokens),
+        env=child_env(t.server_host, TRANSFER_TIMEOUT_S, deployment.kv_secret),
+    )
+
+
 @pytest.fixture(scope="module")
-def supervised(demo_models, tmp_path_factory):
+def started(demo_models, tmp_path_factory):
+    """The supervised deployment and the foreign decode server, started side by side (one
+    start-up for the four servers, not the foreign one alone after the other three)."""
     logs = tmp_path_factory.mktemp("fault_logs")
     topology = Topology(
         base_model=demo_models.base, decode_models=(DecodeModelSpec(MODEL, demo_models.decode[MODEL]),),
@@ -71,12 +88,24 @@ def supervised(demo_models, tmp_path_factory):
     )
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FAULT_STALL_ENV, f"{STALLED_ROOM}:{STALL_S}")  # inherited by the servers
-        with Deployment(topology) as running:
-            watcher = Supervised(running)
-            try:
-                yield watcher
-            finally:
-                watcher.stop()
+        deployment = Deployment(topology)
+        foreign = foreign_decode_process(deployment, demo_models, tmp_path_factory.mktemp("foreign"))
+        foreign.start()
+        try:
+            with deployment as running:
+                wait_until_healthy([foreign], 300)
+                watcher = Supervised(running)
+                try:
+                    yield watcher, foreign.url
+                finally:
+                    watcher.stop()
+        finally:
+            foreign.stop()
+
+
+@pytest.fixture(scope="module")
+def supervised(started) -> Supervised:
+    return started[0]
 
 
 @pytest.fixture(scope="module")
@@ -85,26 +114,8 @@ def deployment(supervised) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def foreign_decode_server(deployment, demo_models, tmp_path_factory):
-    """A decode server (started by hand: the launcher would refuse it) for a foreign decode module."""
-    root = tmp_path_factory.mktemp("foreign")
-    other_base = write_perturbed_decode_module(demo_models.base, root / "other_base", seed=21)
-    foreign = write_perturbed_decode_module(demo_models.base, root / "foreign", seed=22)
-    write_decode_module_record(foreign, fingerprint_of(other_base))
-    port = free_port()
-    t = deployment.topology
-    server = ManagedProcess(
-        name="foreign-decode", log_path=root / "foreign-decode.log", url=f"http://127.0.0.1:{port}",
-        command=decode_server_command("foreign", foreign, t.server_host, ServerPorts(http=port), t.transfer_backend,
-                                      t.device, t.max_total_tokens),
-        env=child_env(t.server_host, TRANSFER_TIMEOUT_S, deployment.kv_secret),
-    )
-    server.start()
-    try:
-        wait_until_healthy([server], 300)
-        yield server.url
-    finally:
-        server.stop()
+def foreign_decode_server(started) -> str:
+    return started[1]
 
 
 def _pd_body(deployment: Deployment) -> dict:
