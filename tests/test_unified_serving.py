@@ -203,21 +203,7 @@ def test_replicas_api_key_and_a_killed_server_restarted(supervised, demo_models,
     supervised.wait_serving_again("unified-0", killed_pid)
     assert generate_greedy(url, "beta", prompt, 6, headers=auth)["output_ids"] == \
         _expect(demo_models, adapters["beta"], prompt, 6)
-    wait_deployment_idle_with(url, auth)
-
-
-def wait_deployment_idle_with(url: str, auth: dict[str, str]) -> None:
-    """``wait_deployment_idle`` through an API key (``/workers`` and ``/flush_cache`` need it)."""
-    import time
-
-    deadline = time.monotonic() + 60
-    while True:
-        workers = requests.get(f"{url}/workers", headers=auth, timeout=10).json()["workers"]
-        if not any(row["in_flight"] for row in workers) and \
-                requests.post(f"{url}/flush_cache", headers=auth, timeout=30).status_code == 200:
-            return
-        assert time.monotonic() < deadline, workers
-        time.sleep(0.5)
+    wait_deployment_idle(url, headers=auth)
 
 
 @pytest.fixture

@@ -26,20 +26,22 @@ def used_kv_tokens(server_url: str) -> float:
     return metric_total(server_url, "sglang:num_used_tokens{")
 
 
-def held_by_workers(router_url: str) -> dict[str, tuple[int, float]]:
-    """Per server behind the router: (router leases in flight, KV slots held by requests)."""
-    rows = requests.get(f"{router_url}/workers", timeout=10).json()["workers"]
+def held_by_workers(router_url: str, headers: dict[str, str] | None = None) -> dict[str, tuple[int, float]]:
+    """Per server behind the router: (router leases in flight, KV slots held by requests).
+    ``headers``: what the router asks of clients (an API key)."""
+    rows = requests.get(f"{router_url}/workers", headers=headers, timeout=10).json()["workers"]
     return {row["url"]: (row["in_flight"], used_kv_tokens(row["url"])) for row in rows}
 
 
-def wait_deployment_idle(router_url: str, timeout_s: float = 60) -> None:
+def wait_deployment_idle(router_url: str, timeout_s: float = 60, headers: dict[str, str] | None = None) -> None:
     """Until no router lease and no KV slot is held anywhere, and every server's
-    ``/flush_cache`` succeeds; ``TimeoutError`` naming what is still held after ``timeout_s``."""
+    ``/flush_cache`` succeeds; ``TimeoutError`` naming what is still held after ``timeout_s``.
+    ``headers`` as in ``held_by_workers``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        held: dict = held_by_workers(router_url)
+        held: dict = held_by_workers(router_url, headers)
         if not any(a or b for a, b in held.values()):
-            flushed = requests.post(f"{router_url}/flush_cache", timeout=30)
+            flushed = requests.post(f"{router_url}/flush_cache", headers=headers, timeout=30)
             if flushed.status_code == 200:
                 return
             held["flush_cache"] = (flushed.status_code, flushed.text[:200])

@@ -309,22 +309,17 @@ class Deployment:
         server role's HTTP and bootstrap ports are the topology's (other hosts are told them)."""
         t, placement = self.topology, self.placements[server.name]
         prefill, fixed = server.decode_server is None, t.role.serves_alone
-        if server.unified:
-            free = free_ports(1 + (t.device == "cuda"), t.server_host)
-            server.ports = ServerPorts(http=free.pop(0), nccl=free.pop(0) if t.device == "cuda" else None)
-            spec = server.decode_server
-            server.child.command = unified_server_command(
-                t.base_model, t.server_host, server.ports, t.device, t.max_total_tokens,
-                tuple((model.name, model.path) for model in spec.models), t.decode_args_of(spec), placement,
-                self.log_dir / SERVER_AUTH_FILE if t.api_key else None)
-            server.child.url = f"http://{t.server_host}:{server.ports.http}"
-            return
         free = free_ports((0 if fixed else 1 + prefill) + (t.device == "cuda"), t.server_host)
         http = t.port if fixed else free.pop(0)
         bootstrap = (t.prefill_bootstrap_port if fixed else free.pop(0)) if prefill else None
         server.ports = ServerPorts(http=http, bootstrap=bootstrap, nccl=free.pop(0) if t.device == "cuda" else None)
         auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
-        if prefill:
+        if server.unified:
+            spec = server.decode_server
+            server.child.command = unified_server_command(
+                t.base_model, t.server_host, server.ports, t.device, t.max_total_tokens,
+                tuple((model.name, model.path) for model in spec.models), t.decode_args_of(spec), placement, auth_file)
+        elif prefill:
             server.child.command = prefill_server_command(t.base_model, t.server_host, server.ports, t.transfer_backend,
                                                           t.device, t.max_total_tokens, t.prefill_args, placement,
                                                           auth_file)
