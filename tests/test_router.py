@@ -533,9 +533,7 @@ def test_a_connection_failure_takes_a_worker_out_only_when_its_port_refuses():
         async with httpx.AsyncClient() as client:
             checker = WorkerHealthChecker([[alive, gone]], client, FAST_CHECKS)
             for worker in (alive, gone):
-                checker.connection_failed(worker, httpx.ReadError(""))
-            await asyncio.sleep(0.5)
-            await checker.stop()
+                await checker.connection_failed(worker, httpx.ReadError(""))
 
     try:
         asyncio.run(report_both())

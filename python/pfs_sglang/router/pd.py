@@ -10,9 +10,10 @@ the decode request and becomes the answer, so a broken prefill never leaves a cl
 waiting. A decode failure cancels the prefill request. Every upstream call has a
 timeout (the client's ``httpx.Timeout``). A server that fails at the connection
 (refused, reset, gone mid-answer) fails the request it was serving with 503 and is
-reported (``on_connection_failure``: the router takes it out of rotation if its port
-refuses connections, ``worker_health.py``). A caller may ask to hear when the prefill
-server has answered (``on_prefill_done``): the prompt's KV is then in its prefix tree.
+reported (``on_connection_failure``, awaited before the error is answered: the router
+takes it out of rotation if its port refuses connections, ``worker_health.py``). A
+caller may ask to hear when the prefill server has answered (``on_prefill_done``): the
+prompt's KV is then in its prefix tree.
 
 A unified deployment (one server holds the base and every LoRA decode module:
 ``pfs_sglang.unified``) has no hand-off: ``complete_one`` and ``stream_one`` send the
@@ -82,14 +83,14 @@ class PrefillDecodeClient:
     """Runs PD hand-offs over one shared ``httpx.AsyncClient``."""
 
     def __init__(self, client: httpx.AsyncClient,
-                 on_connection_failure: Callable[[Worker, httpx.HTTPError], None] = lambda worker, error: None):
+                 on_connection_failure: Callable[[Worker, httpx.HTTPError], Awaitable[None]] | None = None):
         self.client = client
         self.on_connection_failure = on_connection_failure
         self._background: set[asyncio.Task] = set()
 
-    def _transport_error(self, role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
-        if is_connection_failure(error):
-            self.on_connection_failure(worker, error)
+    async def _transport_error(self, role: str, worker: Worker, error: httpx.HTTPError) -> UpstreamError:
+        if is_connection_failure(error) and self.on_connection_failure is not None:
+            await self.on_connection_failure(worker, error)
         if isinstance(error, httpx.TimeoutException):
             return UpstreamError(504, f"{role} server {worker.url} did not answer in time")
         return UpstreamError(503, f"{role} server {worker.url} is unreachable: {_with_cause(error)}")
@@ -98,7 +99,7 @@ class PrefillDecodeClient:
         try:
             reply = await self.client.post(lease.worker.url + endpoint, json=body)
         except httpx.HTTPError as error:
-            raise self._transport_error(role, lease.worker, error) from error
+            raise await self._transport_error(role, lease.worker, error) from error
         finally:
             lease.release()
         if reply.status_code != 200:
@@ -211,14 +212,14 @@ class PrefillDecodeClient:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as error:
-            raise self._transport_error("decode", decode.worker, error) from error
+            raise await self._transport_error("decode", decode.worker, error) from error
         try:
             if response.status_code != 200:
                 raise UpstreamError(response.status_code, f"decode server: {upstream_message(await response.aread())}")
             async for line in response.aiter_lines():
                 yield line
         except httpx.HTTPError as error:
-            raise self._transport_error("decode", decode.worker, error) from error
+            raise await self._transport_error("decode", decode.worker, error) from error
         finally:
             await response.aclose()
             decode.release()

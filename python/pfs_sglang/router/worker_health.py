@@ -77,27 +77,24 @@ class WorkerHealthChecker:
         self.client = client
         self.settings = settings
         self._task: asyncio.Task | None = None
-        self._probes: set[asyncio.Task] = set()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        tasks = [*self._probes, *([self._task] if self._task is not None else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
-    def connection_failed(self, worker: Worker, error: httpx.HTTPError) -> None:
-        """A request to ``worker`` failed at the connection: take it out if its port refuses."""
-        async def probe() -> None:
-            if worker.healthy and await port_refuses(worker.url):
-                take_out(worker, f"{error!r}, and its port refuses connections")
+    async def connection_failed(self, worker: Worker, error: httpx.HTTPError) -> None:
+        """A request to ``worker`` failed at the connection: take it out if its port refuses.
 
-        task = asyncio.ensure_future(probe())
-        self._probes.add(task)
-        task.add_done_callback(self._probes.discard)
+        Awaited before that request's error goes to its client, so a client that saw the
+        failure never finds the dead server still in rotation (the probe takes at most
+        ``PORT_PROBE_TIMEOUT_S``; a refused connect answers at once)."""
+        if worker.healthy and await port_refuses(worker.url):
+            take_out(worker, f"{error!r}, and its port refuses connections")
 
     async def _run(self) -> None:
         await asyncio.gather(*(self._watch(worker) for pool in self.pools for worker in pool))

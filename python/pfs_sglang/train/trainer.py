@@ -50,6 +50,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TOKEN_SEQUENCE_FILES = ("chat_template.jinja", "chat_template.json", "generation_config.json")
 Objective = Literal["prefillshare", "own-kv", "lm"]
 Mode = Literal["full", "lora"]
+# Every linear projection of a Llama block: what SGLang's multi-LoRA serves.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     lora_rank: int = 16
     lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lr_scheduler: str = "cosine"  # transformers' lr_scheduler_type
     save_steps: int = 500
     logging_steps: int = 10
     resume: bool = False
@@ -135,7 +139,7 @@ def trainable_model(config: FinetuneConfig) -> torch.nn.Module:
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=list(config.lora_targets),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
@@ -151,7 +155,7 @@ def training_arguments(config: FinetuneConfig) -> TrainingArguments:
         gradient_accumulation_steps=config.grad_accum,
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=config.lr_scheduler,
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
