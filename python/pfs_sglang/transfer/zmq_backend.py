@@ -271,11 +271,31 @@ class ZmqKVSender(MooncakeKVSender):
     ``k`` (``prefill_module_len``) is set on the sender when the prefill server creates
     it (``registration.record_prefill_module_len``); pages past the one holding token ``k - 1`` are
     left out of every chunk, and the last chunk still concludes the transfer.
+
+    A decode server with a prefix cache of base KV promises the first ``P`` tokens
+    (SGLang's ``decode_prefix_len``; the decode tree caps every match at ``k``, page-floored:
+    invariant 1). SGLang then sends from token ``P`` and counts this sender's pages from
+    there (``index_slice`` is relative to page ``P / page``), so the pages sent are
+    ``[P / page, ceil(k / page))``. A claimed prefix that is not page-aligned or reaches
+    past ``floor_page(k)`` would mean the decode side holds KV of ``prompt[k:]`` as prompt
+    KV, or a row SGLang's page math cannot address: the hand-off is refused
+    (``pop_decode_prefix_len``) with that reason instead.
     """
 
     # Host-tensor indices make the prefill scheduler pin memory and record CUDA events.
     supports_host_tensor_indices = False
     prefill_module_len: Optional[int] = None
+    decode_prefix_len: int = 0
+
+    def pop_decode_prefix_len(self) -> int:
+        claimed = super().pop_decode_prefix_len()
+        refusal = decode_prefix_refusal(claimed, self.prefill_module_len, self.kv_mgr.kv_args.page_size)
+        if refusal is not None:
+            logger.error("room %s: %s", self.bootstrap_room, refusal)
+            self.kv_mgr.conclude_failure(bootstrap_room=self.bootstrap_room, failure_reason=refusal)
+            claimed = 0  # SGLang's page math stays well-formed; the room has failed and sends nothing
+        self.decode_prefix_len = claimed
+        return claimed
 
     def _prepare_send_indices(self, kv_indices, state_indices=None):
         kv_indices, index_slice, is_last_chunk, should_skip = super()._prepare_send_indices(
@@ -283,14 +303,35 @@ class ZmqKVSender(MooncakeKVSender):
         )
         if should_skip or self.prefill_module_len is None:
             return kv_indices, index_slice, is_last_chunk, should_skip
-        page_size = self.kv_mgr.kv_args.page_size
-        pages_to_send = -(-self.prefill_module_len // page_size)
+        pages_to_send = pages_past_decode_prefix(self.prefill_module_len, self.decode_prefix_len,
+                                                 self.kv_mgr.kv_args.page_size)
         stop = max(index_slice.start, min(index_slice.stop, pages_to_send))
         kv_indices = kv_indices[: stop - index_slice.start]
         # A middle chunk wholly past prompt[:k] has nothing to send; the last one always
         # goes, carrying the metadata that concludes the transfer.
         should_skip = len(kv_indices) == 0 and not is_last_chunk
         return kv_indices, slice(index_slice.start, stop), is_last_chunk, should_skip
+
+
+def pages_past_decode_prefix(prefill_module_len: int, decode_prefix_len: int, page_size: int) -> int:
+    """How many pages of ``prompt[:k]`` the decode side lacks: ``ceil(k / page) - P / page``
+    (counted, as SGLang's sender counts, from page ``P / page``)."""
+    return -(-prefill_module_len // page_size) - decode_prefix_len // page_size
+
+
+def decode_prefix_refusal(decode_prefix_len: int, prefill_module_len: Optional[int], page_size: int) -> Optional[str]:
+    """Why a decode side's claimed prefix cannot be base KV it holds, or None when it can."""
+    if decode_prefix_len == 0:
+        return None
+    if decode_prefix_len % page_size:
+        return (f"the decode server claims a cached prefix of {decode_prefix_len} tokens, not a whole number of "
+                f"{page_size}-token pages")
+    if prefill_module_len is not None and decode_prefix_len > prefill_module_len // page_size * page_size:
+        return (f"the decode server claims a cached prefix of {decode_prefix_len} tokens, past the "
+                f"{prefill_module_len // page_size * page_size} page-aligned tokens of prompt[:k] (k = "
+                f"{prefill_module_len}) that the prefill module computes for it: its cache may hold only base KV "
+                "(invariant 1)")
+    return None
 
 
 class ZmqKVReceiver(MooncakeKVReceiver):
