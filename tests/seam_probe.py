@@ -57,7 +57,8 @@ def parameter_problems(seam: Seam, target: object) -> list[str]:
 
 def metadata_message_problems() -> list[str]:
     """Mooncake's metadata message, built by Mooncake, through the prefill side's generation reader and back
-    into Mooncake's parser: the room and the decode session where the reader takes them, the message as it was."""
+    into Mooncake's parser: the room and the decode session where the reader takes them, the message as it was,
+    the decode side's cached prefix (``decode_prefix_len``) read back."""
     from sglang.srt.disaggregation.mooncake.conn import MooncakeKVManager, TransferInfo
 
     from pfs_sglang.transfer.zmq_backend import GENERATION_FRAME_PREFIX, ZmqKVManager
@@ -68,7 +69,7 @@ def metadata_message_problems() -> list[str]:
     try:
         message = MooncakeKVManager.build_receiver_metadata_message(
             decode, bootstrap_room=room, required_dst_info_num=1, kv_indices=np.arange(3, dtype=np.int32),
-            aux_index=0, state_indices=None, decode_prefix_len=None, is_dummy=False)
+            aux_index=0, state_indices=None, decode_prefix_len=8, is_dummy=False)
         read = ZmqKVManager._note_peer_generation(prefill, [*message, GENERATION_FRAME_PREFIX + b"%d" % generation])
         info = TransferInfo.from_zmq(read)
     except Exception as error:  # whatever SGLang's changed message makes of the stub
@@ -78,6 +79,8 @@ def metadata_message_problems() -> list[str]:
                 f"message {message}"]
     if read != message or (info.room, info.mooncake_session_id) != (room, session):
         return [f"the message is not Mooncake's again once the generation is off: {read}"]
+    if info.decode_prefix_len != 8:  # the decode cache's promise reaches the prefill side
+        return [f"decode_prefix_len no longer survives the generation frame: parsed {info.decode_prefix_len}"]
     return []
 
 

@@ -127,3 +127,64 @@ def test_a_claimed_prefix_within_floor_page_k_is_accepted():
         sender = sender_for(page_size, k, claimed)
         assert sender.pop_decode_prefix_len() == claimed
         assert sender.decode_prefix_len == claimed and not sender.kv_mgr.failures
+
+
+def decode_request(prompt_len: int, lora_id: str | None = None, logprob_start: int | None = None):
+    return SimpleNamespace(origin_input_ids=list(range(prompt_len)), lora_id=lora_id, extra_key=None,
+                           return_logprob=logprob_start is not None,
+                           logprob_start_len=-1 if logprob_start is None else logprob_start)
+
+
+@pytest.fixture
+def decode_tree(monkeypatch):
+    """A decode server's ``pfs`` tree whose SGLang side only records what it is asked."""
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    from pfs_sglang.cache.prefill_module_cache import PrefillModuleRadixCache
+
+    calls = []
+    monkeypatch.setattr(UnifiedRadixCache, "match_prefix", lambda self, params: calls.append(params.key))
+    monkeypatch.setattr(UnifiedRadixCache, "checkpoint", lambda self, req, *, up_to, **kw: calls.append(up_to))
+    tree = object.__new__(PrefillModuleRadixCache)  # SGLang's constructor builds pools
+    tree.prefill_digest, tree.caps_every_request = "d1", True
+    return tree, calls
+
+
+@pytest.mark.parametrize("lora_id", [None, "alpha"])
+def test_a_decode_tree_caps_every_match_and_insert_at_k(decode_tree, lora_id):
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    tree, calls = decode_tree
+    for req, k in ((decode_request(10, lora_id), 9), (decode_request(10, lora_id, logprob_start=4), 4)):
+        req.extra_key = None
+        setattr(req, "pfs_namespaced", False)
+        tree.match_prefix(MatchPrefixParams(key=RadixKey(list(range(10)), None), req=req))
+        tree.match_prefix(MatchPrefixParams(key=RadixKey(list(range(10)), None, limit=3), req=req))
+        tree.checkpoint(req, up_to=10 + 5)  # prompt and output: only prompt[:k] may go in
+        first, limited, inserted = calls[-3:]
+        assert (first.limit, limited.limit, inserted) == (k, 3, k)
+        assert first.extra_key == "pfs:d1"  # the prefill module's namespace, the adapter's id left out
+
+
+def test_a_prefill_tree_is_not_capped(decode_tree):
+    tree, calls = decode_tree
+    tree.caps_every_request = False
+    tree.checkpoint(decode_request(10, "alpha"), up_to=10)
+    assert calls[-1] == 10
+
+
+def test_a_decode_server_with_another_decode_tree_does_not_start(decode_tree):
+    from pfs_sglang.cache.prefill_module_cache import check_decode_tree
+
+    tree, _ = decode_tree
+    args = SimpleNamespace(disaggregation_mode="decode", disaggregation_decode_enable_radix_cache=True,
+                           radix_cache_backend=None)
+    check_decode_tree(SimpleNamespace(server_args=args, tree_cache=tree))  # the capped pfs tree
+    with pytest.raises(RuntimeError, match="needs --radix-cache-backend pfs .*invariant 1"):
+        check_decode_tree(SimpleNamespace(server_args=args, tree_cache=object()))
+    tree.caps_every_request = False
+    with pytest.raises(RuntimeError, match="needs --radix-cache-backend pfs"):
+        check_decode_tree(SimpleNamespace(server_args=args, tree_cache=tree))
+    off = SimpleNamespace(disaggregation_mode="decode", disaggregation_decode_enable_radix_cache=False)
+    check_decode_tree(SimpleNamespace(server_args=off, tree_cache=object()))  # no tree: nothing to hold

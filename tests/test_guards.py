@@ -1,5 +1,6 @@
 """What the launcher refuses before any server starts, each with its reason: speculative
-decoding, SGLang's plain decode radix cache, hybrid SWA / Mamba / linear-attention
+decoding, a decode radix cache other than the ``pfs`` tree (and the decode cache on paths
+not tested with it), hybrid SWA / Mamba / linear-attention
 architectures, pools that disagree on page size, KV dtype or chat template, placement
 flags smuggled into pass-through arguments, and decode modules that would tokenize a
 request differently from the prefill module.
@@ -53,8 +54,20 @@ def refused(demo_models, tmp_path, *flags: str, decode: dict | None = None) -> s
     (["--prefill-args=--speculative-algo=NEXTN"], "prefill servers: speculative decoding (--speculative-algorithm"),
     (["--decode-args", "compute=--speculative-draft-model-path /m/draft"],
      "decode model 'compute': speculative decoding (--speculative-draft-model-path /m/draft)"),
-    (["--decode-args", "compute=--disaggregation-decode-enable-radix-cache"],
-     "decode model 'compute': --disaggregation-decode-enable-radix-cache is not supported by PrefillShare yet"),
+    (["--no-decode-cache", "--decode-args", "compute=--disaggregation-decode-enable-radix-cache"],
+     "decode model 'compute': --disaggregation-decode-enable-radix-cache needs --radix-cache-backend pfs (got None)"),
+    (["--decode-args", "compute=--radix-cache-backend lru"],
+     "decode model 'compute': --disaggregation-decode-enable-radix-cache needs --radix-cache-backend pfs "
+     "(got 'lru')"),
+    (["--decode-args=--enable-hierarchical-cache"],
+     "decode model 'extract': the decode prefix cache is not supported with --enable-hierarchical-cache"),
+    (["--decode-args", "compute=--disaggregation-decode-retraction-backup host_pool"],
+     "decode model 'compute': the decode prefix cache is not supported with "
+     "--disaggregation-decode-retraction-backup host_pool"),
+    (["--decode-args=--enable-dp-attention --dp-size 2"],
+     "the decode prefix cache is not supported with --enable-dp-attention"),
+    (["--decode-args", "extract=--disaggregation-decode-enable-offload-kvcache"],
+     "the decode prefix cache is not supported with --disaggregation-decode-enable-offload-kvcache"),
     (["--prefill-args", "--page-size 16"],
      "decode model 'extract': --page-size differs between pools: prefill servers use 16, this decode pool None"),
     (["--prefill-args", "--page-size 16", "--decode-args", "extract=--page-size=16"],
@@ -79,6 +92,20 @@ def test_what_agrees_is_accepted(demo_models, tmp_path, capsys):
                  "--log-dir", str(tmp_path / "logs"), "--prefill-args", "--page-size 16 --kv-cache-dtype auto",
                  "--decode-args=--page-size=16", "--gpus", "0,1", "--decode-args", "--mem-fraction-static 0.8",
                  "--dry-run"])
+    assert code == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    [],  # the launcher's own decode cache
+    ["--decode-args=--disaggregation-decode-enable-radix-cache"],  # said twice
+    ["--no-decode-cache", "--decode-args=--disaggregation-decode-enable-radix-cache --radix-cache-backend pfs"],
+    ["--no-decode-cache", "--decode-args=--enable-hierarchical-cache"],  # without the tree: no decode-cache guard
+])
+def test_the_decode_cache_is_accepted_with_the_pfs_tree(demo_models, tmp_path, capsys, flags):
+    from pfs_sglang.launch.cli import main
+
+    code = main(["--base-model", str(demo_models.base), "--decode-model", f"extract={demo_models.decode['extract']}",
+                 "--log-dir", str(tmp_path / "logs"), *flags, "--dry-run"])
     assert code == 0, capsys.readouterr().err
 
 

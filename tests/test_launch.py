@@ -211,3 +211,33 @@ def test_unified_mode_refuses_dp_attention(tmp_path):
                         decode_args=("--enable-dp-attention",))
     with pytest.raises(LaunchError, match="--enable-dp-attention is not supported in the unified mode"):
         check_guards(topology)
+
+
+def test_decode_servers_keep_a_prefix_cache_of_base_kv_unless_told_not_to(demo_models, tmp_path):
+    """On by default (the pfs tree on every PD decode server), --no-decode-cache or YAML
+    ``decode_cache: false`` turns it off, and --dry-run says which."""
+    cache_flags = "--disaggregation-decode-enable-radix-cache --radix-cache-backend pfs"
+    decode = " ".join(decode_server_command("coder", tmp_path / "coder", "127.0.0.1", ServerPorts(http=3), "zmq",
+                                            "cpu", 4096, decode_cache=True))
+    assert cache_flags in decode
+    assert "--radix-cache-backend" not in " ".join(
+        decode_server_command("coder", tmp_path / "coder", "127.0.0.1", ServerPorts(http=3), "zmq", "cpu", 4096))
+    models = ["--base-model", str(demo_models.base), "--decode-model", f"extract={demo_models.decode['extract']}",
+              "--device", "cpu"]
+
+    def dry_run(*flags: str) -> str:
+        topology = topology_from_args(build_parser().parse_args([*models, *flags, "--log-dir", str(tmp_path / "l")]))
+        return Deployment(topology).dry_run()
+
+    on = dry_run()
+    decode_line = next(line for line in on.splitlines() if "--disaggregation-mode decode" in line)
+    assert cache_flags in decode_line and "decode prefix cache of base KV on" in on
+    prefill_line = next(line for line in on.splitlines() if "--disaggregation-mode prefill" in line)
+    assert "--disaggregation-decode-enable-radix-cache" not in prefill_line
+    off = dry_run("--no-decode-cache")
+    assert "--disaggregation-decode-enable-radix-cache" not in off and "no decode prefix cache" in off
+    assert topology_from_args(build_parser().parse_args([*models, "--decode-cache"])).decode_cache
+    config = tmp_path / "topology.yaml"
+    config.write_text("decode_cache: false\n")
+    assert not topology_from_args(build_parser().parse_args([*models, "--config", str(config)])).decode_cache
+    assert topology_from_args(build_parser().parse_args([*models, "--config", str(config), "--decode-cache"])).decode_cache

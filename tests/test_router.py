@@ -71,7 +71,7 @@ class StandIn:
             echo = body.get("text", body.get("input_ids", body.get("prompt", body.get("messages"))))
             if path == "/generate":
                 meta = {"id": body.get("rid"), "prompt_tokens": 8, "cached_tokens": 5, "completion_tokens": 2,
-                        "pfs_kv_transfer": {"bytes": 4096, "seconds": 0.25}}
+                        "pfs_kv_transfer": {"bytes": 4096, "seconds": 0.25, "decode_prefix_tokens": 64}}
                 if body.get("stream"):
                     return StreamingResponse(generate_events(echo, meta), media_type="text/event-stream")
                 return JSONResponse({"text": self.name, "echo": echo, "meta_info": meta})
@@ -511,6 +511,7 @@ def test_metrics_count_requests_tokens_cache_hits_and_kv_transfers_per_model():
             'pfs_router_kv_transfers_total{model="coder"} 1.0',
             'pfs_router_kv_transfer_bytes_total{model="coder"} 4096.0',
             'pfs_router_kv_transfer_seconds_total{model="coder"} 0.25',
+            'pfs_router_kv_decode_prefix_tokens_total{model="coder"} 64.0',
         ]
         for line in expected:
             assert line in text, line

@@ -50,6 +50,7 @@ CPU_SERVING = "none: SGLang serves on a machine without CUDA"
 KV_FIGURES = "none: per-request KV bytes and transfer time in prefill replies (router metrics)"
 KNOWN_FIELDS = "none: a request field no SGLang request type has is a 400, not silently dropped"
 ADMISSION = "none: a decode server refuses at once what its pool could never admit; no request waits forever"
+DECODE_CACHE = "1: a decode server's prefix cache holds base KV of prompt[:k] only; the prefill sends only the rest"
 
 _MOONCAKE = "sglang.srt.disaggregation.mooncake.conn"
 _DECODE = "sglang.srt.disaggregation.decode"
@@ -227,6 +228,14 @@ SEAMS: tuple[Seam, ...] = (
     Seam("override", f"{_MOONCAKE}.MooncakeKVSender.supports_host_tensor_indices", ZMQ_PD,
          "False keeps the prefill scheduler from pinning memory and recording CUDA events",
          f"{_ZMQ_BACKEND}.ZmqKVSender.supports_host_tensor_indices"),
+    Seam("override", f"{_MOONCAKE}.MooncakeKVSender.pop_decode_prefix_len", DECODE_CACHE,
+         "where the prefill side learns the prefix the decode side holds (SGLang's decode_prefix_len): a claim "
+         "past floor_page(k) or unaligned fails the room, and the sender keeps P for its page count",
+         f"{_ZMQ_BACKEND}.ZmqKVSender.pop_decode_prefix_len"),
+    Seam("private-member", "sglang.srt.disaggregation.common.conn.CommonKVSender.curr_idx", DECODE_CACHE,
+         "SGLang counts a sender's pages from page decode_prefix_len / page (index_slice starts there); the cut "
+         "at prompt[:k] is made in that count (tests/test_decode_cache_units.py drives it as the prefill does)",
+         f"{_ZMQ_BACKEND}.ZmqKVSender._prepare_send_indices"),
     Seam("override", f"{_MOONCAKE}.MooncakeKVSender._prepare_send_indices", DECODE_TAIL,
          "each chunk's pages are cut at prompt[:k]; the last chunk still concludes the transfer",
          f"{_ZMQ_BACKEND}.ZmqKVSender._prepare_send_indices", parameters=("kv_indices", "state_indices")),
@@ -251,7 +260,8 @@ SEAMS: tuple[Seam, ...] = (
                             ("max_transfer_batch_indices", "_send_kvcache_generic"))),
     Seam("wire-format", f"{_MOONCAKE}.TransferInfo.from_zmq", NO_LATE_WRITE,
          "the room is frame 0 and the decode session frame 3 of Mooncake's metadata message, and the parser "
-         "reads fixed positions: the generation frame goes last and comes off before it parses",
+         "reads fixed positions (decode_prefix_len is frame 8, device indices frame 9): the generation frame "
+         "goes last and comes off before it parses",
          f"{_ZMQ_BACKEND}.ZmqKVManager._note_peer_generation"),
     *(Seam("interface", f"sglang.srt.distributed.device_communicators.mooncake_transfer_engine."
            f"MooncakeTransferEngine.{method}", ZMQ_PD,
@@ -262,11 +272,37 @@ SEAMS: tuple[Seam, ...] = (
     Seam("subclass", "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache", PREFILL_TREE,
          "SGLang's own tree; only the request namespace changes", f"{_CACHE}.PrefillModuleRadixCache"),
     Seam("override", "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.match_prefix", PREFILL_TREE,
-         "stock SGLang namespaces by extra_key + lora_id, which would split the tree per adapter",
+         "stock SGLang namespaces by extra_key + lora_id, which would split the tree per adapter; on decode "
+         "servers (and for unified adapters) a match stops at k (invariant 1), which is also the prefix the "
+         "decode side promises the prefill (SGLang's decode admission matches through it)",
          f"{_CACHE}.PrefillModuleRadixCache.match_prefix", parameters=("params",)),
     Seam("override", "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache.checkpoint", PREFILL_TREE,
-         "a request inserted before it matched takes the prefill module's namespace too",
+         "a request inserted before it matched takes the prefill module's namespace too; on decode servers "
+         "(and for unified adapters) every insert, the final one at release included, stops at k (invariant 1)",
          f"{_CACHE}.PrefillModuleRadixCache.checkpoint", parameters=("req", "up_to")),
+    *(Seam("private-member", f"sglang.srt.server_args.ServerArgs.{member}", DECODE_CACHE,
+           "read by the tree's factory and start-up check to tell a decode server with its tree on",
+           f"{_CACHE}.{owner}")
+      for member, owner in (("disaggregation_mode", "is_decode_server_args"),
+                            ("disaggregation_decode_enable_radix_cache", "check_decode_tree"),
+                            ("radix_cache_backend", "check_decode_tree"))),
+    *(Seam("private-member", f"sglang.srt.managers.scheduler.Scheduler.{member}", DECODE_CACHE,
+           "the scheduler's tree and arguments, checked once built (a decode tree must be the capped pfs tree)",
+           f"{_CACHE}.check_decode_tree")
+      for member in ("tree_cache", "server_args")),
+    Seam("private-member", f"{_DECODE}._bind_root_prefix", DECODE_CACHE,
+         "a resumed tail-extend request starts at the decode tree's root, as SGLang's prebuilt path starts it",
+         f"{_TAIL}._prepare_tail_extend", parameters=("req", "tree_cache")),
+    Seam("private-member", "sglang.srt.runtime_context.get_disagg", DECODE_CACHE,
+         "whether the decode tree is on, read as SGLang's decode scheduler reads it (the disagg config bag)",
+         f"{_TAIL}._prepare_tail_extend"),
+    *(Seam("private-member", f"sglang.srt.managers.schedule_batch.{member}", DECODE_CACHE,
+           "read: a resumed request has no tree node (None), and the tree's part of a row ends by floor_page(k)",
+           f"{_TAIL}._prepare_tail_extend")
+      for member in ("Req.last_node", "ReqKvInfo.cache_protected_len")),
+    Seam("private-member", "sglang.srt.managers.schedule_batch.Req.disagg_decode_prefix_len", KV_FIGURES,
+         "the prefix the decode side held, set on the prefill's request at bootstrap (read with a default: a "
+         "rename would go unnoticed)", "pfs_sglang.transfer.transfer_report.kv_transfer_report"),
     Seam("private-member", "sglang.srt.mem_cache.radix_cache.RadixKey", PREFILL_TREE,
          "the key is rebuilt with the request's namespace, its fields passed by position (cache_salt last)",
          f"{_CACHE}.PrefillModuleRadixCache.match_prefix",

@@ -44,10 +44,11 @@ class PrefillModuleRadixCache(UnifiedRadixCache):
 
     prefill_digest: str = ""
     caps_adapter_requests: bool = False  # a unified server: adapter requests keep base KV only
+    caps_every_request: bool = False  # a PD decode server: every request keeps base KV only
 
     def _base_kv_len(self, req) -> int | None:
-        """How far a request's KV is the base's, where an adapter computed the rest."""
-        if self.caps_adapter_requests and req.lora_id is not None:
+        """How far a request's KV is the base's, where a decode module or an adapter computed the rest."""
+        if self.caps_every_request or (self.caps_adapter_requests and req.lora_id is not None):
             return prefill_module_len(req)
         return None
 
@@ -79,18 +80,48 @@ class PrefillModuleRadixCache(UnifiedRadixCache):
         super().checkpoint(req, up_to=up_to, **kwargs)
 
 
+def is_decode_server_args(server_args) -> bool:
+    return str(server_args.disaggregation_mode) == "decode"
+
+
 def build_prefill_module_cache(ctx):
-    """Factory for ``register_radix_cache_backend``: a tree named by the model's fingerprint."""
+    """Factory for ``register_radix_cache_backend``: a tree named by the prefill module's fingerprint."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
-    from pfs_sglang.identity import server_fingerprint
+    from pfs_sglang.transfer.zmq_backend import expected_prefill_fingerprint
     from pfs_sglang.unified.server_role import is_unified_server_args
 
     cache = create_unified_radix_cache(ctx, cache_class=PrefillModuleRadixCache)
-    # The launcher's fingerprint when it handed one over (no second hash of the weights).
-    cache.prefill_digest = server_fingerprint(ctx.server_args.model_path).digest
+    decode = is_decode_server_args(ctx.server_args)
+    # The prefill module's digest: on a decode server the one its model was trained against
+    # (a LoRA decode server serves the base); elsewhere the model's own, the launcher's
+    # fingerprint when it handed one over (no second hash of the weights).
+    mode = DisaggregationMode.DECODE if decode else DisaggregationMode.PREFILL
+    cache.prefill_digest = expected_prefill_fingerprint(ctx.server_args.model_path, mode)
     cache.caps_adapter_requests = is_unified_server_args(ctx.server_args)
+    cache.caps_every_request = decode
     return cache
+
+
+def check_decode_tree(scheduler) -> None:
+    """A decode server whose prefix tree is on must run this tree with the cap (invariant 1).
+
+    SGLang's own decode tree would insert the prompt and output KV the decode module
+    computed and serve it as prompt KV; so would this tree without ``caps_every_request``.
+    Raises ``RuntimeError`` (the server does not start) naming the fix.
+    """
+    args = scheduler.server_args
+    if not (is_decode_server_args(args) and args.disaggregation_decode_enable_radix_cache):
+        return
+    tree = scheduler.tree_cache
+    if isinstance(tree, PrefillModuleRadixCache) and tree.caps_every_request:
+        return
+    raise RuntimeError(
+        "pfs_sglang: --disaggregation-decode-enable-radix-cache on a decode server needs "
+        f"--radix-cache-backend {RADIX_CACHE_BACKEND} (got {type(tree).__name__}, backend "
+        f"{args.radix_cache_backend!r}): another decode tree would keep KV the decode module computed and serve it "
+        "as prompt KV (invariant 1)")
 
 
 def register_prefill_module_cache() -> None:

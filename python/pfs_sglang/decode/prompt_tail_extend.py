@@ -42,6 +42,11 @@ How each scheduling mode holds:
   one call only, so it merges once, and SGLang's loop processes its result once, in
   order (in the overlap loop one step later, after the first decode step was launched
   from the future map, as for stock prefills).
+* **Decode-side prefix cache** (``--disaggregation-decode-enable-radix-cache`` with the
+  ``pfs`` tree, ``cache/prefill_module_cache.py``): a hit of ``P`` tokens is the row's
+  first ``P`` slots, ``P <= floor_page(k)``; the prefill sent the pages after it; the
+  extend still computes ``prompt[k:]`` and its checkpoint inserts at most
+  ``floor_page(k)`` tokens, so the decode module's KV never enters the tree (invariant 1).
 * **Paged KV**: the decode server preallocated whole pages for ``prompt[:len]``. The
   pages past the one holding token ``k - 1`` are given back, then the extend allocates
   ``prompt[k:]`` from SGLang's allocator (continuing inside the kept partial page), so
@@ -133,11 +138,24 @@ def reserve_for_tail_extend_batch(original, prealloc_queue, *args, **kwargs):
 
 
 def _prepare_tail_extend(scheduler, req) -> None:
-    """Point the request at ``prompt[k:]`` over the base KV of ``prompt[:k]`` in its own row."""
+    """Point the request at ``prompt[k:]`` over the base KV of ``prompt[:k]`` in its own row.
+
+    With the decode-side prefix cache, ``row[:P]`` are the tree's slots (a hit of ``P <=
+    floor_page(k)`` tokens, locked since admission) and the rest of ``prompt[:k]`` came from
+    the prefill; the extend is the same. A resumed request (retracted, its row restored
+    from the backup) starts at the tree's root, as SGLang's prebuilt path starts it.
+    """
+    from sglang.srt.disaggregation.decode import _bind_root_prefix
+    from sglang.srt.runtime_context import get_disagg
+
     prompt_len = len(req.origin_input_ids)
     k = prefill_module_len(req)
     allocator = scheduler.token_to_kv_pool_allocator
     page_size = allocator.page_size
+    if get_disagg().disaggregation_decode_enable_radix_cache and req.last_node is None:
+        _bind_root_prefix(req, scheduler.tree_cache)
+    # The tree holds base KV only (invariant 1): never a slot of prompt[k:] or of the page holding k.
+    assert req.kv.cache_protected_len <= k // page_size * page_size, (req.rid, req.kv.cache_protected_len, k)
     kept = -(-k // page_size) * page_size  # the pages holding prompt[:k]
     if kept < prompt_len:
         row = scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx]

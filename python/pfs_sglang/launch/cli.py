@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--colocate-lora", action=argparse.BooleanOptionalAction, default=None,
                         help="serve every LoRA-adapter decode model from one decode server holding the base's "
                              "weights once (default); --no-colocate-lora: one such server per adapter")
+    parser.add_argument("--decode-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="PD decode servers keep a prefix cache of base KV (SGLang's decode radix cache as the "
+                             "pfs tree, capped at the prompt KV the prefill module computed), so a prompt prefix they "
+                             "hold is not moved again (default); --no-decode-cache: every request moves its whole "
+                             "prompt KV")
     parser.add_argument("--dry-run", action="store_true",
                         help="check everything, print every server's environment and command line; start nothing")
     parser.add_argument("--log-dir", type=Path, help="where each server's log goes (default: a new temp dir)")
@@ -208,6 +213,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "startup_timeout_s": args.startup_timeout_s,
         "startup_concurrency": args.startup_concurrency,
         "colocate_lora": args.colocate_lora,
+        "decode_cache": args.decode_cache,
         "api_key": args.api_key,
         "gpus": parse_gpus(args.gpus) if args.gpus is not None else None,
         "pack": args.pack,

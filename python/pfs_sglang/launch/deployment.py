@@ -330,7 +330,8 @@ class Deployment:
             extra = (*t.decode_args_of(spec), *(plan.context_args if plan is not None else ()))
             server.child.command = decode_server_command(spec.name, t.base_model if spec.lora else spec.models[0].path,
                                                          t.server_host, server.ports, t.transfer_backend, t.device,
-                                                         t.max_total_tokens, extra, placement, auth_file, adapters)
+                                                         t.max_total_tokens, extra, placement, auth_file, adapters,
+                                                         decode_cache=t.decode_cache)
         server.child.url = f"http://{t.server_host}:{server.ports.http}"
 
     def _describe(self, server: PlannedServer) -> str:
@@ -338,10 +339,14 @@ class Deployment:
         return f"{server.child.url}{bootstrap}; log {server.child.log_path}{self._limit_note(server)}"
 
     def _limit_note(self, server: PlannedServer) -> str:
-        """``; <context length and why>`` for a PD decode server, else nothing."""
-        if server.unified or server.decode_server is None or server.decode_server.name not in self.decode_limits:
+        """``; <context length and why>; <decode cache>`` for a PD decode server, else nothing."""
+        if server.unified or server.decode_server is None:
             return ""
-        return "; " + self.decode_limits[server.decode_server.name].describe()
+        name = server.decode_server.name
+        limit = f"; {self.decode_limits[name].describe()}" if name in self.decode_limits else ""
+        cache = ("decode prefix cache of base KV on (--no-decode-cache to turn it off)" if self.topology.decode_cache
+                 else "no decode prefix cache (--no-decode-cache): every request moves its whole prompt KV")
+        return f"{limit}; {cache}"
 
     def _router_config(self) -> RouterConfig:
         """The router's view of the servers: this host's at their current ports, or (``--role

@@ -8,9 +8,15 @@ server, which fails with its own message).
 - **Speculative decoding** (any ``--speculative-*``): a draft model computes and keeps
   KV of its own for prompt tokens, and its proposals would be verified against KV the
   prefill module never produced (invariants 1, 2).
-- **SGLang's plain decode radix cache** (``--disaggregation-decode-enable-radix-cache``):
-  it would keep KV that the decode module computed and serve it as prompt KV in a
-  later turn (invariant 1).
+- **A decode radix cache other than the ``pfs`` tree** (``--disaggregation-decode-enable-radix-cache``
+  on a decode server whose ``--radix-cache-backend`` is not ``pfs``): SGLang's own tree
+  would keep KV that the decode module computed and serve it as prompt KV in a later turn
+  (invariant 1). The launcher turns the ``pfs`` one on itself (``decode_cache``); with it,
+  the combinations not tested with a tree that holds only base KV are refused: HiCache
+  (``--enable-hierarchical-cache``), decode KV offload, HiSparse, the ``host_pool``
+  retraction backup (SGLang itself picks ``cpu_tensor`` with a decode tree) and DP
+  attention (SGLang's decode tree with it is experimental). ``--no-decode-cache`` runs them
+  without the tree.
 - **Hybrid SWA, Mamba and linear-attention architectures** (``config.json``): their
   per-request state is not the page-indexed KV the hand-off moves and the prefix tree
   shares (a sliding-window pool, recurrent state).
@@ -35,6 +41,7 @@ from typing import Any
 
 from pfs_sglang.identity.fingerprint import read_config
 from pfs_sglang.launch.processes import LaunchError
+from pfs_sglang.launch.server_commands import DECODE_CACHE_ARGS, RADIX_CACHE_BACKEND
 from pfs_sglang.launch.topology import Topology
 
 # Architectures whose state is not (only) full-attention KV, by ``model_type``.
@@ -93,16 +100,40 @@ def _check_server(label: str, ns: argparse.Namespace, defaults: argparse.Namespa
         raise LaunchError(f"{label}: speculative decoding ({', '.join(speculative)}) is not supported by "
                           "PrefillShare yet: a draft model would compute prompt KV of its own and verify against "
                           "KV the prefill module never produced")
-    if ns.disaggregation_decode_enable_radix_cache:
-        raise LaunchError(f"{label}: --disaggregation-decode-enable-radix-cache is not supported by PrefillShare "
-                          "yet: SGLang's decode radix cache keeps KV the decode module computed and would serve it "
-                          "as prompt KV in a later turn (invariant 1)")
     if placed:
         for key in PLACEMENT_ARGS + (("mem_fraction_static",) if memory_placed else ()):
             if getattr(ns, key) != getattr(defaults, key):
                 raise LaunchError(f"{label}: {_flag(key)} in the pass-through arguments conflicts with the "
                                   "launcher's placement; use --prefill-tp/--decode-tp, "
                                   "--prefill-mem-fraction/--decode-mem-fraction and --gpus instead")
+
+
+# Set together with the decode tree, each is a path not tested with a tree of base KV only.
+DECODE_CACHE_UNTESTED = (
+    ("enable_hierarchical_cache", "--enable-hierarchical-cache (HiCache loads prefixes back from host memory)"),
+    ("disaggregation_decode_enable_offload_kvcache", "--disaggregation-decode-enable-offload-kvcache"),
+    ("enable_hisparse", "--enable-hisparse"),
+    ("enable_dp_attention", "--enable-dp-attention (SGLang's decode tree with DP attention is experimental)"),
+)
+
+
+def _check_decode_cache(label: str, ns: argparse.Namespace) -> None:
+    """A decode server's prefix tree holds base KV only: the ``pfs`` tree, on paths tested with it."""
+    if not ns.disaggregation_decode_enable_radix_cache:
+        return
+    if ns.radix_cache_backend != RADIX_CACHE_BACKEND:
+        raise LaunchError(f"{label}: --disaggregation-decode-enable-radix-cache needs --radix-cache-backend "
+                          f"{RADIX_CACHE_BACKEND} (got {ns.radix_cache_backend!r}): SGLang's own decode radix cache "
+                          "keeps KV the decode module computed and would serve it as prompt KV in a later turn "
+                          "(invariant 1); the launcher's decode cache (on unless --no-decode-cache) is the pfs tree")
+    untested = [flag for key, flag in DECODE_CACHE_UNTESTED if getattr(ns, key, False)]
+    if ns.disaggregation_decode_retraction_backup == "host_pool":
+        untested.append("--disaggregation-decode-retraction-backup host_pool (SGLang picks cpu_tensor with a "
+                        "decode tree)")
+    if untested:
+        raise LaunchError(f"{label}: the decode prefix cache is not supported with {', '.join(untested)} yet: that "
+                          "path is untested with a tree that may hold only base KV (invariant 1); pass "
+                          "--no-decode-cache to run it without the cache")
 
 
 def _hybrid_reason(config: dict[str, Any]) -> str | None:
@@ -162,8 +193,11 @@ def check_guards(topology: Topology) -> None:
         return
     for spec in t.local_decode_models():
         label = f"decode model '{spec.name}'"
-        decode = sglang_args(t.decode_args_of(spec), f"{label} --decode-args")
+        # The launcher's decode-cache flags first, the pass-through ones after (they win, as on the command line).
+        decode = sglang_args((*(DECODE_CACHE_ARGS if t.decode_cache else ()), *t.decode_args_of(spec)),
+                             f"{label} --decode-args")
         _check_server(label, decode, defaults, placed, t.pack or t.decode_mem_fraction_of(spec) is not None)
+        _check_decode_cache(label, decode)
         for key in MATCHING_ARGS:
             if getattr(decode, key) != getattr(prefill, key):
                 raise LaunchError(f"{label}: {_flag(key)} differs between pools: prefill servers use "

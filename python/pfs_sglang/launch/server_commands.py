@@ -2,7 +2,9 @@
 
 Prefill: ``--disaggregation-mode prefill`` with the base model, the ``pfs`` prefix tree
 keyed on the prefill module (invariant 3) and a bootstrap port for the KV hand-off.
-Decode: ``--disaggregation-mode decode`` with one decode module, served under its name.
+Decode: ``--disaggregation-mode decode`` with one decode module, served under its name,
+and (unless the topology's ``decode_cache`` is off) SGLang's decode radix cache as the
+``pfs`` tree, which there holds base KV only (invariant 1; ``DECODE_CACHE_ARGS``).
 On CPU both run SGLang's native path (torch_native attention, sleep when idle so idle
 PD loops do not spin a core) with a bounded KV pool; decode servers keep SGLang's overlap
 scheduling, prefill servers turn it off (its early send records a CUDA event). CPU
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 # The name ``pfs_sglang.cache.prefill_module_cache`` registers its tree under; spelled
 # out here so the launcher does not import SGLang (tests/test_launch.py checks they agree).
 RADIX_CACHE_BACKEND = "pfs"
+# A decode server's prefix cache of base KV: SGLang's decode radix cache (the decode side
+# promises the prefix it holds and the prefill sends the rest), as the ``pfs`` tree, which
+# on a decode server caps every request at ``prompt[:k]`` (invariant 1).
+DECODE_CACHE_ARGS = ("--disaggregation-decode-enable-radix-cache", "--radix-cache-backend", RADIX_CACHE_BACKEND)
 
 
 def cpu_server_env(servers: int) -> dict[str, str]:
@@ -129,11 +135,12 @@ def prefill_server_command(
 def decode_server_command(
     name: str, model: Path, host: str, ports: ServerPorts, backend: str, device: str,
     max_total_tokens: int, extra: tuple[str, ...] = (), placement: ServerPlacement | None = None,
-    auth_file: Path | None = None, lora_adapters: tuple[tuple[str, Path], ...] = (),
+    auth_file: Path | None = None, lora_adapters: tuple[tuple[str, Path], ...] = (), decode_cache: bool = False,
 ) -> list[str]:
     """A decode server of ``model``; with ``lora_adapters`` ((name, adapter dir), ...),
     ``model`` is the base and SGLang's multi-LoRA serves each adapter under its name
-    (the router names it per request as ``lora_path``)."""
+    (the router names it per request as ``lora_path``); with ``decode_cache``, its prefix
+    cache of base KV (``DECODE_CACHE_ARGS``)."""
     args = [
         *_common(model, host, ports, backend, device, max_total_tokens, auth_file),
         *_placement_args(ports, placement),
@@ -144,6 +151,8 @@ def decode_server_command(
         # Retraction keeps an exact copy of the request's KV (invariant 1); SGLang's
         # default host pool needs cudaHostRegister, a plain CPU tensor does not.
         args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+    if decode_cache:
+        args += DECODE_CACHE_ARGS
     if lora_adapters:
         args += _lora_args(lora_adapters, device, slots=len(lora_adapters))
     return [*args, *extra]

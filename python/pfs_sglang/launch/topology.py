@@ -206,6 +206,7 @@ class Topology:
     startup_timeout_s: float | None = None  # None: scaled to the servers started (deployment.py)
     startup_concurrency: int | None = None  # servers starting at once; None: the launcher's default
     colocate_lora: bool = True  # every LoRA decode model on one decode server (with the base's weights)
+    decode_cache: bool = True  # PD decode servers keep a prefix cache of base KV (invariant 1: prompt[:k] only)
     api_key: str | None = None  # required by the router and by every server (passed on by the router)
     transfer_timeout_s: float = 120.0  # deadline of one KV hand-off (bootstrap, wait, bytes)
     restart_on_failure: bool = False  # restart a server that exits while serving (supervision.py)

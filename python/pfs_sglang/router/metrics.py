@@ -10,7 +10,9 @@
   because the client left before the answer was complete (streaming or not).
 - ``pfs_router_kv_transfer_bytes_total``, ``pfs_router_kv_transfer_seconds_total``,
   ``pfs_router_kv_transfers_total``: from ``meta_info["pfs_kv_transfer"]`` of
-  ``/generate`` replies, when the transfer backend reports it.
+  ``/generate`` replies, when the transfer backend reports it;
+  ``pfs_router_kv_decode_prefix_tokens_total``: the prompt tokens whose KV the decode
+  servers' prefix caches already held, so they were not moved (from the same record).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class RouterMetrics:
         self.kv_transfers = counter("pfs_router_kv_transfers", "KV transfers reported in /generate replies")
         self.kv_bytes = counter("pfs_router_kv_transfer_bytes", "KV bytes moved from prefill to decode")
         self.kv_seconds = counter("pfs_router_kv_transfer_seconds", "Time spent moving KV from prefill to decode")
+        self.kv_decode_prefix_tokens = counter("pfs_router_kv_decode_prefix_tokens",
+                                               "Prompt tokens whose KV the decode server's prefix cache held (not moved)")
 
     def record_request(self, model: str, endpoint: str, status: int) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()
@@ -53,6 +57,7 @@ class RouterMetrics:
         self.kv_transfers.labels(model).inc()
         self.kv_bytes.labels(model).inc(transfer.bytes)
         self.kv_seconds.labels(model).inc(transfer.seconds)
+        self.kv_decode_prefix_tokens.labels(model).inc(transfer.decode_prefix_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

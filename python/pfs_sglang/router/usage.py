@@ -6,10 +6,11 @@
   clients can always read it).
 - ``/generate`` replies: ``meta_info`` with ``prompt_tokens``, ``cached_tokens``,
   ``completion_tokens``, and, when the KV transfer backend reports it,
-  ``meta_info["pfs_kv_transfer"] = [{"bytes": int, "seconds": float}]`` (written by the
-  prefill server, see ``transfer/transfer_report.py``): the KV bytes
-  moved from the prefill server to the decode server for this request and how long
-  the transfer took. The router reads it from the decode server's reply, else from the
+  ``meta_info["pfs_kv_transfer"] = [{"bytes": int, "seconds": float, "decode_prefix_tokens":
+  int}]`` (written by the prefill server, see ``transfer/transfer_report.py``): the KV bytes
+  moved from the prefill server to the decode server for this request, how long
+  the transfer took, and the prompt tokens whose KV the decode server's prefix cache
+  already held (not moved). The router reads it from the decode server's reply, else from the
   prefill server's; without it no transfer is counted.
 """
 
@@ -32,6 +33,7 @@ class Usage:
 class KVTransfer:
     bytes: int
     seconds: float
+    decode_prefix_tokens: int = 0  # prompt tokens the decode server's prefix cache held (not moved)
 
 
 def usage_of(payload: dict[str, Any]) -> Usage | None:
@@ -54,7 +56,8 @@ def kv_transfer_of(payload: dict[str, Any] | None) -> KVTransfer | None:
         record = record[-1] if record else None
     if not isinstance(record, dict):
         return None
-    return KVTransfer(bytes=int(record.get("bytes") or 0), seconds=float(record.get("seconds") or 0.0))
+    return KVTransfer(bytes=int(record.get("bytes") or 0), seconds=float(record.get("seconds") or 0.0),
+                      decode_prefix_tokens=int(record.get("decode_prefix_tokens") or 0))
 
 
 def ensure_cached_tokens(payload: dict[str, Any]) -> bool:

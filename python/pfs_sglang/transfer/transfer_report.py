@@ -3,9 +3,12 @@
 SGLang's prefill scheduler measures every hand-off (``KVTransferMetric``: bytes sent,
 latency) but only feeds server-wide Prometheus histograms. This output streamer, a
 subclass of SGLang's ``SchedulerOutputStreamer`` swapped in by ``registration``, adds them to
-the request's own reply as ``meta_info["pfs_kv_transfer"] = [{"bytes", "seconds"}]`` (a
-list: SGLang accumulates customized info per request) so the router can count KV bytes
-moved and transfer time per decode model.
+the request's own reply as ``meta_info["pfs_kv_transfer"] = [{"bytes", "seconds",
+"decode_prefix_tokens"}]`` (a list: SGLang accumulates customized info per request) so the
+router can count KV bytes moved and transfer time per decode model. ``decode_prefix_tokens``
+is the prefix the decode server already held in its prefix cache of base KV (SGLang's
+``decode_prefix_len``; the prefill sent only the KV after it), 0 without a hit or with the
+decode cache off. Invariant-neutral: it reports, it changes nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def kv_transfer_report(req) -> dict | None:
     stats = req.time_stats
     if seconds is None and stats.prefill_transfer_queue_entry_time > 0 and stats.completion_time > 0:
         seconds = stats.completion_time - stats.prefill_transfer_queue_entry_time
-    return {"bytes": int(metric.transfer_total_bytes), "seconds": float(seconds or 0.0)}
+    return {"bytes": int(metric.transfer_total_bytes), "seconds": float(seconds or 0.0),
+            "decode_prefix_tokens": int(getattr(req, "disagg_decode_prefix_len", 0) or 0)}
 
 
 class KVTransferReportingStreamer(SchedulerOutputStreamer):
