@@ -25,10 +25,16 @@ Starting an SGLang server costs ~40 s of CPU on the 2-core CI box (its three
 processes import SGLang), so each of the two shared servers starts once per session.
 Tests that use them run last (the hook below orders them after every other test), so
 no other test shares the CPU with them, and they stop when the session ends.
+
+Every server the suite starts inherits ``SGLANG_PYSPY_DUMP_BEFORE_CRASH=0`` and
+``SGLANG_CUDA_COREDUMP_BEFORE_CRASH=0``: stopping a deployment ends its schedulers, which
+SGLang's HTTP process takes for a crash and, with those on, sleeps 5 s before dumping
+diagnostics (no py-spy, no CUDA here), once per server stop.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,9 @@ from pfs_sglang.models import DemoModels, write_demo_models
 from pfs_sglang.train.corpus import CorpusFiles, CorpusSizes, write_corpus
 from pfs_sglang.train.trainer import FinetuneConfig, finetune
 from sglang_process import sglang_server
+
+for _diagnostics in ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"):
+    os.environ.setdefault(_diagnostics, "0")
 
 SHARED_SERVERS = ("stock_base", "demo_deployment")
 # The demo deployment's decode server under memory pressure: ``compute`` with a KV pool of 160

@@ -20,6 +20,9 @@ import torch
 
 from pfs_sglang.train.corpus import TASKS
 from pfs_sglang.train.replicate import ARMS
+from pfs_sglang.train.trainer import LORA_RECIPE
+
+FULL_LR = 1e-4  # --mode full's default learning rate
 
 COMMANDS = ("finetune", "eval", "replicate", "sweep")
 
@@ -33,7 +36,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefillshare: cache-conditioned on the frozen base (a decode module); "
                              "own-kv: ordinary fine-tuning (baselines); lm: language modelling over whole "
                              "rows, prompt included (pretraining)")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"learning rate (default: {FULL_LR} for --mode full, {LORA_RECIPE.learning_rate} for "
+                             "--mode lora)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -43,8 +48,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay float32)")
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-rank", type=int, default=LORA_RECIPE.rank)
+    parser.add_argument("--lora-alpha", type=int, default=LORA_RECIPE.alpha)
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_RECIPE.targets),
+                        help="the modules LoRA adapts (SGLang serves the linear projections)")
     parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps under OUT/checkpoints")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/checkpoints")
@@ -54,13 +61,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from pfs_sglang.train.trainer import FinetuneConfig, finetune
 
+    default_lr = LORA_RECIPE.learning_rate if args.mode == "lora" else FULL_LR
     result = finetune(FinetuneConfig(
         base=args.base, data=args.data, out_dir=args.out, mode=args.mode, objective=args.objective,
-        learning_rate=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed, bf16=args.bf16,
-        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, save_steps=args.save_steps, logging_steps=args.logging_steps,
-        resume=args.resume,
+        learning_rate=default_lr if args.lr is None else args.lr, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
+        bf16=args.bf16, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets), save_steps=args.save_steps,
+        logging_steps=args.logging_steps, resume=args.resume,
     ))
     print(f"wrote {result.out_dir} ({result.steps} steps, mean loss {result.final_loss:.4f})")
     return 0

@@ -41,7 +41,7 @@ from pfs_sglang.models.demo import (
 from pfs_sglang.train.corpus import TASKS, CorpusFiles, CorpusSizes, tokenizer_text, write_corpus
 from pfs_sglang.train.evaluate import evaluate_settings
 from pfs_sglang.train.report import Accuracy, write_report
-from pfs_sglang.train.trainer import FinetuneConfig, finetune
+from pfs_sglang.train.trainer import LORA_RECIPE, FinetuneConfig, finetune
 
 # The demo shape, trained from a narrow init (the wide 0.1 init is for random demo weights).
 # Four layers: the decode module computes only prompt[-1] onwards, so it needs depth to read
@@ -65,8 +65,13 @@ class ReplicationConfig:
     pretrain_batch_size: int = 32
     task_steps: int = 800  # every arm's budget
     task_lr: float = 3e-3  # full_ft and prefillshare
-    lora_lr: float = 3e-3
-    lora_rank: int = 16
+    # The LoRA arm's recipe (trainer.LORA_RECIPE, the default of ``--mode lora``); its budget is task_steps
+    # unless lora_steps is given.
+    lora_lr: float = LORA_RECIPE.learning_rate
+    lora_rank: int = LORA_RECIPE.rank
+    lora_alpha: int = LORA_RECIPE.alpha
+    lora_targets: tuple[str, ...] = LORA_RECIPE.targets
+    lora_steps: int | None = None
     batch_size: int = 16  # of the task models
     threads: int = 1  # torch intra-op threads (the replication is sized for 2 CPU cores)
     device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
@@ -112,14 +117,14 @@ def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, see
         settings = dict(objective="lm", mode="full", max_steps=config.pretrain_steps, learning_rate=config.pretrain_lr,
                         batch_size=config.pretrain_batch_size)
     else:
-        settings = dict(objective="own-kv" if arm == "full_ft" else "prefillshare",
-                        mode="lora" if arm == "prefillshare_lora" else "full", max_steps=config.task_steps,
-                        learning_rate=config.lora_lr if arm == "prefillshare_lora" else config.task_lr,
-                        batch_size=config.batch_size)
+        lora = arm == "prefillshare_lora"
+        settings = dict(objective="own-kv" if arm == "full_ft" else "prefillshare", mode="lora" if lora else "full",
+                        max_steps=config.lora_steps or config.task_steps if lora else config.task_steps,
+                        learning_rate=config.lora_lr if lora else config.task_lr, batch_size=config.batch_size)
     steps = settings["max_steps"]
     finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, warmup_ratio=0.05, save_steps=steps + 1,
-                            logging_steps=25, lora_rank=config.lora_rank, lora_alpha=2 * config.lora_rank,
-                            device=config.device, **settings))
+                            logging_steps=25, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                            lora_targets=config.lora_targets, device=config.device, **settings))
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return out_dir
 

@@ -30,6 +30,7 @@ from transformers import (
     ProgressCallback,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -52,6 +53,19 @@ Objective = Literal["prefillshare", "own-kv", "lm"]
 Mode = Literal["full", "lora"]
 # Every linear projection of a Llama block: what SGLang's multi-LoRA serves.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """What ``--mode lora`` trains by default (and the replication's LoRA arm)."""
+
+    rank: int = 16
+    alpha: int = 32
+    learning_rate: float = 3e-3
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+LORA_RECIPE = LoraRecipe()
 
 
 @dataclass(frozen=True)
@@ -211,6 +225,9 @@ def finetune(config: FinetuneConfig, examples: list[Example] | None = None) -> F
         examples = load_examples(config.data, tokenizer, max_length=config.max_length)
     args = training_arguments(config)
     prefill_model = load_frozen(config.base, args.device) if config.objective == "prefillshare" else None
+    # The LoRA matrices are drawn when the adapter is made, before the Trainer seeds anything:
+    # seed here, or their init depends on whatever ran before in the process.
+    set_seed(config.seed)
     trainer = SplitTrainer(
         model=trainable_model(config),
         args=args,
