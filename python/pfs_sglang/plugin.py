@@ -12,7 +12,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
   prefill replies, and PD servers that poll rather than spin while a hand-off is in
   flight (with ``--sleep-on-idle``): ``pfs_sglang.transfer.registration``;
 * the ``pfs`` radix-cache backend keyed on the prefill module (``pfs_sglang.cache``,
-  invariant 3);
+  invariant 3), which on decode servers is their prefix cache of base KV, and the
+  start-up check that a decode server's tree is that one (invariant 1);
 * the decode-side hooks that make the decode module compute the prompt's tail
   (``pfs_sglang.decode``, invariant 2), and the decode server's request-length cap
   to what its pool can admit (``pfs_sglang.decode.admission``: no request waits forever);

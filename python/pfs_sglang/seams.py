@@ -286,6 +286,10 @@ SEAMS: tuple[Seam, ...] = (
       for member, owner in (("disaggregation_mode", "is_decode_server_args"),
                             ("disaggregation_decode_enable_radix_cache", "check_decode_tree"),
                             ("radix_cache_backend", "check_decode_tree"))),
+    Seam("hook", "sglang.srt.managers.scheduler.Scheduler.init_disaggregation", DECODE_CACHE,
+         "the first point after the scheduler builds its tree (inline in its __init__); no option refuses a "
+         "decode tree that would keep decode-module KV", f"{_CACHE}.check_decode_tree_once_built",
+         hook_type="after"),
     *(Seam("private-member", f"sglang.srt.managers.scheduler.Scheduler.{member}", DECODE_CACHE,
            "the scheduler's tree and arguments, checked once built (a decode tree must be the capped pfs tree)",
            f"{_CACHE}.check_decode_tree")

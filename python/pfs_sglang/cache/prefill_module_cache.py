@@ -104,6 +104,12 @@ def build_prefill_module_cache(ctx):
     return cache
 
 
+def check_decode_tree_once_built(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.init_disaggregation`` (the scheduler's tree is built by then): ``check_decode_tree``."""
+    check_decode_tree(scheduler)
+    return result
+
+
 def check_decode_tree(scheduler) -> None:
     """A decode server whose prefix tree is on must run this tree with the cap (invariant 1).
 
@@ -130,5 +136,9 @@ def register_prefill_module_cache() -> None:
         registered_radix_cache_backends,
     )
 
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
     if RADIX_CACHE_BACKEND not in registered_radix_cache_backends():
         register_radix_cache_backend(RADIX_CACHE_BACKEND, build_prefill_module_cache)
+    HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", check_decode_tree_once_built,
+                          HookType.AFTER)

@@ -1,9 +1,7 @@
 """What a PD decode pool can take in: the longest request it can ever admit, and the cap
 that keeps every request a decode server accepts admissible (no request waits forever).
 
-Invariant-neutral: which requests a decode server takes, not what it computes. (The
-same start-up hook also runs the decode tree's invariant-1 check,
-``cache.prefill_module_cache.check_decode_tree``.)
+Invariant-neutral: which requests a decode server takes, not what it computes.
 
 SGLang 0.5.23's decode admission (``disaggregation/decode.py``,
 ``DecodePreallocQueue.pop_preallocated``) pre-allocates a request's prompt only when the
@@ -125,16 +123,11 @@ def context_needed(prompt_tokens: int, max_new_tokens: int) -> int:
 def cap_request_length_to_decode_pool(original, scheduler, *args, **kwargs):
     """After SGLang's scheduler sets up disaggregation: on a decode server, lower
     ``max_req_len`` and ``max_req_input_len`` to the pool's :class:`DecodePoolLimit`, so a
-    request its admission could never take is refused at once (and none grows past it).
-    It is also where a decode server with a prefix tree that could hold decode-module KV
-    is stopped before it serves (``check_decode_tree``, invariant 1)."""
-    from pfs_sglang.cache.prefill_module_cache import check_decode_tree
-
+    request its admission could never take is refused at once (and none grows past it)."""
     result = original(scheduler, *args, **kwargs)
     mode = scheduler.disaggregation_mode  # SGLang's DisaggregationMode
     if getattr(mode, "value", mode) != "decode":
         return result
-    check_decode_tree(scheduler)  # invariant 1: a decode tree holds base KV only
     limit = DecodePoolLimit(pool_tokens=scheduler.max_total_num_tokens,
                             reserved_decode_tokens=scheduler.disagg_decode_prealloc_queue.num_reserved_decode_tokens,
                             page_size=scheduler.page_size)
