@@ -1,11 +1,14 @@
 """Shared fixtures and the suite's tiers.
 
 Fixtures: the demo models (written once per session), two LoRA decode modules trained
-against the demo base, and the two servers several modules use: stock SGLang serving
-the base, and a PrefillShare demo deployment started from the command line (the three
+against the demo base, and the three servers several modules use: stock SGLang serving
+the base; a PrefillShare demo deployment started from the command line (the three
 demo decode models, the two adapters co-located on one decode server, and ``compute``
 once more as ``compute-tight``, with a decode KV pool too small for its load, for
-``test_decode_memory_pressure.py``).
+``test_decode_memory_pressure.py``); and one unified server (``unified_deployment``:
+the demo's LoRA decode modules and two random-weight adapters, page size 4, 32-token
+prefill chunks, SGLang's retraction test switch) for ``test_unified_serving.py`` and
+the unified half of ``test_decode_paged_overlap.py``.
 
 Tiers (markers registered in ``pyproject.toml``):
 
@@ -45,8 +48,10 @@ import pytest
 import torch
 
 from pfs_sglang.bench import load
-from pfs_sglang.launch import Topology
-from pfs_sglang.models import DemoModels, write_demo_models
+from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
+from pfs_sglang.launch.processes import free_port
+from pfs_sglang.models import DemoModels, write_demo_lora_adapters, write_demo_models
+from pfs_sglang.models.random_lora import random_lora_adapter
 from pfs_sglang.train.corpus import CorpusFiles, CorpusSizes, write_corpus
 from pfs_sglang.train.trainer import FinetuneConfig, finetune
 from sglang_process import sglang_server
@@ -170,3 +175,42 @@ def demo_deployment(demo_models, lora_adapters, tmp_path_factory) -> RunningDepl
             f"--decode-args={TIGHT_MODEL}={TIGHT_DECODE_ARGS}"]
     with load.demo_deployment(log_dir, Topology.max_total_tokens, args, timeout_s=600) as (url, launcher):
         yield RunningDeployment(url, log_dir, launcher)
+
+
+UNIFIED_PAGE_SIZE = 4
+RANDOM_ADAPTERS = {"alpha": 1, "beta": 2}  # name -> seed: large random weights, so adapter KV differs visibly
+UNIFIED_DEMO_LORA = ("compute", "extract")
+
+
+@dataclass(frozen=True)
+class UnifiedDeployment:
+    deployment: Deployment
+    models: DemoModels  # the base and every adapter it serves, by model name
+
+
+@pytest.fixture(scope="session")
+def unified_deployment(tmp_path_factory) -> UnifiedDeployment:
+    """One unified server (``python -m pfs_sglang.launch_server``'s ``Deployment``) with the
+    demo's LoRA decode modules (``UNIFIED_DEMO_LORA``) and ``RANDOM_ADAPTERS``: page size 4,
+    32-token prefill chunks (prompts straddle chunks and pages at ``k``), compact JSON for
+    the constrained-decoding tests, overlap scheduling (SGLang's default) and SGLang's
+    retraction test switch (``SGLANG_TEST_RETRACT``: every third decode step retracts all
+    but one running request), set for this server's start only."""
+    root = tmp_path_factory.mktemp("unified_models")
+    lora = write_demo_lora_adapters(root, names=UNIFIED_DEMO_LORA)
+    models = DemoModels(base=lora.base, decode={
+        **lora.decode, **{name: random_lora_adapter(lora.base, root / name, seed) for name, seed in RANDOM_ADAPTERS.items()}})
+    decode_args = ("--page-size", str(UNIFIED_PAGE_SIZE), "--chunked-prefill-size", "32",
+                   "--constrained-json-disable-any-whitespace")  # JSON a tiny model ends within a few tokens
+    topology = Topology(base_model=models.base, port=free_port(), max_total_tokens=4096,
+                        decode_models=tuple(DecodeModelSpec(name, path) for name, path in models.decode.items()),
+                        decode_args=decode_args, log_dir=tmp_path_factory.mktemp("unified_logs"))
+    assert topology.deployment_mode().unified
+    deployment = Deployment(topology)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the server's scheduler at start-up
+            deployment.start()
+        yield UnifiedDeployment(deployment, models)
+    finally:
+        deployment.stop()

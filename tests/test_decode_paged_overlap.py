@@ -1,12 +1,14 @@
 """The decode path under SGLang's overlap scheduling, paged KV and retraction (issue 7), in both modes.
 
 One deployment (base + ``compute`` + ``extract``) per mode runs outside the envelope the
-other serving tests use: PD (the full-weight decode modules) and unified (the demo's LoRA
-decode modules in one server, ``pfs_sglang.unified``), each with ``--page-size 4``,
-SGLang's overlap event loop on the decode and unified servers (their default), and
-SGLang's own retraction test switch
+other serving tests use: PD (the full-weight decode modules, a deployment of this
+module's own) and unified (the demo's LoRA decode modules in one server,
+``pfs_sglang.unified``: the session's unified server, ``conftest.unified_deployment``,
+which also serves ``test_unified_serving.py``'s adapters and runs 32-token prefill
+chunks), each with ``--page-size 4``, SGLang's overlap event loop on the decode and
+unified servers (their default), and SGLang's own retraction test switch
 (``SGLANG_TEST_RETRACT``: every third decode step retracts all but one running
-request, whose KV is backed up and restored) on every server. Checks, each against
+request, whose KV is backed up and restored) on every decode and unified server. Checks, each against
 the transformers oracle (invariant 5) and each ending with every server idle (no KV
 slot held, ``/flush_cache`` accepted, so no batch result is left unprocessed):
 
@@ -37,25 +39,35 @@ from pfs_sglang.oracle import (
     prefillshare_greedy,
     prefillshare_input_logprobs,
 )
-from pfs_sglang.models import DemoModels, write_demo_lora_adapters
+from pfs_sglang.models import DemoModels
+
+from conftest import UNIFIED_DEMO_LORA, UNIFIED_PAGE_SIZE
 from sglang_process import generate_greedy, wait_deployment_idle
 
 pytestmark = pytest.mark.server
 
-PAGE_SIZE = 4
-MODELS = ("compute", "extract")
+PAGE_SIZE = UNIFIED_PAGE_SIZE  # 4
+MODELS = UNIFIED_DEMO_LORA  # compute, extract
 
 
 @pytest.fixture(scope="module", params=["pd", "unified"])
-def served_models(request, demo_models, tmp_path_factory) -> DemoModels:
-    """The base and the decode modules one mode serves: full-weight (PD) or LoRA adapters (unified)."""
-    if request.param == "pd":
-        return demo_models
-    return write_demo_lora_adapters(tmp_path_factory.mktemp("paged_overlap_lora"), names=MODELS)
+def mode(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def deployment(served_models, tmp_path_factory):
+def served_models(mode, demo_models, request) -> DemoModels:
+    """The base and the decode modules one mode serves: full-weight (PD) or LoRA adapters (unified)."""
+    return demo_models if mode == "pd" else request.getfixturevalue("unified_deployment").models
+
+
+@pytest.fixture(scope="module")
+def deployment(mode, served_models, request, tmp_path_factory):
+    """PD: a deployment of this module's own. Unified: the session's unified server
+    (``conftest.unified_deployment``: the same page size, compact JSON and retraction switch)."""
+    if mode == "unified":
+        yield request.getfixturevalue("unified_deployment").deployment
+        return
     log_dir = tmp_path_factory.mktemp("paged_overlap")
     paged = ("--page-size", str(PAGE_SIZE))
     # JSON without free whitespace, so a tiny model's JSON ends within a few tokens
@@ -66,7 +78,7 @@ def deployment(served_models, tmp_path_factory):
         port=free_port(), log_dir=log_dir, max_total_tokens=2048, prefill_args=paged, decode_args=paged + compact_json,
     )
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode and unified schedulers; prefill ones never retract
+        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
         with Deployment(topology) as running:
             yield running
 
