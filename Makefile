@@ -5,9 +5,9 @@
 #                   time, then the server tests one at a time (both phases run; it fails if either did)
 #   test-scenarios  the long scenario runs (start-up storm, benchmark run) kept out of `make test`
 # The install is a virtualenv inside the checkout; pip's own cache (~/.cache/pip) is reused,
-# and a stamp file makes a second run a no-op until pyproject.toml changes. --no-compile: pip
-# would byte-compile all ~36k Python files of the CUDA-laden dependency tree (about a minute
-# of CPU); Python compiles the few thousand a server imports on first use instead.
+# and a stamp file makes a second run a no-op until pyproject.toml changes. pip byte-compiles
+# what it installs (keep it: where PYTHONDONTWRITEBYTECODE is set, as on the development box, nothing
+# else would, and every server start would compile SGLang from source).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[test]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
 	touch $(STAMP)
 
 demo: install
