@@ -126,6 +126,11 @@ SEAMS: tuple[Seam, ...] = (
          "between run and merge a tail-extend batch is in no queue, so SGLang would not count its "
          "decode reserve and admission would over-admit", f"{_TAIL}.reserve_for_tail_extend_batch",
          hook_type="around"),
+    Seam("hook", "sglang.srt.managers.scheduler.Scheduler.can_schedule_lora_req", DECODE_TAIL,
+         "between run and merge a tail-extend batch is in no queue, so SGLang's decode admission would not count "
+         "its adapters and the merged batch could hold more than --max-loras-per-batch",
+         f"{_TAIL}.lora_budget_counts_tail_extend_batch", hook_type="around",
+         parameters=("self", "req", "running_loras")),
     Seam("hook", f"{_STREAMER}._GenerationStreamAccumulator.__post_init__", DECODE_TAIL,
          "SGLang hard-codes that decode servers send no input logprobs; ours computed them",
          f"{_TAIL}.stream_input_logprobs_from_decode", hook_type="around"),

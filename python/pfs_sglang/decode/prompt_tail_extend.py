@@ -6,7 +6,7 @@ that token would come from the frozen base. Here the prefill server sends the KV
 ``prompt[:k]`` only (``k`` from :mod:`pfs_sglang.decode.prompt_split`; ``len - 1``
 unless input logprobs are asked for), and the decode server runs ``prompt[k:]`` as an
 ordinary EXTEND batch over that KV, so the decode module samples the first token and
-returns the input logprobs. Six hooks:
+returns the input logprobs. Seven hooks:
 
 1. ``commit_transfer_without_prefill_token`` (AROUND ``_commit_transfer_to_req``): the
    prefill's token, its logprob rows and its sampling-mask row are taken back out
@@ -33,6 +33,11 @@ returns the input logprobs. Six hooks:
    its run and its merge, a tail-extend batch's requests are in no queue, so their
    decode reserve is counted here, as SGLang counts a prebuilt batch's; admission
    control never over-admits behind an extend.
+7. ``lora_budget_counts_tail_extend_batch`` (AROUND ``Scheduler.can_schedule_lora_req``):
+   likewise for adapters: a LoRA decode server admits a request only if its adapter,
+   those running, those queued *and* those of an unmerged tail-extend batch fit its
+   ``--max-loras-per-batch``; otherwise the merge could make a batch of more adapters
+   than the pool holds (SGLang's ``fetch_new_loras`` asserts, and the server dies).
 
 How each scheduling mode holds:
 
@@ -135,6 +140,13 @@ def reserve_for_tail_extend_batch(original, prealloc_queue, *args, **kwargs):
     if _is_unmerged_tail_extend(last_batch):
         allocatable -= prealloc_queue.num_reserved_decode_tokens * len(last_batch.reqs)
     return allocatable
+
+
+def lora_budget_counts_tail_extend_batch(original, scheduler, req, running_loras, *args, **kwargs):
+    last_batch = scheduler.last_batch
+    if _is_unmerged_tail_extend(last_batch):
+        running_loras = set(running_loras) | {extended.lora_id for extended in last_batch.reqs}
+    return original(scheduler, req, running_loras, *args, **kwargs)
 
 
 def _prepare_tail_extend(scheduler, req) -> None:
@@ -270,6 +282,11 @@ def register_prompt_tail_hooks() -> None:
     HookRegistry.register(
         f"{decode}.DecodePreallocQueue._allocatable_token_budgets",
         reserve_for_tail_extend_batch,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.can_schedule_lora_req",
+        lora_budget_counts_tail_extend_batch,
         HookType.AROUND,
     )
     HookRegistry.register(
