@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from pfs_sglang.identity import DecodeModuleRecord, DecodeModuleRecordError, check_compatible, fingerprint_of
@@ -19,7 +20,8 @@ from pfs_sglang.train.corpus import CorpusSizes, write_corpus
 from pfs_sglang.train.data import load_examples
 from pfs_sglang.train.evaluate import exact_match, load_model
 from pfs_sglang.train.objective import cache_conditioned_logits, completion_loss
-from pfs_sglang.train.trainer import FinetuneConfig, finetune
+from pfs_sglang.train.__main__ import FULL_LR, main
+from pfs_sglang.train.trainer import LORA_RECIPE, LORA_TARGETS, FinetuneConfig, FinetuneResult, finetune
 
 torch.set_num_threads(1)
 
@@ -94,3 +96,40 @@ def test_embedded_demo_decode_modules_do_their_own_tasks(demo_models, corpus):
         for other in set(DEMO_DECODE_MODULES) - {task}:
             assert exact_match(demo_models.decode[other], corpus.test[task],
                                prefill_dir=demo_models.base).accuracy < 0.2
+
+
+def test_lora_runs_of_one_seed_are_equal_whatever_ran_before(demo_models, corpus, tmp_path):
+    """The adapter's A matrices are drawn from the seed, not from whatever the process drew before."""
+    first = tmp_path / "first"
+    finetune(tiny_config(demo_models, corpus, first, mode="lora", max_steps=1))
+    torch.rand(1000)  # another run, or anything else, drawing from the global generator
+    second = tmp_path / "second"
+    finetune(tiny_config(demo_models, corpus, second, mode="lora", max_steps=1))
+    weights = [load_file(path / "adapter_model.safetensors") for path in (first, second)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_cli_lora_mode_defaults_to_the_recipe(monkeypatch, tmp_path):
+    seen = {}
+
+    def record(config):
+        seen["config"] = config
+        return FinetuneResult(config.out_dir, 0, 0.0)
+
+    monkeypatch.setattr("pfs_sglang.train.trainer.finetune", record)
+    for mode, lr in (("lora", LORA_RECIPE.learning_rate), ("full", FULL_LR)):
+        main(["--base", str(tmp_path), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / mode),
+              "--mode", mode])
+        config = seen.pop("config")
+        assert config.learning_rate == lr
+        assert (config.lora_rank, config.lora_alpha, config.lora_targets) == \
+            (LORA_RECIPE.rank, LORA_RECIPE.alpha, LORA_TARGETS)
+
+
+def test_lm_head_is_a_lora_target_when_asked(demo_models, corpus, tmp_path):
+    out = tmp_path / "head"
+    finetune(tiny_config(demo_models, corpus, out, mode="lora", max_steps=1, lora_targets=LORA_RECIPE.targets))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert set(adapter["target_modules"]) == set(LORA_RECIPE.targets) and "lm_head" in adapter["target_modules"]
+    assert any("lm_head.lora_B" in name for name in load_file(out / "adapter_model.safetensors"))

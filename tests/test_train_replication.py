@@ -66,6 +66,25 @@ def test_sweep_report_has_a_row_per_capacity_and_budget(tmp_path):
     json.dumps([point.__dict__ for point in points])  # the sweep writes them as JSON
 
 
+def test_sweep_report_gives_the_lora_arm_where_it_ran(tmp_path):
+    points = [SweepPoint(capacity="4L h64", layers=4, hidden=64, budget=800, seed=seed, task=task,
+                         accuracies={"full_ft": 1.0, "prefillshare": 0.99, "prefillshare_lora": 0.98 - 0.01 * seed})
+              for seed in (0, 1) for task in ("extract", "compare")]
+    table, _ = write_sweep_report(points, ["extract", "compare"], tmp_path, "# sweep\n")
+    row = [line for line in table.read_text().splitlines() if line.startswith("| 4L")][0]
+    assert row == "| 4L h64 | 800 | 100.0 / 99.0 / 97.5, -1.0 / -2.5 | 100.0 / 99.0 / 97.5, -1.0 / -2.5 | -1.0 | -2.5 |"
+
+
+def test_the_gpu_grid_is_the_cpu_grid_with_the_lora_arm():
+    from dataclasses import replace
+
+    from pfs_sglang.train.replicate import ARMS
+    from pfs_sglang.train.sweep import CPU_GRID, FULL_GRID
+
+    assert FULL_GRID.arms == ARMS
+    assert replace(FULL_GRID, arms=CPU_GRID.arms) == CPU_GRID
+
+
 def test_a_sweep_run_again_keeps_the_points_of_its_recipe_and_runs_only_what_is_missing(tmp_path):
     from dataclasses import asdict, replace
 
@@ -84,3 +103,12 @@ def test_a_sweep_run_again_keeps_the_points_of_its_recipe_and_runs_only_what_is_
     assert written["complete"] and written["jobs"] == len(points)
     assert "| 1L h32 | 5 | 100.0 / 50.0, -50.0 |" in (tmp_path / "sweep.md").read_text()
     assert _kept_points(replace(config, grid=replace(grid, pretrain_steps=11))) == []  # another recipe: none kept
+
+
+def test_the_lora_arm_trains_the_recipes_multiple_of_the_budget():
+    from pfs_sglang.train.replicate import ReplicationConfig
+    from pfs_sglang.train.trainer import LORA_RECIPE
+
+    assert ReplicationConfig(out_dir=".", task_steps=300).lora_budget == LORA_RECIPE.budget_factor * 300
+    assert ReplicationConfig(out_dir=".", task_steps=300, lora_steps=50).lora_budget == 50
+    assert "lm_head" in ReplicationConfig(out_dir=".").lora_targets

@@ -20,7 +20,7 @@ import torch
 
 from pfs_sglang.train.corpus import TASKS
 from pfs_sglang.train.replicate import ARMS
-from pfs_sglang.train.trainer import LORA_RECIPE
+from pfs_sglang.train.trainer import LORA_RECIPE, LORA_TARGETS
 
 FULL_LR = 1e-4  # --mode full's default learning rate
 
@@ -50,8 +50,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--lora-rank", type=int, default=LORA_RECIPE.rank)
     parser.add_argument("--lora-alpha", type=int, default=LORA_RECIPE.alpha)
-    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_RECIPE.targets),
-                        help="the modules LoRA adapts (SGLang serves the linear projections)")
+    parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS),
+                        help="the modules LoRA adapts (default: every linear projection); add lm_head as the "
+                             "replication's recipe does when answers use tokens the base never emits")
     parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps under OUT/checkpoints")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT/checkpoints")
@@ -99,7 +100,9 @@ def run_replicate(args: argparse.Namespace) -> int:
     config = replace(config, seeds=tuple(args.seeds or config.seeds), tasks=tuple(args.tasks or config.tasks),
                      arms=tuple(args.arms or config.arms), threads=args.threads or config.threads,
                      pretrain_steps=args.pretrain_steps or config.pretrain_steps,
-                     task_steps=args.task_steps or config.task_steps, report_dir=args.report_dir)
+                     task_steps=args.task_steps or config.task_steps, report_dir=args.report_dir,
+                     lora_steps=args.lora_steps or config.lora_steps,
+                     lora_targets=tuple(args.lora_targets or config.lora_targets))
     result = replicate(config)
     print((args.out_dir / "results.md").read_text())
     if args.export_demo is not None:
@@ -149,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--arms", nargs="+", choices=ARMS, help="the trained arms (default: all)")
     rep.add_argument("--pretrain-steps", type=int)
     rep.add_argument("--task-steps", type=int)
+    rep.add_argument("--lora-steps", type=int, help="the LoRA arm's budget (default: the recipe's multiple of "
+                                                            "--task-steps)")
+    rep.add_argument("--lora-targets", nargs="+", help="the LoRA arm's target modules (default: the recipe's)")
     rep.add_argument("--threads", type=int)
     rep.add_argument("--report-dir", type=Path, help="also write results.md and results.png here")
     rep.add_argument("--export-demo", type=Path, help="copy base + first-seed decode modules here (demo assets)")

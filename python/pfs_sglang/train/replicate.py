@@ -65,8 +65,8 @@ class ReplicationConfig:
     pretrain_batch_size: int = 32
     task_steps: int = 800  # every arm's budget
     task_lr: float = 3e-3  # full_ft and prefillshare
-    # The LoRA arm's recipe (trainer.LORA_RECIPE, the default of ``--mode lora``); its budget is task_steps
-    # unless lora_steps is given.
+    # The LoRA arm's recipe (trainer.LORA_RECIPE) and budget: lora_steps, or by default the recipe's
+    # multiple of task_steps (docs/replication.md, "LoRA decode modules").
     lora_lr: float = LORA_RECIPE.learning_rate
     lora_rank: int = LORA_RECIPE.rank
     lora_alpha: int = LORA_RECIPE.alpha
@@ -76,6 +76,10 @@ class ReplicationConfig:
     threads: int = 1  # torch intra-op threads (the replication is sized for 2 CPU cores)
     device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
     report_dir: Path | None = None  # also write results.md and results.png here (e.g. docs/replication)
+
+    @property
+    def lora_budget(self) -> int:
+        return self.lora_steps or LORA_RECIPE.budget_factor * self.task_steps
 
     @property
     def torch_device(self) -> str:
@@ -119,7 +123,7 @@ def _train(config: ReplicationConfig, base: Path, data: Path, out_dir: Path, see
     else:
         lora = arm == "prefillshare_lora"
         settings = dict(objective="own-kv" if arm == "full_ft" else "prefillshare", mode="lora" if lora else "full",
-                        max_steps=config.lora_steps or config.task_steps if lora else config.task_steps,
+                        max_steps=config.lora_budget if lora else config.task_steps,
                         learning_rate=config.lora_lr if lora else config.task_lr, batch_size=config.batch_size)
     steps = settings["max_steps"]
     finetune(FinetuneConfig(base=base, data=data, out_dir=out_dir, seed=seed, warmup_ratio=0.05, save_steps=steps + 1,
@@ -164,9 +168,10 @@ def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
         f"{config.pretrain_steps} steps at batch {config.pretrain_batch_size} (language modelling over "
         f"{config.sizes.pretrain} rows of records and general questions about them, the tasks held out); "
         f"each task model trained {config.task_steps} steps "
-        f"(batch {config.batch_size}; lr {config.task_lr} full, {config.lora_lr} LoRA rank {config.lora_rank}) "
-        f"from that base; {config.sizes.train_per_task} training and {config.sizes.test_per_task} held-out "
-        f"examples per task. Cells: mean over fine-tuning seeds {list(config.seeds)} (per-seed values in "
+        f"(batch {config.batch_size}, lr {config.task_lr}) from that base, the LoRA arm "
+        f"{config.lora_budget} steps (lr {config.lora_lr}, rank {config.lora_rank}, "
+        f"alpha {config.lora_alpha}, on {', '.join(config.lora_targets)}); {config.sizes.train_per_task} "
+        f"training and {config.sizes.test_per_task} held-out examples per task. Cells: mean over fine-tuning seeds {list(config.seeds)} (per-seed values in "
         f"brackets). Wall time {wall_seconds / 60:.1f} min on {machine}.\n"
     )
 

@@ -130,12 +130,16 @@ def _sweep_cells(points: list[SweepPoint]) -> dict[tuple[str, int, str], list[Sw
 
 
 def sweep_table(points: list[SweepPoint], tasks: list[str]) -> str:
-    """Rows: capacity x budget; per task (i) / (ii) and the gap (mean over seeds); the mean gap."""
+    """Rows: capacity x budget; per task (i) / (ii) and the gap (mean over seeds); the mean gap.
+    Where the points have the LoRA arm, each cell also gives (ii-LoRA) and its gap to (i)."""
     cells = _sweep_cells(points)
-    header = "| base | budget (steps) | " + " | ".join(f"{task}: (i) / (ii), gap" for task in tasks) + " | mean gap |"
-    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+    lora = any("prefillshare_lora" in point.accuracies for point in points)
+    arms = "(i) / (ii) / (ii-LoRA), gaps" if lora else "(i) / (ii), gap"
+    header = "| base | budget (steps) | " + " | ".join(f"{task}: {arms}" for task in tasks) + " | mean gap |"
+    header += " mean LoRA gap |" if lora else ""
+    lines = [header, "|" + "---|" * (len(tasks) + 3 + lora)]
     for capacity, budget in dict.fromkeys((c, b) for c, b, _ in cells):
-        row, gaps = [], []
+        row, gaps, lora_gaps = [], [], []
         for task in tasks:
             runs = cells.get((capacity, budget, task), [])
             if not runs:
@@ -144,9 +148,18 @@ def sweep_table(points: list[SweepPoint], tasks: list[str]) -> str:
             full_ft = mean(run.accuracies["full_ft"] for run in runs)
             ours = mean(run.accuracies["prefillshare"] for run in runs)
             gaps.append(ours - full_ft)
-            row.append(f"{100 * full_ft:.1f} / {100 * ours:.1f}, {100 * (ours - full_ft):+.1f}")
+            if lora:
+                ours_lora = mean(run.accuracies.get("prefillshare_lora", float("nan")) for run in runs)
+                lora_gaps.append(ours_lora - full_ft)
+                row.append(f"{100 * full_ft:.1f} / {100 * ours:.1f} / {100 * ours_lora:.1f}, "
+                           f"{100 * (ours - full_ft):+.1f} / {100 * (ours_lora - full_ft):+.1f}")
+            else:
+                row.append(f"{100 * full_ft:.1f} / {100 * ours:.1f}, {100 * (ours - full_ft):+.1f}")
         mean_gap = f"{100 * mean(gaps):+.1f}" if len(gaps) == len(tasks) else "-"
-        lines.append(f"| {capacity} | {budget} | " + " | ".join(row) + f" | {mean_gap} |")
+        line = f"| {capacity} | {budget} | " + " | ".join(row) + f" | {mean_gap} |"
+        if lora:
+            line += f" {100 * mean(lora_gaps):+.1f} |" if len(lora_gaps) == len(tasks) else " - |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

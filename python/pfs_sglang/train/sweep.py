@@ -17,7 +17,8 @@ reuses the bases that finished pretraining there too.
 
     python -m pfs_sglang.train sweep OUT_DIR [--device cuda|cpu] [--quick] [--workers N] [--deadline-min M]
 
-``--device cuda`` runs ``FULL_GRID`` (larger bases, batch 128), ``--device cpu`` ``CPU_GRID``.
+``--device cpu`` runs ``CPU_GRID``; ``--device cuda`` runs ``FULL_GRID``, the same grid with the LoRA
+arm (ii-LoRA) trained beside (i) and (ii) in every cell.
 
 Nothing on this path imports SGLang, ZMQ or ``datasets``: it runs from a checkout with
 torch, transformers, peft, accelerate, tqdm, matplotlib and safetensors installed.
@@ -43,7 +44,7 @@ from tqdm import tqdm
 
 from pfs_sglang.models.demo import WEIGHTS_FILE
 from pfs_sglang.train.corpus import TASKS, CorpusSizes, write_corpus
-from pfs_sglang.train.replicate import REPLICATION_SHAPE, Base, ReplicationConfig, pretrain_base, train_task
+from pfs_sglang.train.replicate import ARMS, REPLICATION_SHAPE, Arm, Base, ReplicationConfig, pretrain_base, train_task
 from pfs_sglang.train.report import SweepPoint, write_sweep_report
 
 
@@ -68,7 +69,7 @@ class Capacity:
         heads = max(1, self.hidden // REPLICATION_SHAPE.head_dim)
         shape = replace(REPLICATION_SHAPE, num_layers=self.layers, hidden_size=self.hidden,
                         intermediate_size=3 * self.hidden, num_heads=heads, num_kv_heads=max(1, heads // 2))
-        return ReplicationConfig(out_dir=out_dir, seeds=grid.seeds, tasks=grid.tasks, arms=("full_ft", "prefillshare"),
+        return ReplicationConfig(out_dir=out_dir, seeds=grid.seeds, tasks=grid.tasks, arms=grid.arms,
                                  sizes=grid.sizes, shape=shape, pretrain_steps=grid.pretrain_steps,
                                  pretrain_lr=self.pretrain_lr, task_steps=budget, task_lr=self.task_lr,
                                  pretrain_batch_size=grid.pretrain_batch_size, batch_size=grid.batch_size,
@@ -85,21 +86,9 @@ class SweepGrid:
     pretrain_batch_size: int = 32
     batch_size: int = 32  # of the task models
     sizes: CorpusSizes = CorpusSizes()
+    arms: tuple[Arm, ...] = ("full_ft", "prefillshare")  # the trained arms (replicate.ARMS)
 
 
-# The replication's base (4 layers, hidden 64) and two larger ones. Sized from the one GPU run
-# (docs/replication.md, "GPU grid"; docs/replication/sweep-h200): 23700 training steps here,
-# about two thirds of what that run trained.
-# That run's 6-layer cells were unstable in both arms (at 2e-3 / 1e-3): lower rates, untested.
-FULL_GRID = SweepGrid(
-    capacities=(Capacity(4, 64, 3e-3, 1e-3), Capacity(6, 128, 1.5e-3, 7e-4), Capacity(8, 256, 1e-3, 5e-4)),
-    budgets=(100, 300),
-    seeds=(0, 1),
-    pretrain_steps=1500,
-    pretrain_batch_size=128,
-    batch_size=128,
-    sizes=CorpusSizes(pretrain=40000, train_per_task=8000, test_per_task=500),
-)
 # The grid for a CPU (one worker, one thread): the replication's recipe (bases 2500 steps at batch
 # 32, task models at batch 16, the replication's corpus sizes) around its base (4 layers, hidden
 # 64), with a smaller and a larger one. The replication's table is this grid's 800-step point of
@@ -114,6 +103,11 @@ CPU_GRID = SweepGrid(
     pretrain_batch_size=32,
     batch_size=16,
 )
+# The grid for a GPU: the CPU grid's recipe and bases (so its cells compare with the CPU's one to
+# one), and the LoRA arm (the replication's recipe, ``LORA_RECIPE``, at its multiple of each cell's
+# budget) beside (i) and (ii). Trainings run in worker processes; on a GPU each one is bound by its
+# launch overhead at these sizes.
+FULL_GRID = replace(CPU_GRID, arms=ARMS)
 # A smoke test of the whole path on a CPU (a minute or two).
 QUICK_GRID = SweepGrid(
     capacities=(Capacity(1, 32, 3e-3, 1e-3), Capacity(2, 32, 3e-3, 1e-3)),
@@ -224,6 +218,7 @@ def _kept_points(config: SweepConfig) -> list[SweepPoint]:
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
+    earlier["grid"].setdefault("arms", ["full_ft", "prefillshare"])  # written before grids named their arms
     if _recipe(earlier["grid"]) != _recipe(_grid_fields(config.grid)):
         return []
     return [SweepPoint(**point) for point in earlier["points"]]

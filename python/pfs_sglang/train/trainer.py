@@ -51,18 +51,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TOKEN_SEQUENCE_FILES = ("chat_template.jinja", "chat_template.json", "generation_config.json")
 Objective = Literal["prefillshare", "own-kv", "lm"]
 Mode = Literal["full", "lora"]
-# Every linear projection of a Llama block: what SGLang's multi-LoRA serves.
+# Every linear projection of a Llama block: what SGLang's multi-LoRA serves on every backend,
+# the CPU's (torch_native) included, and the default of ``--mode lora``.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class LoraRecipe:
-    """What ``--mode lora`` trains by default (and the replication's LoRA arm)."""
+    """The replication's LoRA arm (docs/replication.md, "LoRA decode modules"): rank, alpha and
+    learning rate are also ``--mode lora``'s defaults. Its targets add ``lm_head`` to the linear
+    projections: a base's output row for a token it never emitted cannot be made the argmax by any
+    hidden state, so only an adapter of the head can emit such a token (``--lora-targets`` adds it;
+    the CPU LoRA backend does not serve an ``lm_head`` adapter yet, hence not the CLI's default)."""
 
     rank: int = 16
     alpha: int = 32
     learning_rate: float = 3e-3
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] = LORA_TARGETS + ("lm_head",)
+    budget_factor: int = 4  # its training steps, as a multiple of the full-weight arms' steps
 
 
 LORA_RECIPE = LoraRecipe()
@@ -85,8 +91,8 @@ class FinetuneConfig:
     bf16: bool = False
     warmup_ratio: float = 0.0  # fraction of the steps
     weight_decay: float = 0.0
-    lora_rank: int = 16
-    lora_alpha: int = 32
+    lora_rank: int = LORA_RECIPE.rank
+    lora_alpha: int = LORA_RECIPE.alpha
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lr_scheduler: str = "cosine"  # transformers' lr_scheduler_type
     save_steps: int = 500
@@ -190,7 +196,9 @@ def write_outputs(trainer: Trainer, config: FinetuneConfig, result: FinetuneResu
     config and config; and the record. The launcher refuses a decode module whose token
     sequence differs from the base's, so these are the base's own files, not re-saved ones."""
     out = config.out_dir
-    trainer.model.save_pretrained(out, safe_serialization=True)
+    # An adapter holds its LoRA matrices only, lm_head's included (PEFT would add the frozen head's weights).
+    extra = {"save_embedding_layers": False} if config.mode == "lora" else {}
+    trainer.model.save_pretrained(out, safe_serialization=True, **extra)
     for name in TOKENIZER_FILES:
         shutil.copy2(config.base / name, out / name)
     for name in TOKEN_SEQUENCE_FILES:
