@@ -71,7 +71,7 @@ def test_topology_yaml_passes_the_launchers_dry_run(demo_models, tmp_path, monke
     for server in ("prefill-0", "decode-extract-0", "decode-compute-0", "decode-transform-0"):
         assert f"# {server}: CPU" in out
     assert "--served-model-name transform --disaggregation-decode-retraction-backup cpu_tensor " \
-           "--max-running-requests 16" in out
+           "--disaggregation-decode-enable-radix-cache --radix-cache-backend pfs --max-running-requests 16" in out
     assert "dry run: nothing was started" in out
 
 

@@ -136,7 +136,8 @@ def test_dry_run_one_prefill_three_decode_on_four_gpus(demo_models, tmp_path, ca
     assert "--disaggregation-mode prefill" in placed["0"]
     assert "--served-model-name compute" in placed["2"]
     assert placed["2"].endswith("--max-running-requests 8 --chunked-prefill-size 256")  # per-model args last
-    assert placed["1"].endswith("--served-model-name extract --max-running-requests 8")
+    assert placed["1"].endswith("--served-model-name extract --disaggregation-decode-enable-radix-cache "
+                                "--radix-cache-backend pfs --max-running-requests 8")  # the decode cache's flags
     assert not list((tmp_path / "logs").glob("*.log"))  # nothing started
 
 
