@@ -32,6 +32,6 @@ def test_stock_command_is_the_decode_command_without_pd_flags():
     decode = ["python", "-m", "sglang.launch_server", "--model-path", "/m", "--port", "123",
               "--disaggregation-transfer-backend", "zmq", "--device", "cpu", "--disaggregation-mode", "decode",
               "--served-model-name", "extract", "--disaggregation-decode-retraction-backup", "cpu_tensor",
-              "--sleep-on-idle"]
+              "--disaggregation-decode-enable-radix-cache", "--radix-cache-backend", "pfs", "--sleep-on-idle"]
     assert stock_command(decode, 456) == ["python", "-m", "sglang.launch_server", "--model-path", "/m", "--port", "456",
                                           "--device", "cpu", "--served-model-name", "extract", "--sleep-on-idle"]

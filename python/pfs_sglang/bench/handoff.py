@@ -393,13 +393,14 @@ def _time_requests(targets: list[LatencyTarget], prompt_tokens, repeats: int, vo
 
 
 def stock_command(decode_command: list[str], port: int) -> list[str]:
-    """Stock SGLang serving the decode model with the decode server's own flags, PD flags removed."""
+    """Stock SGLang serving the decode model with the decode server's own flags, PD flags (and the
+    decode cache's ``pfs`` tree) removed."""
     command, skip = [], False
     for index, arg in enumerate(decode_command):
         if skip:
             skip = False
             continue
-        if arg.startswith("--disaggregation-"):
+        if arg.startswith("--disaggregation-") or arg == "--radix-cache-backend":
             skip = index + 1 < len(decode_command) and not decode_command[index + 1].startswith("--")
             continue
         command.append(arg)
