@@ -71,7 +71,7 @@ class StandIn:
             echo = body.get("text", body.get("input_ids", body.get("prompt", body.get("messages"))))
             if path == "/generate":
                 meta = {"id": body.get("rid"), "prompt_tokens": 8, "cached_tokens": 5, "completion_tokens": 2,
-                        "pfs_kv_transfer": {"bytes": 4096, "seconds": 0.25, "decode_prefix_tokens": 64}}
+                        "pfs_kv_transfer": {"bytes": 4096, "seconds": 0.25}, "pfs_decode_prefix_tokens": [64]}
                 if body.get("stream"):
                     return StreamingResponse(generate_events(echo, meta), media_type="text/event-stream")
                 return JSONResponse({"text": self.name, "echo": echo, "meta_info": meta})

@@ -50,7 +50,8 @@ REQUESTS = {
                                              **STREAM}),
 }
 # Values that depend on how a request was served, not on the API's shape.
-MODE_KEYS = {"decode_throughput", "cached_tokens_details", "cached_tokens", "pfs_kv_transfer", "id", "created",
+MODE_KEYS = {"decode_throughput", "cached_tokens_details", "cached_tokens", "pfs_kv_transfer",
+             "pfs_decode_prefix_tokens", "id", "created",
              "model", "weight_versions", "dp_rank"}
 
 

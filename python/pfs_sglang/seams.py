@@ -309,6 +309,9 @@ SEAMS: tuple[Seam, ...] = (
            "read: a resumed request has no tree node (None), and the tree's part of a row ends by floor_page(k)",
            f"{_TAIL}._prepare_tail_extend")
       for member in ("Req.last_node", "ReqKvInfo.cache_protected_len")),
+    Seam("private-member", "sglang.srt.managers.schedule_batch.ReqKvInfo.cache_protected_len", KV_FIGURES,
+         "at transfer commit it is still the decode cache's hit (SGLang's admission sets it to decode_prefix_len); "
+         "recorded for the decode server's reply", f"{_TAIL}.commit_transfer_without_prefill_token"),
     Seam("private-member", "sglang.srt.managers.schedule_batch.Req.disagg_decode_prefix_len", KV_FIGURES,
          "the prefix the decode side held, set on the prefill's request at bootstrap (read with a default: a "
          "rename would go unnoticed)", "pfs_sglang.transfer.transfer_report.kv_transfer_report"),

@@ -72,6 +72,9 @@ from pfs_sglang.decode.prompt_split import prefill_module_len
 _NEEDS_TAIL_EXTEND = "pfs_needs_tail_extend"
 _COMMITTING = "pfs_committing_transfer"
 _TAIL_EXTEND_BATCH = "pfs_tail_extend_batch"
+# The prefix this decode server held in its prefix cache when the request's KV arrived
+# (SGLang's decode_prefix_len; reported in its reply by transfer/transfer_report.py).
+DECODE_PREFIX_LEN = "pfs_decode_prefix_len"
 
 
 def _drop_last_appended(values: list | None) -> None:
@@ -82,6 +85,8 @@ def _drop_last_appended(values: list | None) -> None:
 def commit_transfer_without_prefill_token(original, transfer_queue, decode_req) -> None:
     req = decode_req.req
     fresh = not req.output_ids and not decode_req.is_rebootstrap
+    if fresh:  # admission set it to the decode cache's hit; the tail extend's checkpoint moves it on
+        setattr(req, DECODE_PREFIX_LEN, req.kv.cache_protected_len)
     setattr(req, _COMMITTING, True)
     try:
         original(transfer_queue, decode_req)

@@ -70,7 +70,7 @@ from pfs_sglang.router.request_body import (
     RoutedRequest,
     parse_request,
 )
-from pfs_sglang.router.usage import Usage, ensure_cached_tokens, kv_transfer_of, usage_of
+from pfs_sglang.router.usage import Usage, decode_prefix_tokens_of, ensure_cached_tokens, kv_transfer_of, usage_of
 from pfs_sglang.router.worker_health import HealthCheckSettings, WorkerHealthChecker
 
 T = TypeVar("T")
@@ -247,6 +247,9 @@ class PrefillShareRouter:
         transfer = kv_transfer_of(reply) or kv_transfer_of(prefill_reply)
         if transfer is not None:
             self.metrics.record_kv_transfer(model, transfer)
+        decode_prefix = decode_prefix_tokens_of(reply)
+        if decode_prefix is not None:
+            self.metrics.record_decode_prefix(model, decode_prefix)
         return reply
 
     async def _open_stream(self, model: str, endpoint: str, body: dict, prompt: str,

@@ -12,7 +12,8 @@
   ``pfs_router_kv_transfers_total``: from ``meta_info["pfs_kv_transfer"]`` of
   ``/generate`` replies, when the transfer backend reports it;
   ``pfs_router_kv_decode_prefix_tokens_total``: the prompt tokens whose KV the decode
-  servers' prefix caches already held, so they were not moved (from the same record).
+  servers' prefix caches already held, so they were not moved (from each decode server's
+  ``/generate`` reply, ``meta_info["pfs_decode_prefix_tokens"]``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class RouterMetrics:
         self.kv_transfers.labels(model).inc()
         self.kv_bytes.labels(model).inc(transfer.bytes)
         self.kv_seconds.labels(model).inc(transfer.seconds)
-        self.kv_decode_prefix_tokens.labels(model).inc(transfer.decode_prefix_tokens)
+
+    def record_decode_prefix(self, model: str, tokens: int) -> None:
+        self.kv_decode_prefix_tokens.labels(model).inc(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,7 +10,10 @@
   int}]`` (written by the prefill server, see ``transfer/transfer_report.py``): the KV bytes
   moved from the prefill server to the decode server for this request, how long
   the transfer took, and the prompt tokens whose KV the decode server's prefix cache
-  already held (not moved). The router reads it from the decode server's reply, else from the
+  already held (not moved). The router reads it from the decode server's reply, else
+  from the prefill server's (kept only when it came first); without it no transfer is
+  counted. The decode server's reply also carries ``meta_info["pfs_decode_prefix_tokens"]
+  = [int]``, the prefix its cache held, which the router always counts. The router reads it from the decode server's reply, else from the
   prefill server's; without it no transfer is counted.
 """
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 KV_TRANSFER_KEY = "pfs_kv_transfer"
+DECODE_PREFIX_KEY = "pfs_decode_prefix_tokens"
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,6 @@ class Usage:
 class KVTransfer:
     bytes: int
     seconds: float
-    decode_prefix_tokens: int = 0  # prompt tokens the decode server's prefix cache held (not moved)
 
 
 def usage_of(payload: dict[str, Any]) -> Usage | None:
@@ -56,8 +59,17 @@ def kv_transfer_of(payload: dict[str, Any] | None) -> KVTransfer | None:
         record = record[-1] if record else None
     if not isinstance(record, dict):
         return None
-    return KVTransfer(bytes=int(record.get("bytes") or 0), seconds=float(record.get("seconds") or 0.0),
-                      decode_prefix_tokens=int(record.get("decode_prefix_tokens") or 0))
+    return KVTransfer(bytes=int(record.get("bytes") or 0), seconds=float(record.get("seconds") or 0.0))
+
+
+def decode_prefix_tokens_of(payload: dict[str, Any] | None) -> int | None:
+    """The prompt tokens whose KV the decode server's prefix cache held (its reply's
+    ``meta_info["pfs_decode_prefix_tokens"]``), or None where it reports none."""
+    meta = (payload or {}).get("meta_info")
+    record = meta.get(DECODE_PREFIX_KEY) if isinstance(meta, dict) else None
+    if isinstance(record, list):
+        record = record[-1] if record else None
+    return int(record) if isinstance(record, int) else None
 
 
 def ensure_cached_tokens(payload: dict[str, Any]) -> bool:

@@ -8,7 +8,10 @@ the request's own reply as ``meta_info["pfs_kv_transfer"] = [{"bytes", "seconds"
 router can count KV bytes moved and transfer time per decode model. ``decode_prefix_tokens``
 is the prefix the decode server already held in its prefix cache of base KV (SGLang's
 ``decode_prefix_len``; the prefill sent only the KV after it), 0 without a hit or with the
-decode cache off. Invariant-neutral: it reports, it changes nothing.
+decode cache off. A decode server's replies carry the same figure from its own side,
+``meta_info["pfs_decode_prefix_tokens"] = [P]`` (the prefix its cache held when the KV
+arrived): the router counts it from there, since it keeps a prefill reply only when that
+came before the decode server's. Invariant-neutral: it reports, it changes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
 
 KV_TRANSFER_KEY = "pfs_kv_transfer"
+DECODE_PREFIX_KEY = "pfs_decode_prefix_tokens"
 
 
 def kv_transfer_report(req) -> dict | None:
@@ -38,12 +42,17 @@ class KVTransferReportingStreamer(SchedulerOutputStreamer):
     has_additional_customized_info = True
 
     def should_build_additional_customized_info(self) -> bool:
-        return self.disaggregation_mode == DisaggregationMode.PREFILL
+        return self.disaggregation_mode in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE)
 
     def build_additional_customized_info(self, reqs) -> dict[str, list]:
+        if self.disaggregation_mode == DisaggregationMode.DECODE:
+            from pfs_sglang.decode.prompt_tail_extend import DECODE_PREFIX_LEN
+
+            held = [getattr(req, DECODE_PREFIX_LEN, None) for req in reqs]
+            return {DECODE_PREFIX_KEY: [[int(tokens)] if tokens is not None else [] for tokens in held]}
         reports = [kv_transfer_report(req) for req in reqs]
         return {KV_TRANSFER_KEY: [[report] if report else [] for report in reports]}
 
     def is_request_level_customized_info_key(self, key: str) -> bool:
-        return key == KV_TRANSFER_KEY or super().is_request_level_customized_info_key(key)
+        return key in (KV_TRANSFER_KEY, DECODE_PREFIX_KEY) or super().is_request_level_customized_info_key(key)
 
