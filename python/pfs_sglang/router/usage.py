@@ -13,8 +13,7 @@
   already held (not moved). The router reads it from the decode server's reply, else
   from the prefill server's (kept only when it came first); without it no transfer is
   counted. The decode server's reply also carries ``meta_info["pfs_decode_prefix_tokens"]
-  = [int]``, the prefix its cache held, which the router always counts. The router reads it from the decode server's reply, else from the
-  prefill server's; without it no transfer is counted.
+  = [int]``, the prefix its cache held, which the router always counts.
 """
 
 from __future__ import annotations
