@@ -112,3 +112,24 @@ def test_the_lora_arm_trains_the_recipes_multiple_of_the_budget():
     assert ReplicationConfig(out_dir=".", task_steps=300).lora_budget == LORA_RECIPE.budget_factor * 300
     assert ReplicationConfig(out_dir=".", task_steps=300, lora_steps=50).lora_budget == 50
     assert "lm_head" in ReplicationConfig(out_dir=".").lora_targets
+
+
+def test_the_report_gives_served_accuracy_beside_offline_and_whether_the_answers_agreed(tmp_path):
+    from pfs_sglang.train.replicate import ReplicationConfig, _not_served, write_results
+    from pfs_sglang.train.report import Accuracy, ServedAccuracy
+
+    accuracies = [Accuracy(0, "extract", setting, 190, 200) for setting in ("full_ft", "prefillshare")]
+    served = [ServedAccuracy(0, "extract", "prefillshare", "pd", 190, 200, 190, True),
+              ServedAccuracy(0, "compute", "prefillshare", "pd", 100, 200, 99, False),
+              ServedAccuracy(0, "extract", "prefillshare_lora", "unified", 180, 200, note="not served: why")]
+    write_results(ReplicationConfig(out_dir=tmp_path, served=True), accuracies, 60.0, served)
+    table = (tmp_path / "results.md").read_text()
+    assert "| (ii) PrefillShare, base KV | extract | 0 | pd | 95.0 | 95.0 | yes |" in table
+    assert "| (ii) PrefillShare, base KV | compute | 0 | pd | 50.0 | 49.5 | **no** |" in table
+    assert "| (ii-LoRA) PrefillShare LoRA, base KV | extract | 0 | unified | 90.0 | not served: why | - |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["served"][1]["same_answers"] is False
+    # On a CPU the recipe's LoRA arm (an lm_head adapter) is not served; without lm_head it is.
+    cpu = ReplicationConfig(out_dir=tmp_path, device="cpu")
+    assert _not_served(cpu, "prefillshare_lora") and not _not_served(cpu, "prefillshare")
+    without_head = ReplicationConfig(out_dir=tmp_path, device="cpu", lora_targets=("q_proj",))
+    assert not _not_served(without_head, "prefillshare_lora")

@@ -10,9 +10,11 @@ fingerprint (invariant 4). Parts, one responsibility each:
 - ``objective``: the cache-conditioned, own-KV and language-model forwards and the loss
 - ``trainer``: transformers ``Trainer`` (full or PEFT LoRA), outputs and the record
 - ``evaluate``: greedy exact match with prompt KV from a chosen model (settings i-iii)
+- ``served_eval``: the same exact match through a running deployment (``eval --url``)
 - ``corpus``: the synthetic multi-task corpus of the replication
 - ``report``: the replication's and the sweep's markdown tables and charts
-- ``replicate``: the small-scale replication pipeline, and the demo-model export
+- ``replicate``: the small-scale replication pipeline (``--served``: its PrefillShare arms
+  also scored through deployments), and the demo-model export
 - ``sweep``: the (i) - (ii) gap over base capacity and training budget, in worker processes
 - ``__main__``: the CLI (``python -m pfs_sglang.train``)
 """

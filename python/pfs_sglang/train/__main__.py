@@ -3,7 +3,8 @@
     python -m pfs_sglang.train [finetune] --base BASE --data DATA.jsonl --out OUT [--mode full|lora] ...
     python -m pfs_sglang.train eval DATA.jsonl --model M [--prefill BASE]
     python -m pfs_sglang.train eval DATA.jsonl --base BASE --full-ft F --decode-module D
-    python -m pfs_sglang.train replicate OUT_DIR [--seeds 0 1] [--report-dir DIR] [--export-demo DIR]
+    python -m pfs_sglang.train eval DATA.jsonl --url URL --served-model NAME [--api-key KEY]
+    python -m pfs_sglang.train replicate OUT_DIR [--seeds 0 1] [--report-dir DIR] [--export-demo DIR] [--served]
     python -m pfs_sglang.train sweep OUT_DIR [--device cuda|cpu] [--quick] [--workers N] [--budgets ...]
 """
 
@@ -78,7 +79,26 @@ def run_finetune(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from pfs_sglang.train.evaluate import evaluate_settings, exact_match
 
-    if args.model is not None:
+    offline = [flag for flag, value in (("--model", args.model), ("--prefill", args.prefill), ("--base", args.base),
+                                        ("--full-ft", args.full_ft), ("--decode-module", args.decode_module))
+               if value is not None]
+    if args.url is not None:
+        if args.served_model is None or offline:
+            print("eval --url needs --served-model and none of the offline flags "
+                  f"({', '.join(offline) or '--model, --prefill, ...'}: evaluate those without --url)", file=sys.stderr)
+            return 2
+        from pfs_sglang.train.served_eval import ServedEvalError, ServedModel, served_exact_match
+
+        try:
+            results = {"served": served_exact_match(ServedModel(args.url.rstrip("/"), args.served_model, args.api_key),
+                                                    args.data, args.tokenizer, args.max_new_tokens, args.concurrency)}
+        except ServedEvalError as error:
+            print(f"eval --url: {error}", file=sys.stderr)
+            return 1
+    elif args.served_model is not None or args.api_key is not None:
+        print("--served-model and --api-key go with --url (the deployment to evaluate)", file=sys.stderr)
+        return 2
+    elif args.model is not None:
         results = {"model": exact_match(args.model, args.data, args.prefill, args.batch_size, args.max_new_tokens)}
     elif None not in (args.base, args.full_ft, args.decode_module):
         results = evaluate_settings(args.base, args.data, args.full_ft, {"prefillshare": args.decode_module},
@@ -102,7 +122,7 @@ def run_replicate(args: argparse.Namespace) -> int:
                      pretrain_steps=args.pretrain_steps or config.pretrain_steps,
                      task_steps=args.task_steps or config.task_steps, report_dir=args.report_dir,
                      lora_steps=args.lora_steps or config.lora_steps,
-                     lora_targets=tuple(args.lora_targets or config.lora_targets))
+                     lora_targets=tuple(args.lora_targets or config.lora_targets), served=args.served)
     result = replicate(config)
     print((args.out_dir / "results.md").read_text())
     if args.export_demo is not None:
@@ -141,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--base", type=Path, help="three-way evaluation: the base (prefill module)")
     evaluate.add_argument("--full-ft", type=Path, help="three-way evaluation: the fully fine-tuned model")
     evaluate.add_argument("--decode-module", type=Path, help="three-way evaluation: the PrefillShare decode module")
+    evaluate.add_argument("--url", help="evaluate through a running deployment (its router's URL) instead of offline")
+    evaluate.add_argument("--served-model", help="with --url: the decode model's name there")
+    evaluate.add_argument("--api-key", help="with --url: the deployment's API key")
+    evaluate.add_argument("--tokenizer", type=Path, help="with --url: the base's tokenizer dir (default: the one the "
+                                                         "model's decode server loaded, if it is on this machine)")
+    evaluate.add_argument("--concurrency", type=int, default=8, help="with --url: requests in flight at once")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--max-new-tokens", type=int, default=16)
     evaluate.add_argument("--threads", type=int, default=None)
@@ -158,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--threads", type=int)
     rep.add_argument("--report-dir", type=Path, help="also write results.md and results.png here")
     rep.add_argument("--export-demo", type=Path, help="copy base + first-seed decode modules here (demo assets)")
+    rep.add_argument("--served", action="store_true", help="also score the PrefillShare arms through deployments "
+                                                           "(full-weight: PD, LoRA: unified) beside the offline scores")
 
     swp = commands.add_parser("sweep", help="the (i)-(ii) gap against base capacity and training budget")
     swp.add_argument("out_dir", type=Path, help="gets sweep.json, sweep.md and sweep.png")

@@ -12,6 +12,10 @@ Without ``prefill`` the model reads its own KV. The settings of the replication
   (a full decode module, or a LoRA one: ``prefillshare_lora``)
 - (iii) naive reuse, base KV, no training: ``model=full_ft, prefill=base``
 - the untuned base, for reference:        ``model=base``
+
+``score_answers`` is the exact-match rule itself; the served evaluation
+(``served_eval.py``, the same held-out set sent to a running deployment) scores its
+answers with it, so both paths count the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class EvalResult:
     correct: int
     total: int
     mistakes: list[dict[str, str]] = field(default_factory=list)  # a few (prompt tail, expected, got)
+    answers: list[str] = field(default_factory=list, repr=False)  # every example's answer, in the data's order
 
     @property
     def accuracy(self) -> float:
@@ -86,6 +91,13 @@ def exact_match(
     model = load_model(model_dir).to(device)
     prefill = load_model(prefill_dir).to(device) if prefill_dir is not None else None
     answers = greedy_answers(model, tokenizer, examples, prefill, batch_size, max_new_tokens)
+    return score_answers(examples, answers, tokenizer, model=str(model_dir), prefill=str(prefill_dir or model_dir))
+
+
+def score_answers(examples: list[Example], answers: list[str], tokenizer, model: str, prefill: str) -> EvalResult:
+    """Exact match of each answer (whitespace stripped) against its example's, with the first few mistakes."""
+    if len(answers) != len(examples):
+        raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
     correct = 0
     mistakes = []
     for example, answer in zip(examples, answers):
@@ -94,8 +106,8 @@ def exact_match(
         elif len(mistakes) < 5:
             prompt_tail = tokenizer.decode(example.prompt_ids[-24:])
             mistakes.append({"prompt_tail": prompt_tail, "expected": example.answer, "got": answer})
-    return EvalResult(model=str(model_dir), prefill=str(prefill_dir or model_dir), correct=correct,
-                      total=len(examples), mistakes=mistakes)
+    return EvalResult(model=model, prefill=prefill, correct=correct, total=len(examples), mistakes=mistakes,
+                      answers=list(answers))
 
 
 SETTINGS = ("full_ft", "prefillshare", "prefillshare_lora", "naive_reuse", "base")

@@ -13,6 +13,11 @@ evaluate every setting of ``evaluate.py`` on held-out data (naive reuse (iii) an
 untuned base need no training of their own), and write ``results.json``, ``results.md``
 and ``results.png`` (``report.py``). ``pretrain_base`` and ``train_task`` are the
 pipeline's two stages, which the sweep (``sweep.py``) runs over a grid.
+With ``served`` (``replicate --served``), ``serve_arms`` then serves each seed's
+PrefillShare arms as a user would deploy them (the full-weight decode modules on a PD
+deployment, the LoRA ones on a unified one: ``pfs_sglang.launch``), sends them the same
+held-out sets (``served_eval.py``) and records the served accuracy beside the offline
+one, and whether every answer was the same (invariant 5: it must be).
 ``export_demo_models`` copies the base and the first seed's full and LoRA decode modules
 of the demo tasks to the package's demo assets (``pfs_sglang/models/assets``).
 """
@@ -40,7 +45,7 @@ from pfs_sglang.models.demo import (
 )
 from pfs_sglang.train.corpus import TASKS, CorpusFiles, CorpusSizes, tokenizer_text, write_corpus
 from pfs_sglang.train.evaluate import evaluate_settings
-from pfs_sglang.train.report import Accuracy, write_report
+from pfs_sglang.train.report import Accuracy, ServedAccuracy, write_report
 from pfs_sglang.train.trainer import LORA_RECIPE, FinetuneConfig, finetune
 
 # The demo shape, trained from a narrow init (the wide 0.1 init is for random demo weights).
@@ -76,6 +81,7 @@ class ReplicationConfig:
     threads: int = 1  # torch intra-op threads (the replication is sized for 2 CPU cores)
     device: Literal["cpu", "cuda"] | None = None  # None: CUDA when available
     report_dir: Path | None = None  # also write results.md and results.png here (e.g. docs/replication)
+    served: bool = False  # also score the PrefillShare arms through deployments (serve_arms)
 
     @property
     def lora_budget(self) -> int:
@@ -101,6 +107,7 @@ class TaskResult:
     models: dict[str, Path]  # arm -> trained model
     accuracies: list[Accuracy]
     mistakes: dict[str, list[dict[str, str]]]  # setting -> a mistake, if any (prompt tail, expected, got)
+    answers: dict[str, list[str]] = field(default_factory=dict)  # setting -> every held-out answer
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class ReplicationResult:
     base: Path
     tasks: list[TaskResult] = field(default_factory=list)
     wall_seconds: float = 0.0
+    served: list[ServedAccuracy] = field(default_factory=list)
 
     @property
     def accuracies(self) -> list[Accuracy]:
@@ -154,7 +162,53 @@ def train_task(config: ReplicationConfig, base: Base, seed: int, task: str) -> T
                                 batch_size=200, device=config.torch_device)
     accuracies = [Accuracy(seed, task, setting, result.correct, result.total) for setting, result in results.items()]
     mistakes = {setting: result.mistakes[:1] for setting, result in results.items()}
-    return TaskResult(seed, task, models, accuracies, mistakes)
+    answers = {setting: result.answers for setting, result in results.items()}
+    return TaskResult(seed, task, models, accuracies, mistakes, answers)
+
+
+# The shape a user would deploy each PrefillShare arm in (Topology.mode).
+SERVED_ARMS = {"prefillshare": "pd", "prefillshare_lora": "unified"}
+
+
+def _not_served(config: ReplicationConfig, setting: str) -> str:
+    """Why ``setting`` cannot be served here, or ''."""
+    if setting == "prefillshare_lora" and "lm_head" in config.lora_targets and config.torch_device == "cpu":
+        return "not served: SGLang's CPU LoRA backend does not serve an lm_head adapter"
+    return ""
+
+
+def serve_arms(config: ReplicationConfig, base: Base, tasks: list[TaskResult]) -> list[ServedAccuracy]:
+    """Each seed's PrefillShare arms, every task's decode module in one deployment per arm
+    (PD for the full-weight ones, unified for the LoRA ones), scored on the held-out sets."""
+    from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
+    from pfs_sglang.launch.processes import free_port
+    from pfs_sglang.train.served_eval import ServedModel, served_exact_match
+
+    rows = []
+    for seed in config.seeds:
+        for setting, mode in SERVED_ARMS.items():
+            trained = [task for task in tasks if task.seed == seed and setting in task.models]
+            offline = {task.task: next(a for a in task.accuracies if a.setting == setting) for task in trained}
+            note = _not_served(config, setting)
+            if not trained or note:
+                rows += [ServedAccuracy(seed, task.task, setting, mode, offline[task.task].correct,
+                                        offline[task.task].total, note=note) for task in trained]
+                continue
+            topology = Topology(
+                base_model=base.model.resolve(), port=free_port(), mode=mode, device=config.torch_device,
+                decode_models=tuple(DecodeModelSpec(task.task, task.models[setting].resolve()) for task in trained),
+                log_dir=Path(config.out_dir).resolve() / "served" / f"seed{seed}-{mode}")
+            with Deployment(topology) as deployment:
+                for task in tqdm(trained, desc=f"served seed {seed} {setting}", unit="task"):
+                    result = served_exact_match(ServedModel(deployment.url, task.task), base.corpus.test[task.task],
+                                                tokenizer_dir=base.model)
+                    rows.append(ServedAccuracy(seed, task.task, setting, mode, offline[task.task].correct,
+                                               offline[task.task].total, result.correct,
+                                               result.answers == task.answers[setting]))
+                    tqdm.write(f"seed {seed} {task.task:9s} {setting:17s} served ({mode}) "
+                               f"{100 * result.accuracy:5.1f}%, offline {100 * offline[task.task].value:5.1f}%, "
+                               f"same answers: {rows[-1].same_answers}")
+    return rows
 
 
 def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
@@ -176,15 +230,19 @@ def _preamble(config: ReplicationConfig, wall_seconds: float) -> str:
     )
 
 
-def write_results(config: ReplicationConfig, accuracies: list[Accuracy], wall_seconds: float) -> None:
-    results = json.dumps({
+def write_results(config: ReplicationConfig, accuracies: list[Accuracy], wall_seconds: float,
+                  served: list[ServedAccuracy] = ()) -> None:
+    payload = {
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "wall_seconds": wall_seconds,
         "accuracies": [asdict(a) for a in accuracies],
-    }, indent=2) + "\n"
+    }
+    if served:
+        payload["served"] = [asdict(row) for row in served]
+    results = json.dumps(payload, indent=2) + "\n"
     for report_dir in (config.out_dir, config.report_dir):
         if report_dir is not None:
-            write_report(accuracies, Path(report_dir), _preamble(config, wall_seconds))
+            write_report(accuracies, Path(report_dir), _preamble(config, wall_seconds), served)
             (Path(report_dir) / "results.json").write_text(results)
 
 
@@ -199,8 +257,9 @@ def replicate(config: ReplicationConfig) -> ReplicationResult:
         for accuracy in tasks[-1].accuracies:
             tqdm.write(f"seed {seed} {task:9s} {accuracy.setting:17s} {100 * accuracy.value:5.1f}%  "
                        f"{tasks[-1].mistakes[accuracy.setting]}")
-    result = ReplicationResult(config.out_dir, base.model, tasks, time.monotonic() - started)
-    write_results(config, result.accuracies, result.wall_seconds)
+    served = serve_arms(config, base, tasks) if config.served else []
+    result = ReplicationResult(config.out_dir, base.model, tasks, time.monotonic() - started, served)
+    write_results(config, result.accuracies, result.wall_seconds, served)
     return result
 
 

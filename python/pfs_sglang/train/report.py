@@ -3,7 +3,10 @@
 Owns presentation only. Given held-out exact-match accuracy per seed, task and setting
 (``evaluate.SETTINGS``), it writes ``results.md`` and ``results.png`` (a bar per
 setting and task); accuracies are shown as mean over seeds with the per-seed values
-beside them. Given the sweep's points (``SweepPoint``: one capacity, budget, seed and
+beside them; with served accuracies (``ServedAccuracy``: the PrefillShare arms scored
+through a running deployment, ``replicate --served``) ``results.md`` also gets a table of
+offline and served accuracy per arm, seed and task, and whether every answer agreed.
+Given the sweep's points (``SweepPoint``: one capacity, budget, seed and
 task), it writes ``sweep.md`` (the (i) - (ii) gap per capacity, budget and task) and
 ``sweep.png`` (that gap against the budget, one panel per task, one line per capacity).
 """
@@ -35,6 +38,31 @@ class Accuracy:
     @property
     def value(self) -> float:
         return self.correct / self.total
+
+
+@dataclass(frozen=True)
+class ServedAccuracy:
+    """One arm's held-out exact match through a deployment, beside its offline evaluation's."""
+
+    seed: int
+    task: str
+    setting: str  # prefillshare or prefillshare_lora
+    deployment: str  # the shape that served it: pd or unified
+    offline_correct: int
+    total: int
+    served_correct: int | None = None  # None: not served (``note`` says why)
+    same_answers: bool | None = None  # every example's served answer equals the offline one
+    note: str = ""
+
+
+def served_table(rows: list[ServedAccuracy]) -> str:
+    lines = ["| arm | task | seed | deployment | offline | served | same answers |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        served = f"{100 * row.served_correct / row.total:.1f}" if row.served_correct is not None else row.note
+        same = "-" if row.same_answers is None else "yes" if row.same_answers else "**no**"
+        lines.append(f"| {SETTING_LABELS[row.setting]} | {row.task} | {row.seed} | {row.deployment} | "
+                     f"{100 * row.offline_correct / row.total:.1f} | {served} | {same} |")
+    return "\n".join(lines) + "\n"
 
 
 def _per_seed(rows: list[Accuracy], task: str, setting: str) -> list[float]:
@@ -93,13 +121,20 @@ def bar_chart(rows: list[Accuracy], tasks: list[str], settings: list[str], path:
     return path
 
 
-def write_report(rows: list[Accuracy], out_dir: Path, preamble: str) -> tuple[Path, Path]:
-    """Write ``results.md`` (``preamble`` then the table) and ``results.png`` to ``out_dir``."""
+def write_report(rows: list[Accuracy], out_dir: Path, preamble: str,
+                 served: list[ServedAccuracy] = ()) -> tuple[Path, Path]:
+    """Write ``results.md`` (``preamble``, the table, then the served table if ``served``) and
+    ``results.png`` to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(dict.fromkeys(row.task for row in rows))
     settings = [s for s in SETTING_LABELS if any(row.setting == s for row in rows)]
     table_path = out_dir / "results.md"
-    table_path.write_text(preamble + "\n" + markdown_table(rows, tasks, settings))
+    text = preamble + "\n" + markdown_table(rows, tasks, settings)
+    if served:
+        text += ("\n## Through the served path\n\nThe PrefillShare arms' held-out sets sent to a running deployment "
+                 "(greedy `/generate`, the offline evaluation's prompt ids; `replicate --served`): exact match offline "
+                 "and served (%), and whether every example's answer was the same.\n\n" + served_table(list(served)))
+    table_path.write_text(text)
     chart_path = bar_chart(rows, tasks, settings, out_dir / "results.png")
     return table_path, chart_path
 
