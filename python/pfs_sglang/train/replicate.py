@@ -173,7 +173,8 @@ SERVED_ARMS = {"prefillshare": "pd", "prefillshare_lora": "unified"}
 def _not_served(config: ReplicationConfig, setting: str) -> str:
     """Why ``setting`` cannot be served here, or ''."""
     if setting == "prefillshare_lora" and "lm_head" in config.lora_targets and config.torch_device == "cpu":
-        return "not served: SGLang's CPU LoRA backend (torch_native) builds no lm_head routing (only its chunked GPU backend does)"
+        return ("not served: SGLang's CPU LoRA backend (torch_native) builds no lm_head routing "
+                "(only its chunked GPU backend does)")
     return ""
 
 
