@@ -25,7 +25,7 @@ Tiers (markers registered in ``pyproject.toml``):
   on 2 cores would slow each other); ``make test-scenarios`` runs the long scenario runs.
 
 Starting an SGLang server costs ~40 s of CPU on the 2-core CI box (its three
-processes import SGLang), so each of the two shared servers starts once per session.
+processes import SGLang), so each shared deployment starts once per session.
 Tests that use them run last (the hook below orders them after every other test), so
 no other test shares the CPU with them, and they stop when the session ends.
 
@@ -70,18 +70,26 @@ TIGHT_DECODE_ARGS = f"--max-total-tokens {TIGHT_POOL_TOKENS} --num-reserved-deco
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if any(name in item.fixturenames for name in SHARED_SERVERS):
+        if any(uses(item, name) for name in SHARED_SERVERS):
             item.add_marker(pytest.mark.server)
     # Tests without a server first, then the server tests, the shared servers' users last
-    # (the stock server's users, then the deployment's), so those run alone on the CPU.
+    # (the stock server's users, then the deployment's), so those run alone on the CPU and
+    # no other deployment starts while theirs is up.
     items.sort(key=lambda item: (item.get_closest_marker("server") is not None,
-                                 *(name in item.fixturenames for name in reversed(SHARED_SERVERS))))
+                                 *(uses(item, name) for name in reversed(SHARED_SERVERS))))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def uses(item, shared_server: str) -> bool:
+    """Whether a test uses one of the shared servers: as a fixture, or through a parameter marked
+    ``pytest.mark.shared_server(NAME)`` (a fixture that picks a deployment by its parameter)."""
+    return shared_server in item.fixturenames or any(
+        shared_server in marker.args for marker in item.iter_markers("shared_server"))
 
 
 def running_sglang_servers() -> list[str]:
@@ -214,3 +222,4 @@ def unified_deployment(tmp_path_factory) -> UnifiedDeployment:
         yield UnifiedDeployment(deployment, models)
     finally:
         deployment.stop()
+

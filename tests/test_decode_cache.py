@@ -1,14 +1,14 @@
 """The decode-side prefix cache of base KV (issue 23, item 1) on real PD deployments.
 
-Two deployments, each shared by its tests, both with the decode cache on (the launcher's
-default: SGLang's decode radix cache as the ``pfs`` tree) and SGLang's overlap scheduling
-on every decode server:
+Two deployments, both with the decode cache on (the
+launcher's default: SGLang's decode radix cache as the ``pfs`` tree) and SGLang's overlap
+scheduling on every decode server:
 
-* page size 1: the demo base, ``compute`` (full weights) and two LoRA adapters of the base
-  co-located on one decode server (``extract-lora``, ``compute-lora``);
-* page size 4, every server under ``SGLANG_TEST_RETRACT`` (every third decode step
-  retracts all but one running request): ``extract`` with the default pool and
-  ``compute`` with a small decode pool (eviction).
+* page size 1, the session's demo deployment (``conftest.demo_deployment``): the demo base, ``compute`` (full weights) and two LoRA
+  adapters of the base co-located on one decode server (``extract-lora``, ``compute-lora``);
+* page size 4, this module's own, every server under ``SGLANG_TEST_RETRACT`` (every third
+  decode step retracts all but one running request): ``extract`` with the default pool
+  and ``compute-small`` (``compute`` behind a small decode pool: eviction).
 
 Each check is against the transformers oracle (invariant 5) and proves the hits it relies
 on from the decode server's reply (``meta_info["pfs_decode_prefix_tokens"]``: the prefix
@@ -18,36 +18,46 @@ turn hits ``floor_page(k)`` of the turn before, never more, so a tree that kept 
 the decode module computed (``prompt[k:]``, the answer) would show a longer hit, and its
 outputs would leave the oracle (``test_decode_module_kv_is_never_served_from_the_tree``).
 Every test ends with every pool idle (``wait_deployment_idle``, which also flushes the
-trees, so each test starts with empty ones); the last one reads every server log for
-SGLang's leak check and tracebacks.
+trees, so each test starts with empty ones, as each deployment's fixture here does first);
+the last one reads the logs of every server these tests use for SGLang's leak check and
+tracebacks.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from pfs_sglang.launch.deployment import Deployment
 from pfs_sglang.launch.processes import free_port
 from pfs_sglang.launch.topology import DecodeModelSpec, Topology
-from pfs_sglang.models import write_demo_lora_adapters
 from pfs_sglang.oracle import first_real_divergence, prefillshare_greedy
 from sglang_process import generate_greedy, metric_total, wait_deployment_idle
 
 pytestmark = pytest.mark.server
 
-SMALL_POOL = 320  # tokens of the page-4 deployment's compute decode pool: a few prompts fill it
+SMALL_MODEL = "compute-small"  # compute's weights behind a decode pool a few prompts fill (eviction)
+SMALL_POOL = 320
 _conversation_ids = itertools.count()
 
 
+@dataclass(frozen=True)
 class Served:
-    """A running deployment, its page size and where each model's weights are (for the oracle)."""
+    """A running deployment, its page size, where each model's weights are (for the oracle) and
+    the logs of the servers this module's requests reach."""
 
-    def __init__(self, deployment: Deployment, page_size: int, base, paths: dict):
-        self.deployment, self.url, self.page_size, self.base, self.paths = deployment, deployment.url, page_size, base, paths
+    url: str
+    page_size: int
+    base: Path
+    paths: dict[str, Path]
+    server_logs: Callable[[], list[Path]]
+    alive: Callable[[], bool]
 
     def floor_page(self, tokens: int) -> int:
         return tokens // self.page_size * self.page_size
@@ -85,47 +95,37 @@ def fresh_prompt(length: int) -> list[int]:
     return [20 + conversation] + [(conversation * 37 + 11 * i) % 250 + 230 for i in range(length - 1)]
 
 
-def start(topology: Topology, retract: bool):
-    """The deployment, started with ``SGLANG_TEST_RETRACT`` in its servers' environment (only theirs)."""
-    deployment = Deployment(topology)
-    with pytest.MonkeyPatch.context() as env:
-        if retract:
-            env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
-        running = deployment.__enter__()
-    try:
-        yield running
-    finally:
-        deployment.__exit__(None, None, None)
-
-
 @pytest.fixture(scope="module")
-def page1(tmp_path_factory, demo_models):
-    adapters = write_demo_lora_adapters(tmp_path_factory.mktemp("decode_cache_lora"), names=("extract", "compute"))
-    paths = {"compute": demo_models.decode["compute"], "extract-lora": adapters.decode["extract"],
-             "compute-lora": adapters.decode["compute"]}
-    topology = Topology(base_model=adapters.base,
-                        decode_models=tuple(DecodeModelSpec(name, path) for name, path in paths.items()),
-                        port=free_port(), log_dir=tmp_path_factory.mktemp("decode_cache_page1"), max_total_tokens=2048)
-    assert topology.decode_cache and topology.deployment_mode().mode == "pd"
-    for running in start(topology, retract=False):
-        yield Served(running, 1, adapters.base, paths)
+def page1(demo_deployment, demo_models, lora_adapters):
+    paths = {"compute": demo_models.decode["compute"], **{name: lora_adapters[name] for name in ("extract-lora", "compute-lora")}}
+    used = ("prefill-0.log", "decode-compute-0.log", "decode-lora-0.log")
+    wait_deployment_idle(demo_deployment.url)  # empty trees: the session's other tests may have left prefixes
+    yield Served(demo_deployment.url, 1, demo_models.base, paths,
+                 lambda: [demo_deployment.log_dir / name for name in used], demo_deployment.launcher_alive)
 
 
 @pytest.fixture(scope="module")
 def page4(tmp_path_factory, demo_models):
     paged = ("--page-size", "4")
-    paths = {"extract": demo_models.decode["extract"], "compute": demo_models.decode["compute"]}
+    paths = {"extract": demo_models.decode["extract"], SMALL_MODEL: demo_models.decode["compute"]}
     small = ("--max-total-tokens", str(SMALL_POOL), "--num-reserved-decode-tokens", "16")
     topology = Topology(base_model=demo_models.base,
                         decode_models=(DecodeModelSpec("extract", paths["extract"]),
-                                       DecodeModelSpec("compute", paths["compute"], args=small)),
+                                       DecodeModelSpec(SMALL_MODEL, paths[SMALL_MODEL], args=small)),
                         port=free_port(), log_dir=tmp_path_factory.mktemp("decode_cache_page4"), max_total_tokens=2048,
                         prefill_args=paged, decode_args=paged)
-    for running in start(topology, retract=True):
-        yield Served(running, 4, demo_models.base, paths)
+    deployment = Deployment(topology)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
+        deployment.start()
+    try:
+        yield Served(deployment.url, 4, demo_models.base, paths, lambda: list(deployment.log_dir.glob("*.log")),
+                     lambda: all(child.process.poll() is None for child in deployment.children))
+    finally:
+        deployment.stop()
 
 
-@pytest.fixture(params=["page1", "page4"])
+@pytest.fixture(params=[pytest.param("page1", marks=pytest.mark.shared_server("demo_deployment")), "page4"])
 def served(request) -> Served:
     return request.getfixturevalue(request.param)
 
@@ -208,21 +208,21 @@ def test_every_prompt_length_modulo_the_page_size_with_a_hit(page4):
 
 
 def test_a_small_pool_evicts_the_oldest_prefixes_and_still_serves_every_request(page4):
-    """compute's decode pool holds about three of these prompts' prefixes: asking five evicts the
+    """compute-small's decode pool holds about three of these prompts' prefixes: asking five evicts the
     oldest (its hit when asked again is gone), the newest is still held, every answer matches."""
     served = page4
     prompts = [fresh_prompt(97) for _ in range(5)]
     for prompt in prompts:
-        served.ask("compute", prompt, max_new_tokens=4)
-    _, hit_oldest, _ = served.ask("compute", prompts[0], max_new_tokens=4)
+        served.ask(SMALL_MODEL, prompt, max_new_tokens=4)
+    _, hit_oldest, _ = served.ask(SMALL_MODEL, prompts[0], max_new_tokens=4)
     assert hit_oldest < served.floor_page(len(prompts[0]) - 1), "nothing was evicted: the test did not test eviction"
-    _, hit_newest, _ = served.ask("compute", prompts[-1], max_new_tokens=4)
+    _, hit_newest, _ = served.ask(SMALL_MODEL, prompts[-1], max_new_tokens=4)
     assert hit_newest == served.floor_page(len(prompts[-1]) - 1), hit_newest
     wait_deployment_idle(served.url)
 
 
 def retractions_logged(served: Served) -> int:
-    return sum(int(count) for log in served.deployment.log_dir.glob("*.log")
+    return sum(int(count) for log in served.server_logs()
                for count in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log.read_text(errors="replace")))
 
 
@@ -248,8 +248,8 @@ def test_no_server_leaked_or_failed(served):
     """SGLang checks its pools whenever a server goes idle (available + evictable + protected =
     total, raising otherwise); a double free or a leak of the decode cache would be there."""
     wait_deployment_idle(served.url)
-    assert all(child.process.poll() is None for child in served.deployment.children)
-    for log in served.deployment.log_dir.glob("*.log"):
+    assert served.alive()
+    for log in served.server_logs():
         text = log.read_text(errors="replace")
         for needle in ("memory leak", "Traceback"):
             assert needle not in text, f"{log.name}: {needle}"
