@@ -222,4 +222,3 @@ def unified_deployment(tmp_path_factory) -> UnifiedDeployment:
         yield UnifiedDeployment(deployment, models)
     finally:
         deployment.stop()
-

@@ -115,10 +115,10 @@ def page4(tmp_path_factory, demo_models):
                         port=free_port(), log_dir=tmp_path_factory.mktemp("decode_cache_page4"), max_total_tokens=2048,
                         prefill_args=paged, decode_args=paged)
     deployment = Deployment(topology)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
-        deployment.start()
     try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
+            deployment.start()
         yield Served(deployment.url, 4, demo_models.base, paths, lambda: list(deployment.log_dir.glob("*.log")),
                      lambda: all(child.process.poll() is None for child in deployment.children))
     finally:
