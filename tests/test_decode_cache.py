@@ -1,11 +1,11 @@
 """The decode-side prefix cache of base KV (issue 23, item 1) on real PD deployments.
 
-Two deployments, both with the decode cache on (the
-launcher's default: SGLang's decode radix cache as the ``pfs`` tree) and SGLang's overlap
-scheduling on every decode server:
+Two deployments, both with the decode cache on (the launcher's default: SGLang's decode
+radix cache as the ``pfs`` tree) and SGLang's overlap scheduling on every decode server:
 
-* page size 1, the session's demo deployment (``conftest.demo_deployment``): the demo base, ``compute`` (full weights) and two LoRA
-  adapters of the base co-located on one decode server (``extract-lora``, ``compute-lora``);
+* page size 1, the session's demo deployment (``conftest.demo_deployment``): the demo
+  base, ``compute`` (full weights) and two LoRA adapters of the base co-located on one
+  decode server (``extract-lora``, ``compute-lora``);
 * page size 4, this module's own, every server under ``SGLANG_TEST_RETRACT`` (every third
   decode step retracts all but one running request): ``extract`` with the default pool
   and ``compute-small`` (``compute`` behind a small decode pool: eviction).
@@ -120,7 +120,7 @@ def page4(tmp_path_factory, demo_models):
             env.setenv("SGLANG_TEST_RETRACT", "1")  # read by the decode schedulers; prefill ones never retract
             deployment.start()
         yield Served(deployment.url, 4, demo_models.base, paths, lambda: list(deployment.log_dir.glob("*.log")),
-                     lambda: all(child.process.poll() is None for child in deployment.children))
+                     lambda: not deployment.dead_children())
     finally:
         deployment.stop()
 
