@@ -105,6 +105,15 @@ def test_decode_servers_read_the_prefill_pool_in_place(deployment, deployment_di
     assert connections and all(transport.startswith("map+") for transport in connections), connections
 
 
+def test_every_cpu_server_forks_its_scheduler_and_detokenizer(deployment_dir):
+    """``server_startup/fork_on_cpu.py``: every server of the deployment (each served the oracle
+    tests above and below) started its subprocesses by fork, not by SGLang's spawn."""
+    logs = sorted(Path(deployment_dir).glob("*-*.log"))
+    assert logs
+    for log in logs:
+        assert "scheduler and detokenizer start by fork" in log.read_text(errors="replace"), log.name
+
+
 def test_two_turn_conversation_prefills_the_first_answer_with_the_base(deployment, demo_models):
     first = [{"role": "user", "content": "record 7: city Oslo, price 120. what is the city of record 7?"}]
     answer = chat(deployment, "extract", first)["choices"][0]["message"]["content"]

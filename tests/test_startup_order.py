@@ -16,11 +16,15 @@ from pfs_sglang.launch.processes import ChildExitedError, LaunchError, ManagedPr
 from pfs_sglang.launch.startup import PORT_RETRIES, BringUp, ServerLaunch, StartupStep
 
 # Serves /health on argv[1]; with argv[2] == "log-only" a failed bind is only logged (as
-# SGLang's bootstrap thread does) and the server goes on without answering.
+# SGLang's bootstrap thread does) and the server goes on without answering; with
+# argv[2] == "slow-health" /health answers after a second, as SGLang's does (it generates
+# one token and sleeps 1 s before it looks for it).
 STAND_IN = """
 import http.server, sys, time
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if sys.argv[2:] == ["slow-health"]:
+            time.sleep(1.05)
         self.send_response(200 if self.path == "/health" else 404); self.end_headers()
 try:
     server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health)

@@ -52,6 +52,20 @@ def test_a_killed_server_is_restarted_on_its_port_with_backoff_until_the_limit(t
         stop_all([server])
 
 
+def test_a_restarted_server_whose_health_answers_after_a_second_is_serving_again(tmp_path):
+    """SGLang's ``/health`` answers after at least a second: the probe waits longer than that."""
+    server = stand_in("prefill-0", tmp_path, free_port(), "slow-health")
+    events = []
+    supervisor = Supervisor([server], RestartPolicy(max_restarts=1, first_backoff_s=0.1), events.append)
+    server.start()
+    try:
+        wait_until_healthy([server], 20)
+        server.signal_group(signal.SIGKILL)
+        assert supervise_until(supervisor, lambda: events and events[-1].step is SupervisionStep.SERVING) is None
+    finally:
+        stop_all([server])
+
+
 def test_without_a_policy_an_exit_ends_the_deployment_and_others_run_on(tmp_path):
     servers = [stand_in(f"s{i}", tmp_path, free_port()) for i in range(2)]
     events = []

@@ -19,7 +19,9 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
   to what its pool can admit (``pfs_sglang.decode.admission``: no request waits forever);
 * the unified server's adapter routing: each LoRA decode module applies from the
   position where it takes over (``pfs_sglang.unified``, invariant 2);
-* SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs).
+* SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs);
+* a CPU server's scheduler and detokenizer started by fork, not spawn
+  (``pfs_sglang.server_startup.fork_on_cpu``: they do not import SGLang a second and third time).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def load() -> None:
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.admission import register_decode_admission_hooks
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
-    from pfs_sglang.launch.freeze_gc_after_listening import register_freeze_gc_after_listening
+    from pfs_sglang.server_startup.fork_on_cpu import register_fork_on_cpu
+    from pfs_sglang.server_startup.freeze_gc_after_listening import register_freeze_gc_after_listening
     from pfs_sglang.transfer.registration import register_transfer_hooks
     from pfs_sglang.unified.adapter_segments import register_adapter_segment_hooks
 
@@ -49,3 +52,4 @@ def load() -> None:
     register_adapter_segment_hooks()
     register_prefill_module_cache()
     register_freeze_gc_after_listening()
+    register_fork_on_cpu()

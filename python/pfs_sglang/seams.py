@@ -47,6 +47,7 @@ ZMQ_PD = "2 and 4: PD on any host (no RDMA, no CUDA) with the fingerprint handsh
 NO_LATE_WRITE = "none: a late KV write never lands in slots that were freed or reused"
 TRANSPORT = "none: how the KV bytes move, not which"
 CPU_SERVING = "none: SGLang serves on a machine without CUDA"
+CPU_START = "none: a CPU server's scheduler and detokenizer do not import SGLang again"
 KV_FIGURES = "none: per-request KV bytes and transfer time in prefill replies (router metrics)"
 KNOWN_FIELDS = "none: a request field no SGLang request type has is a 400, not silently dropped"
 ADMISSION = "none: a decode server refuses at once what its pool could never admit; no request waits forever"
@@ -147,7 +148,10 @@ SEAMS: tuple[Seam, ...] = (
     Seam("hook", "sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",
          "none: clean start-up logs and a frozen GC with --skip-server-warmup",
          "SGLang posts /freeze_gc before uvicorn listens; no option makes it wait",
-         "pfs_sglang.launch.freeze_gc_after_listening.freeze_gc_once_listening", hook_type="around"),
+         "pfs_sglang.server_startup.freeze_gc_after_listening.freeze_gc_once_listening", hook_type="around"),
+    Seam("hook", "sglang.srt.entrypoints.engine._set_envs_and_config", CPU_START,
+         "SGLang sets spawn unconditionally (for CUDA); no option lets a CPU server's subprocesses fork",
+         "pfs_sglang.server_startup.fork_on_cpu.fork_subprocesses_on_cpu", hook_type="after", parameters=("server_args",)),
     Seam("hook", "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
          "none: an extend over a cached prefix computes its new rows only (the same attention)",
          "torch_native computes and throws away the prefix's rows; no option skips them",
