@@ -5,9 +5,11 @@
 #                   time, then the server tests one at a time (both phases run; it fails if either did)
 #   test-scenarios  the long scenario runs (start-up storm, benchmark run) kept out of `make test`
 # The install is a virtualenv inside the checkout; pip's own cache (~/.cache/pip) is reused,
-# and a stamp file makes a second run a no-op until pyproject.toml changes. pip byte-compiles
-# what it installs (keep it: where PYTHONDONTWRITEBYTECODE is set, as on the development box, nothing
-# else would, and every server start would compile SGLang from source).
+# and a stamp file makes a second run a no-op until pyproject.toml changes. What it installs is
+# byte-compiled (keep it: where PYTHONDONTWRITEBYTECODE is set, as on the development box, nothing
+# else would, and every server start would compile SGLang from source) by compileall on every core
+# rather than by pip one file at a time; a file this Python cannot compile (torch ships one written
+# for 3.12) is skipped, as pip skips it.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,7 +26,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
+	$(PY) -m pip install --quiet --progress-bar off --no-compile -e '.[test]'
+	$(PY) -m compileall -qq -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || true
 	touch $(STAMP)
 
 demo: install

@@ -24,8 +24,9 @@ Tiers (markers registered in ``pyproject.toml``):
   at a time, then the ``server`` tests one at a time (two deployments starting at once
   on 2 cores would slow each other); ``make test-scenarios`` runs the long scenario runs.
 
-Starting an SGLang server costs ~40 s of CPU on the 2-core CI box (its three
-processes import SGLang), so each shared deployment starts once per session.
+Starting an SGLang server costs ~25 s of CPU on the 2-core CI box (its HTTP process
+imports SGLang; on CPU its scheduler and detokenizer fork from it), so each shared
+deployment starts once per session.
 Tests that use them run last (the hook below orders them after every other test), so
 no other test shares the CPU with them, and they stop when the session ends.
 
