@@ -3,8 +3,8 @@
 Runs in every SGLang server's HTTP process (registered by the plugin). SGLang's launch
 sets multiprocessing's start method to ``spawn`` (``_set_envs_and_config``) because a
 CUDA context does not survive a fork; each spawned process then imports SGLang and
-torch again, about as much CPU as the whole rest of a server's start on a CPU box (three
-processes per server; docs/testing.md, "Server start-up"). A server on ``--device cpu``
+torch again, about as much CPU as the whole rest of a server's start on a CPU box
+(docs/launcher.md, "Start-up"). A server on ``--device cpu``
 has no CUDA context to lose, so ``fork_subprocesses_on_cpu`` (AFTER
 ``_set_envs_and_config``) sets the start method to ``CPU_START_METHOD_ENV``'s value,
 ``fork`` by default: the scheduler and detokenizer begin from the parent's imported
@@ -14,10 +14,10 @@ process and a forked child inherits that it ran), and its parsed arguments.
 Why a fork is safe there: SGLang launches those processes before the HTTP process builds
 its tokenizer manager or binds a socket, from the main thread with no other Python
 thread running; a ZMQ context the parent holds is never terminated by a forked child
-(pyzmq checks the pid); and the parent has run no torch computation yet, so the child's
-OpenMP and torch thread pools start fresh. A GPU server (any other device) keeps SGLang's
-``spawn``. No request is affected: every server test and the greedy oracle run on forked
-servers. ``PFS_SGLANG_CPU_START_METHOD=spawn`` restores SGLang's own start method.
+(pyzmq checks the pid); each child sets up its own logging, torch threads and sockets as
+it would after a spawn. What the children do is unchanged: every server test and the
+greedy oracle (invariant 5) run on forked servers. A GPU server (any other device) keeps
+SGLang's ``spawn``; ``PFS_SGLANG_CPU_START_METHOD=spawn`` restores it on CPU too.
 """
 
 from __future__ import annotations
