@@ -152,6 +152,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam("hook", "sglang.srt.entrypoints.engine._set_envs_and_config", CPU_START,
          "SGLang sets spawn unconditionally (for CUDA); no option lets a CPU server's subprocesses fork",
          "pfs_sglang.server_startup.fork_on_cpu.fork_subprocesses_on_cpu", hook_type="after", parameters=("server_args",)),
+    Seam("private-member", "sglang.srt.arg_groups.overrides.resolving_view", CPU_START,
+         "a server's resolved --device is read through SGLang's resolution view (the record alone may hold "
+         "what resolution overrides)", "pfs_sglang.server_startup.fork_on_cpu.fork_subprocesses_on_cpu"),
     Seam("hook", "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend._run_sdpa_forward_extend",
          "none: an extend over a cached prefix computes its new rows only (the same attention)",
          "torch_native computes and throws away the prefix's rows; no option skips them",
