@@ -193,7 +193,9 @@ class ManagedProcess:
 
 
 def answers_health(url: str, timeout_s: float = 5.0) -> bool:
-    """The SGLang server at ``url`` answers ``/health`` with 200."""
+    """The SGLang server at ``url`` answers ``/health`` with 200. SGLang's ``/health``
+    generates one token and answers after at least a second (it sleeps 1 s before it looks
+    for the reply), so ``timeout_s`` must be longer than that."""
     try:
         return requests.get(f"{url}/health", timeout=timeout_s).status_code == 200
     except requests.RequestException:

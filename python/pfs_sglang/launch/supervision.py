@@ -25,10 +25,6 @@ from enum import Enum
 
 from pfs_sglang.launch.processes import ManagedProcess
 
-# SGLang's /health generates one token and answers after at least a second (it sleeps 1 s
-# before it looks for the reply), so a restarted server's probe must wait longer than that.
-HEALTH_PROBE_TIMEOUT_S = 5.0
-
 
 @dataclass(frozen=True)
 class RestartPolicy:
@@ -82,7 +78,7 @@ class Supervisor:
             elif code is not None:
                 if not self._exited(server, state, code):
                     return server
-            elif state.awaiting_health and server.healthy(timeout_s=HEALTH_PROBE_TIMEOUT_S):
+            elif state.awaiting_health and server.healthy():  # the start-up probe (SGLang answers after 1 s)
                 state.awaiting_health = False
                 self.on_event(SupervisionEvent(SupervisionStep.SERVING, server.name,
                                                f"after restart {state.restarts} of {self.policy.max_restarts}"))
