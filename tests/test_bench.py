@@ -71,13 +71,16 @@ def test_ratios():
     assert ratios(lora)["throughput_unified_over_sglang_lora"] == 2.0
 
 
-def test_kv_budget_is_equal_across_systems():
-    budget = KVBudget(per_model_tokens=4096, decode_tokens=1024)
+def test_kv_budget_is_equal_across_systems_and_pd_splits_it_by_the_launchers_rule():
+    from pfs_sglang.launch.processes import LaunchError
+
+    budget = KVBudget(per_model_tokens=4096, decode_context_tokens=1024)
     for models in (1, 3, 5):
-        pd_total = budget.prefill_tokens(models) + models * budget.decode_tokens
-        assert pd_total == budget.total(models) == models * 4096  # stock: one 4096-token server per model
-    with pytest.raises(ValueError):
-        KVBudget(per_model_tokens=1024, decode_tokens=1024).prefill_tokens(3)
+        pools = budget.pd_pools(models)
+        assert pools.decode_tokens == 1024 + 512  # one context plus SGLang's decode reserve
+        assert pools.prefill_tokens + models * pools.decode_tokens == budget.total(models) == models * 4096
+    with pytest.raises(LaunchError, match="cannot serve a context of 1024"):
+        KVBudget(per_model_tokens=1024, decode_context_tokens=1024).pd_pools(3)
 
 
 def test_pfs_and_noshare_share_one_deployment():
@@ -110,7 +113,7 @@ def test_stock_lora_is_the_unified_server_without_the_pfs_tree(tmp_path):
     models = ModelSet("x", tmp_path / "base", {}, {"a": tmp_path / "lora-a", "b": tmp_path / "lora-b"})
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
-    command = stock_lora_command(models, KVBudget(per_model_tokens=1000, decode_tokens=0), "cpu", "127.0.0.1", 5)
+    command = stock_lora_command(models, KVBudget(per_model_tokens=1000), "cpu", "127.0.0.1", 5)
     assert "--radix-cache-backend" not in command
     assert command[command.index("--max-total-tokens") + 1] == "2000"  # the whole budget: 2 models x 1000
     assert "--enable-lora" in command and f"a={tmp_path / 'lora-a'}" in command
@@ -156,6 +159,44 @@ def test_trace_replay_reads_jsonl(demo_models, tmp_path):
     trace.write_text(json.dumps({"session_id": "s"}) + "\n")
     with pytest.raises(ValueError, match="missing"):
         build_sessions(WorkloadConfig("trace", 0, 0, (), trace=trace), tokenizer)
+
+
+FEW_SHOT = """Answer questions with Thought, Action, Observation steps.
+Question: Which city holds record 7?
+Thought 1: I need to look up record 7.
+Action 1: Search[record 7]
+Observation 1: Record 7 is the city of Ost.
+Action 2: Finish[Ost]
+
+Question: How many items are open?
+Thought 1:I should count them.
+Action 1:Finish[3]
+"""
+
+
+def test_react_trace_replays_each_worked_example_as_a_three_model_session(demo_models, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"webthink": FEW_SHOT}))
+    trace = tmp_path / "trace.jsonl"
+    assert cli.main(["react-trace", "--prompts", str(prompts), "--key", "webthink", "--sessions", "3",
+                     "--rate", "1.0", "--output-tokens", "8", "--out", str(trace)]) == 0
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    first = [row for row in rows if row["session_id"] == "s0"]
+    assert [row["model"] for row in first] == ["planner", "actor", "actor", "critic"]
+    assert first[0]["messages"] == [{"role": "system", "content": FEW_SHOT.strip()},
+                                    {"role": "user", "content": "Task 0.\nQuestion: Which city holds record 7?"}]
+    # every later prompt holds the example's real earlier steps, the observation as the user's
+    assert first[2]["messages"][2:] == [{"role": "assistant", "content": "Thought 1: I need to look up record 7."},
+                                        {"role": "assistant", "content": "Action 1: Search[record 7]"},
+                                        {"role": "user", "content": "Observation 1: Record 7 is the city of Ost."}]
+    assert [row["model"] for row in rows if row["session_id"] == "s1"] == ["planner", "actor", "critic"]
+    assert rows[-1]["messages"][1]["content"].startswith("Task 2.\nQuestion: Which city")  # examples in turn
+    arrivals = sorted({row["arrival_time"] for row in rows})
+    assert arrivals[0] == 0.0 and len(arrivals) == 3 and all(row["max_tokens"] == 8 for row in rows)
+    tokenizer = load_tokenizer(str(demo_models.base))
+    sessions = build_sessions(WorkloadConfig("trace", 0, 0, (), trace=trace), tokenizer)
+    assert [len(session.steps) for session in sessions] == [4, 3, 4]
+    assert cli.main(["react-trace", "--prompts", str(prompts), "--key", "other", "--out", str(trace)]) == 2
 
 
 def test_handoff_subcommand_dispatches(monkeypatch):

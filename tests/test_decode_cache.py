@@ -221,6 +221,23 @@ def test_a_small_pool_evicts_the_oldest_prefixes_and_still_serves_every_request(
     wait_deployment_idle(served.url)
 
 
+def test_a_burst_over_one_new_context_holds_and_moves_it_once(page4):
+    """Four requests at once over a context the decode server does not hold yet (a fan-out of
+    agents over one history): the first is preallocated and sent the context, the others wait
+    until its prefix is in the tree (``decode/shared_prefix_wait.py``), then hit all of it, so
+    the pool holds it once and the prefill sends it once. Every output matches the oracle."""
+    served = page4
+    context = fresh_prompt(97)
+    jobs = [context + [(3 * j + i) % 200 + 25 for i in range(2 + j)] for j in range(4)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda prompt: generate_greedy(served.url, "extract", prompt, 6), jobs))
+    hits = sorted(reply["meta_info"]["pfs_decode_prefix_tokens"][-1] for reply in replies)
+    assert hits[0] == 0 and all(hit >= served.floor_page(len(context)) for hit in hits[1:]), hits
+    for prompt, reply in zip(jobs, replies):
+        served.check_oracle("extract", prompt, reply["output_ids"])
+    wait_deployment_idle(served.url)
+
+
 def retractions_logged(served: Served) -> int:
     return sum(int(count) for log in served.server_logs()
                for count in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", log.read_text(errors="replace")))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from enum import Enum
 from types import SimpleNamespace
 
@@ -161,6 +162,34 @@ def test_the_dry_run_prints_each_decode_server_s_context_and_passes_it(demo_mode
     assert command.endswith("--max-total-tokens 768 --context-length 256")
 
 
+def test_a_kv_budget_is_split_by_the_stated_rule_and_the_dry_run_says_how(demo_models, lora_adapters, tmp_path):
+    """--kv-budget: each decode pool one context plus the reserve, the prefill pool the rest
+    (launch/pool_sizing.py); without --context-length the decode pools take at most half."""
+    two = (DecodeModelSpec("compute", demo_models.decode["compute"]), DecodeModelSpec("extract", demo_models.decode["extract"]))
+    asked = Topology(base_model=demo_models.base, mode="pd", decode_models=two, kv_budget=12000, log_dir=tmp_path,
+                     decode_args=("--context-length", "1500"))
+    dry = Deployment(asked).dry_run().splitlines()
+    assert dry[0] == ("# KV pools: KV budget 12000 tokens: 2 decode pool(s) of 2012 (one 1500-token context plus "
+                      "SGLang's decode reserve; requests over one context share it there), 1 prefill pool(s) of 7976 "
+                      "(the rest: the shared tree)")
+    commands = [line for line in dry if not line.startswith("#")]
+    prefill = next(line for line in commands if "--disaggregation-mode prefill" in line)
+    assert "--max-total-tokens 7976" in prefill
+    for command in (line for line in commands if "--disaggregation-mode decode" in line):
+        assert "--max-total-tokens 2012" in command and command.endswith("--context-length 1500")
+    halves = Deployment(replace(asked, decode_args=(), kv_budget=8000)).dry_run().splitlines()[0]
+    assert "2 decode pool(s) of 2000 (one 1488-token context" in halves and "prefill pool(s) of 4000" in halves
+    capped = Deployment(replace(asked, decode_args=())).dry_run().splitlines()[0]  # at most the model's 2048
+    assert "2 decode pool(s) of 2560 (one 2048-token context" in capped and "prefill pool(s) of 6880" in capped
+    with pytest.raises(LaunchError, match="cannot serve a context of 1500.*at least 5524"):
+        Deployment(replace(asked, kv_budget=5000)).dry_run()
+    unified = Topology(base_model=demo_models.base, kv_budget=12000, log_dir=tmp_path, replicas=2,
+                       decode_models=(DecodeModelSpec("extract-lora", lora_adapters["extract-lora"]),))
+    assert Deployment(unified).dry_run().splitlines()[0] == "# KV pools: KV budget 12000 tokens: 2 unified pool(s) of 6000"
+    with pytest.raises(ValueError, match="--kv-budget"):
+        replace(asked, device="cuda").validate()
+
+
 # ----- the router -----
 
 SERVER_INFO = {"max_total_num_tokens": POOL, "num_reserved_decode_tokens": RESERVE, "page_size": 1,
@@ -238,18 +267,18 @@ def test_the_router_advertises_each_model_s_limit_and_refuses_token_prompts_over
 # ----- the benchmark -----
 
 def test_the_benchmark_sizes_its_decode_pools_so_its_workload_fits():
-    from pfs_sglang.bench.__main__ import decode_pool_tokens
+    from pfs_sglang.bench.__main__ import decode_context_tokens
 
     small = dict(kind="react", sessions=2, models=("a", "b", "c"), system_tokens=1024, task_tokens=128,
                  observation_tokens=64, output_tokens=8)
     two_rounds, eight_rounds = WorkloadConfig(rounds=2, **small), WorkloadConfig(rounds=8, **small)
-    assert decode_pool_tokens(two_rounds, None, 2048) == 2048  # 1287 tokens at most: the shape's pool holds it
+    assert decode_context_tokens(two_rounds, None, 1536) == 1536  # 1287 tokens at most: the shape's holds it
     needed = context_needed_by(eight_rounds)
-    grown = decode_pool_tokens(eight_rounds, None, 2048)
-    assert needed > 2048 - RESERVE and grown == needed + RESERVE
-    assert DecodePoolLimit(grown, model_context=None).context_length >= needed
-    with pytest.raises(ValueError, match=rf"--decode-kv-tokens 2048 cannot serve.*context of {needed}"):
-        decode_pool_tokens(eight_rounds, 2048, 2048)
+    grown = decode_context_tokens(eight_rounds, None, 1536)
+    assert needed > 1536 and grown == needed
+    assert DecodePoolLimit(pool_tokens_for(grown), model_context=None).context_length >= needed
+    with pytest.raises(ValueError, match=rf"--decode-context-tokens 1536 cannot serve.*context of {needed}"):
+        decode_context_tokens(eight_rounds, 1536, 1536)
     assert context_needed_by(WorkloadConfig(kind="trace", sessions=1, rounds=1, models=("a",), trace="t")) is None
 
 

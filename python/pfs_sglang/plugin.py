@@ -17,6 +17,8 @@ detokenizer, DP controller); registrations made in a parent process are lost acr
 * the decode-side hooks that make the decode module compute the prompt's tail
   (``pfs_sglang.decode``, invariant 2), and the decode server's request-length cap
   to what its pool can admit (``pfs_sglang.decode.admission``: no request waits forever);
+* concurrent requests over one prompt prefix preallocated on a decode server after the
+  first one's prefix is in its tree, so they hold it once (``pfs_sglang.decode.shared_prefix_wait``);
 * the unified server's adapter routing: each LoRA decode module applies from the
   position where it takes over (``pfs_sglang.unified``, invariant 2);
 * SGLang's post-start ``/freeze_gc`` call made once the server listens (clean logs);
@@ -36,6 +38,7 @@ def load() -> None:
     from pfs_sglang.cache.prefill_module_cache import register_prefill_module_cache
     from pfs_sglang.decode.admission import register_decode_admission_hooks
     from pfs_sglang.decode.prompt_tail_extend import register_prompt_tail_hooks
+    from pfs_sglang.decode.shared_prefix_wait import register_shared_prefix_wait_hook
     from pfs_sglang.server_startup.fork_on_cpu import register_fork_on_cpu
     from pfs_sglang.server_startup.freeze_gc_after_listening import register_freeze_gc_after_listening
     from pfs_sglang.transfer.registration import register_transfer_hooks
@@ -48,6 +51,7 @@ def load() -> None:
     register_transfer_hooks()
     register_prefix_extend_attention()
     register_prompt_tail_hooks()
+    register_shared_prefix_wait_hook()
     register_decode_admission_hooks()
     register_adapter_segment_hooks()
     register_prefill_module_cache()

@@ -52,6 +52,7 @@ KV_FIGURES = "none: per-request KV bytes and transfer time in prefill replies (r
 KNOWN_FIELDS = "none: a request field no SGLang request type has is a 400, not silently dropped"
 ADMISSION = "none: a decode server refuses at once what its pool could never admit; no request waits forever"
 DECODE_CACHE = "1: a decode server's prefix cache holds base KV of prompt[:k] only; the prefill sends only the rest"
+SHARED_PREFIX = "none: concurrent requests over one prefix hold it once in a decode pool and move it once"
 
 _MOONCAKE = "sglang.srt.disaggregation.mooncake.conn"
 _DECODE = "sglang.srt.disaggregation.decode"
@@ -132,6 +133,14 @@ SEAMS: tuple[Seam, ...] = (
          "its adapters and the merged batch could hold more than --max-loras-per-batch",
          f"{_TAIL}.lora_budget_counts_tail_extend_batch", hook_type="around",
          parameters=("self", "req", "running_loras")),
+    Seam("hook", f"{_DECODE}.DecodePreallocQueue.pop_preallocated", SHARED_PREFIX,
+         "SGLang's in-batch prefix caching holds back requests over a prefix not yet cached only in the prefill "
+         "scheduler; decode preallocation has no such option", "pfs_sglang.decode.shared_prefix_wait."
+         "preallocate_after_shared_prefixes", hook_type="around", parameters=("self", "rids_to_check")),
+    *(Seam("private-member", f"{_DECODE}.DecodePreallocQueue.{member}", SHARED_PREFIX,
+           "read to find the requests in flight and what the tree holds of a waiting one",
+           "pfs_sglang.decode.shared_prefix_wait.waiting_on_shared_prefix")
+      for member in ("transfer_queue", "tree_cache", "pp_size")),
     Seam("hook", f"{_STREAMER}._GenerationStreamAccumulator.__post_init__", DECODE_TAIL,
          "SGLang hard-codes that decode servers send no input logprobs; ours computed them",
          f"{_TAIL}.stream_input_logprobs_from_decode", hook_type="around"),

@@ -12,6 +12,8 @@
   (``pfs_sglang.bench.startup``).
 - ``load ARGS...``: closed-loop sessions for a while against one deployment; checks
   exactly-once answers, no leaked KV slot, bounded memory (``pfs_sglang.bench.load``).
+- ``react-trace ARGS...``: a replay trace for ``--workload trace`` made of the real ReAct
+  trajectories of a prompts file the user fetched (``pfs_sglang.bench.react_trace``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ EXAMPLES = """examples:
   python -m pfs_sglang.bench sweep --shape small --systems pfs-unified,sglang-lora,sglang --out docs/bench/unified
   python -m pfs_sglang.bench startup --launches 10 --out out/startup
   python -m pfs_sglang.bench load --sessions 200 --duration 120 --out docs/bench/load
+  python -m pfs_sglang.bench react-trace --prompts fever.json --key webthink_simple3 --rate 0.5 --out trace.jsonl
 """
 
 
@@ -47,13 +50,13 @@ class ShapeDefaults:
     observation_tokens: int
     output_tokens: int
     kv_tokens_per_model: int
-    decode_kv_tokens: int
+    decode_context_tokens: int  # PD decode servers serve at least this (more where the workload needs it)
 
 
 SHAPE_DEFAULTS = {
-    "tiny": ShapeDefaults(256, 64, 32, 8, kv_tokens_per_model=2048, decode_kv_tokens=1024),
-    "small": ShapeDefaults(1024, 128, 64, 8, kv_tokens_per_model=4096, decode_kv_tokens=2048),
-    "llama-8b": ShapeDefaults(4096, 512, 256, 64, kv_tokens_per_model=65536, decode_kv_tokens=32768),
+    "tiny": ShapeDefaults(256, 64, 32, 8, kv_tokens_per_model=2048, decode_context_tokens=512),
+    "small": ShapeDefaults(1024, 128, 64, 8, kv_tokens_per_model=4096, decode_context_tokens=1536),
+    "llama-8b": ShapeDefaults(4096, 512, 256, 64, kv_tokens_per_model=65536, decode_context_tokens=8192),
 }
 
 
@@ -75,7 +78,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {', '.join(SYSTEMS)}")
     parser.add_argument("--kv-tokens-per-model", type=int,
                         help="KV budget per model; every system gets models x this in all")
-    parser.add_argument("--decode-kv-tokens", type=int, help="KV pool of each PD decode server (prefill gets the rest)")
+    parser.add_argument("--decode-context-tokens", type=int,
+                        help="context length of each PD decode server (default: the workload's longest request, "
+                             "at least the shape's); its pool is that plus SGLang's decode reserve and the prefill "
+                             "server gets the rest (the launcher's --kv-budget rule)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "pfs_sglang" / "bench_models",
                         help="where the shape's models are written once and reused")
@@ -102,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("startup", help="launch a deployment repeatedly (pfs_sglang.bench.startup)", add_help=False)
     sub.add_parser("load", help="closed-loop load run with exactly-once, KV and memory checks "
                                 "(pfs_sglang.bench.load)", add_help=False)
+    sub.add_parser("react-trace", help="a replay trace of real ReAct trajectories (pfs_sglang.bench.react_trace)",
+                   add_help=False)
     return parser
 
 
@@ -128,30 +136,27 @@ def bench_config(args: argparse.Namespace, sessions: int):
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     budget = KVBudget(pick(args.kv_tokens_per_model, defaults.kv_tokens_per_model),
-                      decode_pool_tokens(workload, args.decode_kv_tokens, defaults.decode_kv_tokens))
-    budget.prefill_tokens(len(models))
+                      decode_context_tokens(workload, args.decode_context_tokens, defaults.decode_context_tokens))
+    if {"pfs", "pfs-noshare"} & set(systems):
+        budget.pd_pools(len(models))  # refuses a budget the PD split cannot serve before anything starts
     return BenchConfig(workload=workload, shape=args.shape, systems=systems, budget=budget,
                        device=args.device or default_device(), models_dir=args.models_dir, out=args.out,
                        startup_timeout_s=args.startup_timeout, progress=not args.no_progress)
 
 
-def decode_pool_tokens(workload: WorkloadConfig, asked: int | None, default: int) -> int:
-    """Each PD decode pool: the shape's default grown, or the one asked for checked, so every
-    request of the workload fits it whole (a decode pool of P tokens serves a context of
-    P - 512: SGLang's decode admission reserves 512 tokens per request, ``decode.admission``)."""
+def decode_context_tokens(workload: WorkloadConfig, asked: int | None, default: int) -> int:
+    """The context length of each PD decode server: the shape's default grown, or the one
+    asked for checked, so every request of the workload fits it whole."""
     from pfs_sglang.bench.workloads import context_needed_by
-    from pfs_sglang.decode.admission import pool_tokens_for
 
     needed = context_needed_by(workload)
-    if needed is None:  # a trace: its requests over the pool's limit are refused (400) and counted as failed
+    if needed is None:  # a trace: its requests over the limit are refused (400) and counted as failed
         return default if asked is None else asked
-    fitting = pool_tokens_for(needed)
     if asked is None:
-        return max(default, fitting)
-    if asked < fitting:
-        raise ValueError(f"--decode-kv-tokens {asked} cannot serve this workload: its longest request needs a "
-                         f"context of {needed} tokens, which a PD decode pool holds from {fitting} tokens on "
-                         "(SGLang's decode admission reserves 512 per request)")
+        return max(default, needed)
+    if asked < needed:
+        raise ValueError(f"--decode-context-tokens {asked} cannot serve this workload: its longest request needs a "
+                         f"context of {needed} tokens")
     return asked
 
 
@@ -217,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         from pfs_sglang.bench.load import main as load_main
 
         return load_main(argv[1:])
+    if argv[:1] == ["react-trace"]:
+        from pfs_sglang.bench.react_trace import main as react_trace_main
+
+        return react_trace_main(argv[1:])
+    from pfs_sglang.launch.processes import LaunchError
+
     args = build_parser().parse_args(argv)
     try:
         return run_command(args) if args.command == "run" else sweep_command(args)
-    except ValueError as error:
+    except (ValueError, LaunchError) as error:
         print(f"pfs_sglang.bench: {error}", file=sys.stderr)
         return 2
 

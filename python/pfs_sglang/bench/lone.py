@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if adapter not in names:
         raise SystemExit(f"pfs_sglang.bench lone: --adapter must be one of {names}")
     models = prepare_models(args.shape, names, args.models_dir, lora=True)
-    budget = KVBudget(per_model_tokens=-(-args.kv_tokens // len(names)), decode_tokens=0)
+    budget = KVBudget(per_model_tokens=-(-args.kv_tokens // len(names)))
     tokenizer = load_tokenizer(str(models.base))
     special = set(tokenizer.all_special_ids)
     vocab = (max(special) + 1 if special else 0, len(tokenizer))

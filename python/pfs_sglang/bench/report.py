@@ -65,8 +65,9 @@ def ratios_line(ratios: dict) -> str:
 
 def budget_line(workload: dict) -> str:
     return (f"KV budget: {workload['kv_budget_tokens']} tokens in every system ({workload['kv_per_model_tokens']} "
-            f"per model: a stock server per model holds that; PD decode servers {workload['decode_kv_tokens']} "
-            "each, the prefill server the rest; pfs-unified and sglang-lora one server of the whole budget). "
+            f"per model: a stock server per model holds that; PD decode servers one context of "
+            f"{workload.get('decode_context_tokens')} tokens plus SGLang's decode reserve each, the prefill server "
+            "the rest, the launcher's --kv-budget rule; pfs-unified and sglang-lora one server of the whole budget). "
             "Each CPU server runs an equal share of the cores as its threads.")
 
 

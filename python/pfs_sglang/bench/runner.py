@@ -215,7 +215,7 @@ def point_summary(config: BenchConfig, models: ModelSet, point: PointResult) -> 
                 "shape_description": describe(config.shape),
                 "kv_budget_tokens": config.budget.total(len(models.decode)),
                 "kv_per_model_tokens": config.budget.per_model_tokens,
-                "decode_kv_tokens": config.budget.decode_tokens, "device": config.device}
+                "decode_context_tokens": config.budget.decode_context_tokens, "device": config.device}
     summary = {"workload": workload, "floor_prefill_tokens": floors.get(reference), "systems": systems,
                "ratios": ratios(systems), "same_outputs_pfs_noshare": same}
     details = {

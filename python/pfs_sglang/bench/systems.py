@@ -7,7 +7,7 @@ and the same cores: each CPU server's threads are an equal share of the machine'
 
 - ``pfs``: this project (``pfs_sglang.launch.Deployment``): one shared prefill server
   whose ``pfs`` tree is keyed on the prefill module (invariant 3), one decode server per
-  model, the router. Pools: decode ``decode_tokens`` each, prefill the rest.
+  model, the router. Pools: the launcher's ``--kv-budget`` rule (``KVBudget``).
 - ``pfs-noshare``: the same deployment, with sharing off the way the paper's baseline
   has it: every request carries ``extra_key`` = its model name, which the ``pfs`` tree
   keeps as a namespace below the prefill module's, so each model prefills and caches
@@ -42,6 +42,7 @@ import requests
 
 from pfs_sglang.bench.shapes import ModelSet
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
+from pfs_sglang.launch.pool_sizing import PDPools, plan_server_pools, split_pd_budget
 from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
 from pfs_sglang.launch.server_commands import (
     RADIX_CACHE_BACKEND,
@@ -62,20 +63,20 @@ FLUSH_TIMEOUT_S = 60.0
 class KVBudget:
     """Equal KV budgets: ``models x per_model_tokens`` slots in every system.
 
-    A stock server per model gets ``per_model_tokens``; a PD deployment gives each decode
-    server ``decode_tokens`` (room for its running requests) and the shared prefill
-    server the rest, ``models x (per_model_tokens - decode_tokens)``.
+    A stock server per model gets ``per_model_tokens``; a PD deployment splits the total
+    by the launcher's rule (``launch/pool_sizing.py``, its ``--kv-budget``): each decode
+    server one context of ``decode_context_tokens`` plus SGLang's decode reserve, the
+    shared prefill server the rest.
     """
 
     per_model_tokens: int
-    decode_tokens: int
+    decode_context_tokens: int | None = None  # None: no PD system runs (the lone-request benchmark)
 
-    def prefill_tokens(self, models: int) -> int:
-        tokens = models * (self.per_model_tokens - self.decode_tokens)
-        if tokens <= 0:
-            raise ValueError(f"KV budget {self.per_model_tokens} per model leaves nothing for prefill after "
-                             f"{self.decode_tokens} decode tokens")
-        return tokens
+    def pd_pools(self, models: int) -> PDPools:
+        """The PD split of this budget for ``models`` decode servers (raises ``LaunchError`` if it cannot serve)."""
+        if self.decode_context_tokens is None:
+            raise ValueError("this budget has no decode context length: it sizes no PD deployment")
+        return split_pd_budget(self.total(models), 1, models, self.decode_context_tokens)
 
     def total(self, models: int) -> int:
         """Every system's KV slots; a single-server system's (``pfs-unified``, ``sglang-lora``) one pool."""
@@ -178,20 +179,18 @@ class PrefillShareSystem(BenchSystem):
         return [self.deployment.url]
 
     def server_pools(self) -> dict[str, int]:
-        prefill = self.budget.prefill_tokens(len(self.deployment.model_names))
-        return {child.name: prefill if child.name.startswith("prefill-") else self.budget.decode_tokens
+        pools = plan_server_pools(self.deployment.topology)
+        return {child.name: pools.prefill_tokens if child.name.startswith("prefill-") else pools.decode_tokens
                 for child in self.deployment.children}
 
 
 def pd_deployment(models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float) -> Deployment:
-    """One shared prefill server and a decode server per model, with the budget's pool sizes."""
-    prefill_tokens = budget.prefill_tokens(len(models.decode))
+    """One shared prefill server and a decode server per model, the budget split by the launcher's rule."""
     return Deployment(Topology(
         base_model=models.base,
         decode_models=tuple(DecodeModelSpec(name, path) for name, path in models.decode.items()),
-        port=free_port(), device=device, max_total_tokens=budget.decode_tokens,
-        prefill_args=("--max-total-tokens", str(prefill_tokens)),  # appended last: overrides the decode size
-        decode_args=("--max-total-tokens", str(budget.decode_tokens)),
+        port=free_port(), device=device, kv_budget=budget.total(len(models.decode)),
+        decode_args=("--context-length", str(budget.decode_context_tokens)),
         log_dir=log_dir, startup_timeout_s=startup_timeout_s,
     ))
 

@@ -139,6 +139,15 @@ def _is_unmerged_tail_extend(batch) -> bool:
     return batch is not None and getattr(batch, _TAIL_EXTEND_BATCH, False) and batch.forward_mode.is_extend()
 
 
+def in_flight_tail_extends(scheduler) -> list:
+    """Requests whose prompt KV arrived but may not be in the decode tree yet: queued for
+    their tail extend, or in the tail-extend batch that ran last (under overlap scheduling
+    its result, and with it the checkpoint, comes one step later)."""
+    queued = [req for req in scheduler.waiting_queue if getattr(req, _NEEDS_TAIL_EXTEND, False)]
+    last_batch = scheduler.last_batch
+    return queued + (list(last_batch.reqs) if _is_unmerged_tail_extend(last_batch) else [])
+
+
 def reserve_for_tail_extend_batch(original, prealloc_queue, *args, **kwargs):
     allocatable = original(prealloc_queue, *args, **kwargs)
     last_batch = prealloc_queue.scheduler.last_batch

@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"with --role prefill, the prefill server's KV bootstrap port (default "
                              f"{SGLANG_BOOTSTRAP_PORT}, SGLang's)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    parser.add_argument("--max-total-tokens", type=int, help="KV pool size of each server on CPU")
+    parser.add_argument("--max-total-tokens", type=int, help="KV pool size of each server on CPU (default 8192)")
+    parser.add_argument("--kv-budget", type=int, metavar="TOKENS",
+                        help="on CPU, the KV tokens of all servers together, split by a stated rule (docs/launcher.md: "
+                             "PD decode pools hold one context of the decode --context-length, the prefill pool the "
+                             "rest; unified servers share it evenly); --dry-run prints the split")
     parser.add_argument("--prefill-args", help='extra SGLang arguments for prefill servers, e.g. "--chunked-prefill-size 512"')
     parser.add_argument("--decode-args", action="append", metavar="[NAME=]ARGS",
                         help="extra SGLang arguments for every decode server, or NAME=ARGS for one model's (repeatable)")
@@ -207,6 +211,7 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "port": args.port,
         "device": args.device,
         "max_total_tokens": args.max_total_tokens,
+        "kv_budget": args.kv_budget,
         "prefill_args": tuple(shlex.split(args.prefill_args)) if args.prefill_args is not None else None,
         "decode_args": decode_args,
         "log_dir": args.log_dir,
@@ -223,6 +228,9 @@ def topology_from_args(args: argparse.Namespace) -> Topology:
         "decode_mem_fraction": decode_share,
     }
     settings.update({key: value for key, value in flags.items() if value is not None})
+    if settings.get("kv_budget") is not None and settings.get("max_total_tokens") is not None:
+        raise ValueError("--kv-budget splits one budget among the servers; --max-total-tokens gives each the same "
+                         "pool: give one of them")
     if "device" not in settings:  # GPUs named: place on them; else cuda where there is one
         settings["device"] = "cuda" if settings.get("gpus") is not None or settings.get("pack") else default_device()
     topology = Topology(**{"base_model": None, **settings})

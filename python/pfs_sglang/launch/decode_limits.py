@@ -4,7 +4,8 @@ Invariant-neutral: which requests a decode server takes. SGLang's decode admissi
 a request's prompt plus ``--num-reserved-decode-tokens`` (512) free in the decode pool,
 so a pool of P tokens can only ever take requests of ``P - reserve`` tokens
 (``pfs_sglang.decode.admission``). Where the launcher knows a decode server's pool (on
-CPU its ``--max-total-tokens``; on GPUs when the decode arguments give one), it
+CPU its ``--max-total-tokens`` or its share of ``--kv-budget``, ``pool_sizing.py``; on
+GPUs when the decode arguments give one), it
 
 - refuses a pool that admits no prompt at all, and a ``--context-length`` in the decode
   arguments longer than the pool admits (``LaunchError`` naming the numbers);
@@ -21,30 +22,14 @@ A pool sized at start (a GPU's memory fraction) is capped by the decode server i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 
 from pfs_sglang.decode.admission import DecodePoolLimit, context_needed, pool_tokens_for
-from pfs_sglang.identity.fingerprint import read_config
 from pfs_sglang.launch.guards import sglang_args
+from pfs_sglang.launch.pool_sizing import decode_server_model, model_context_length, plan_server_pools
 from pfs_sglang.launch.processes import LaunchError
 from pfs_sglang.launch.topology import DecodeServerSpec, Topology
 
 MIN_PROMPT_TOKENS = 1  # a pool that admits fewer is refused at launch
-
-
-def model_context_length(model_dir: Path) -> int:
-    """The model's context length as SGLang derives it from ``config.json`` (its ``get_context_length``)."""
-    from sglang.srt.utils.hf_transformers.common import get_context_length
-
-    config = read_config(model_dir)
-    text = config.get("text_config") or config
-    return get_context_length(SimpleNamespace(**text))
-
-
-def decode_server_model(topology: Topology, spec: DecodeServerSpec) -> Path:
-    """The weights a decode server loads: the base for LoRA adapters, else its decode module."""
-    return topology.base_model if spec.lora else spec.models[0].path
 
 
 @dataclass(frozen=True)
@@ -74,7 +59,7 @@ class PlannedDecodeLimit:
 def planned_limit(topology: Topology, spec: DecodeServerSpec) -> PlannedDecodeLimit:
     """The decode server's pool limit, from its arguments as SGLang reads them and its model's config."""
     t = topology
-    pool = ("--max-total-tokens", str(t.max_total_tokens)) if t.device == "cpu" else ()
+    pool = ("--max-total-tokens", str(plan_server_pools(t).decode_tokens)) if t.device == "cpu" else ()
     ns = sglang_args((*pool, *t.decode_args_of(spec)), f"decode server '{spec.name}' --decode-args")
     if ns.max_total_tokens is None:
         return PlannedDecodeLimit(None, ns.context_length)

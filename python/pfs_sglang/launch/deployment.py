@@ -22,7 +22,8 @@ Each PD decode server whose KV pool the launcher sizes gets the context length t
 can admit (SGLang's decode admission reserves ``--num-reserved-decode-tokens`` per
 request on top of its prompt): ``--context-length`` when that is less than the model's,
 said in ``--dry-run`` and its start-up line; a pool that admits nothing is refused
-(``decode_limits.py``).
+(``decode_limits.py``). On CPU each server's pool is ``--max-total-tokens``, or its share
+of ``--kv-budget`` by the rule in ``pool_sizing.py`` (the first line of ``--dry-run``).
 
 In the unified mode (``Topology.deployment_mode()``) the servers are ``replicas`` unified
 servers (``unified-N``: the base and every LoRA decode module in one SGLang server,
@@ -72,6 +73,7 @@ from pfs_sglang.identity import (
     write_fingerprint_handoff,
 )
 from pfs_sglang.launch.decode_limits import PlannedDecodeLimit, check_decode_limits
+from pfs_sglang.launch.pool_sizing import plan_server_pools
 from pfs_sglang.launch.guards import check_guards
 from pfs_sglang.launch.placement import ServerPlacement, plan_placement
 from pfs_sglang.launch.processes import (
@@ -314,14 +316,15 @@ class Deployment:
         bootstrap = (t.prefill_bootstrap_port if fixed else free.pop(0)) if prefill else None
         server.ports = ServerPorts(http=http, bootstrap=bootstrap, nccl=free.pop(0) if t.device == "cuda" else None)
         auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
+        pools = plan_server_pools(t)
         if server.unified:
             spec = server.decode_server
             server.child.command = unified_server_command(
-                t.base_model, t.server_host, server.ports, t.device, t.max_total_tokens,
+                t.base_model, t.server_host, server.ports, t.device, pools.unified_tokens,
                 tuple((model.name, model.path) for model in spec.models), t.decode_args_of(spec), placement, auth_file)
         elif prefill:
             server.child.command = prefill_server_command(t.base_model, t.server_host, server.ports, t.transfer_backend,
-                                                          t.device, t.max_total_tokens, t.prefill_args, placement,
+                                                          t.device, pools.prefill_tokens, t.prefill_args, placement,
                                                           auth_file)
         else:
             spec = server.decode_server
@@ -330,7 +333,7 @@ class Deployment:
             extra = (*t.decode_args_of(spec), *(plan.context_args if plan is not None else ()))
             server.child.command = decode_server_command(spec.name, t.base_model if spec.lora else spec.models[0].path,
                                                          t.server_host, server.ports, t.transfer_backend, t.device,
-                                                         t.max_total_tokens, extra, placement, auth_file, adapters,
+                                                         pools.decode_tokens, extra, placement, auth_file, adapters,
                                                          decode_cache=t.decode_cache)
         server.child.url = f"http://{t.server_host}:{server.ports.http}"
 
@@ -386,7 +389,7 @@ class Deployment:
         t = self.topology
         if t.role.kind != "router":
             self._plan(self.check())
-        lines = []
+        lines = [f"# KV pools: {plan_server_pools(t).rule}"] if t.role.kind != "router" and t.device == "cpu" else []
         for child in self.children:
             server = next(s for s in self.servers if s.child is child)
             lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}"

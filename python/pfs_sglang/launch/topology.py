@@ -199,6 +199,7 @@ class Topology:
     port: int = 30000
     device: str = "cpu"
     max_total_tokens: int = 8192
+    kv_budget: int | None = None  # cpu: KV tokens of all servers together, split by launch/pool_sizing.py's rule
     prefill_args: tuple[str, ...] = ()
     decode_args: tuple[str, ...] = ()
     default_model: str | None = None
@@ -323,6 +324,10 @@ class Topology:
                 self.prefill_mem_fraction, self.decode_mem_fraction, *(s.mem_fraction for s in self.decode_models))):
             raise ValueError("memory fractions are shares of GPU memory: they need --device cuda "
                              "(on CPU, --max-total-tokens sizes each server's KV pool)")
+        if self.kv_budget is not None and (self.device != "cpu" or self.role.kind != "all" or self.kv_budget < 1):
+            raise ValueError(f"--kv-budget {self.kv_budget}: a positive number of KV tokens that one host's servers "
+                             "share on CPU (with --device cuda, memory fractions size the pools; with a --role, "
+                             "give each host's servers --max-total-tokens)")
         if self.gpus is not None and (not self.gpus or len(set(self.gpus)) != len(self.gpus)):
             raise ValueError(f"gpus must be a non-empty list of distinct indices, got {self.gpus}")
         for label, tp in [("prefill", self.prefill_tp), ("decode", self.decode_tp),
