@@ -10,7 +10,10 @@
   (``sglang:kv_transfer_total_mb_sum`` in MiB, ``sglang:kv_transfer_latency_ms_sum``), which
   SGLang counts for streamed and non-streamed requests alike; plus the peak KV pool
   occupancy polled during the run (``kv_used_tokens + kv_evictable_tokens``, summed over
-  the servers).
+  the servers); and the CPU seconds every server's scheduler process spent, all its threads
+  (``sglang:scheduler_process_cpu_seconds_total``; on a CPU box that is the forward passes,
+  prefill and decode, and the scheduling around them; SGLang's forward-time counter needs
+  CUDA events).
 - The floor: unique prompt tokens of the workload, i.e. the nodes of a token trie over
   every prompt sent; any system must prefill at least that many tokens once.
 - ``system_summary`` gives the issue's per-system keys; ``ratios`` the headline ratios
@@ -102,6 +105,7 @@ class ServerCounters:
     peak_kv_tokens: float = 0.0  # occupied slots (held by requests + cached), summed over servers
     peak_active_kv_tokens: float = 0.0  # slots held by running requests
     kv_capacity_tokens: float = 0.0  # sum of the servers' pools
+    scheduler_cpu_s: float = 0.0  # CPU seconds of every server's scheduler process
 
 
 def counter_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
@@ -127,6 +131,7 @@ def system_summary(records: list[RequestRecord], duration_s: float, counters: Se
         "kv_bytes": int(counters.kv_bytes),
         "kv_gb_per_s": counters.kv_bytes / 1e9 / counters.kv_seconds if counters.kv_seconds > 0 else None,
         "peak_kv_tokens": int(counters.peak_kv_tokens),
+        "scheduler_cpu_s": counters.scheduler_cpu_s,
         "errors": len(records) - len(ok),
         "requests": len(records),
     }

@@ -21,7 +21,8 @@ COLUMNS = (
     ("requests_per_s", "req/s", "{:.2f}"), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
     ("prefill_tokens", "prefilled tokens", "{:d}"), ("hit_ratio", "hit ratio", "{:.3f}"),
     ("kv_bytes", "KV moved MB", None), ("kv_gb_per_s", "KV GB/s", "{:.3f}"),
-    ("peak_kv_tokens", "peak KV tokens", "{:d}"), ("errors", "errors", "{:d}"), ("requests", "requests", "{:d}"),
+    ("peak_kv_tokens", "peak KV tokens", "{:d}"), ("scheduler_cpu_s", "scheduler CPU s", "{:.1f}"),
+    ("errors", "errors", "{:d}"), ("requests", "requests", "{:d}"),
 )
 RATIO_NAMES = {
     "p95_e2e_noshare_over_pfs": "p95 e2e, pfs-noshare / pfs",
@@ -63,6 +64,19 @@ def ratios_line(ratios: dict) -> str:
                      if value is not None)
 
 
+def workload_line(workload: dict) -> str:
+    """What was sent: a trace's file (its prompts, models, output lengths and arrival times are its
+    own), or the synthetic workload's parameters."""
+    if workload["kind"] == "trace":
+        return (f"replay of the trace {Path(workload['trace']).name} (each request's messages, model, max_tokens and "
+                "arrival time from the file; greedy, ignore_eos).")
+    arrivals = f"Poisson arrivals at {workload['rate']} sessions/s" if workload["rate"] else "closed loop"
+    return (f"{workload['kind']}, {workload['rounds']} rounds, models {', '.join(workload['models'])}, system prompt "
+            f"{workload['system_tokens']} tokens, task {workload['task_tokens']}, observations "
+            f"{workload['observation_tokens']}, outputs {workload['output_tokens']} tokens (greedy, ignore_eos), "
+            f"{arrivals}, seed {workload['seed']}.")
+
+
 def budget_line(workload: dict) -> str:
     return (f"KV budget: {workload['kv_budget_tokens']} tokens in every system ({workload['kv_per_model_tokens']} "
             f"per model: a stock server per model holds that; PD decode servers one context of "
@@ -78,11 +92,7 @@ def write_point_report(summary: dict, details: dict, out: Path) -> None:
         f"# Benchmark: {workload['kind']}, {workload['sessions']} sessions, shape {workload['shape']}",
         "",
         f"Machine: {details['machine']}; commit {details['commit']}. Models: {workload['shape_description']}. "
-        f"Workload: {workload['rounds']} rounds, models {', '.join(workload['models'])}, system prompt "
-        f"{workload['system_tokens']} tokens, task {workload['task_tokens']}, observations "
-        f"{workload['observation_tokens']}, outputs {workload['output_tokens']} tokens (greedy, ignore_eos), "
-        f"{'Poisson arrivals at ' + str(workload['rate']) + ' sessions/s' if workload['rate'] else 'closed loop'}, "
-        f"seed {workload['seed']}. {budget_line(workload)}",
+        f"Workload: {workload_line(workload)} {budget_line(workload)}",
         "",
         systems_table(summary),
         "",
@@ -162,10 +172,7 @@ def write_sweep_report(summaries: dict[int, dict], details: dict[int, dict], out
         f"# Sweep: {workload['kind']}, shape {workload['shape']}, sessions {', '.join(map(str, counts))}",
         "",
         f"Machine: {details[counts[0]]['machine']}; commit {details[counts[0]]['commit']}. "
-        f"Models: {workload['shape_description']}. {workload['rounds']} rounds per session, models "
-        f"{', '.join(workload['models'])}, system prompt {workload['system_tokens']} tokens, task "
-        f"{workload['task_tokens']}, observations {workload['observation_tokens']}, outputs "
-        f"{workload['output_tokens']}. {budget_line(workload)}",
+        f"Models: {workload['shape_description']}. Workload: {workload_line(workload)} {budget_line(workload)}",
         "",
         "| sessions | " + " | ".join(RATIO_NAMES[key] for key in shown) + " | floor | prefilled: " + ", ".join(names)
         + " | hit ratio: " + ", ".join(names) + " | same outputs | errors |",

@@ -90,13 +90,17 @@ def scrape(system: BenchSystem) -> dict[str, dict[str, float]]:
 
 
 def server_counters(system: BenchSystem, before: dict, after: dict, outcome: RunOutcome) -> ServerCounters:
-    """Counter deltas of the servers that prefill (PD: the prefill pool; stock: every server)."""
+    """Counter deltas: prompt and cached tokens of the servers that prefill (PD: the prefill pool; stock:
+    every server), KV hand-offs of the prefill servers, scheduler CPU seconds of every server."""
     prefill_names = [server.name for server in system.prefill_servers()] or [s.name for s in system.servers()]
     counters = ServerCounters(peak_kv_tokens=outcome.peak_kv_tokens, peak_active_kv_tokens=outcome.peak_active_kv_tokens,
                               kv_capacity_tokens=sum(system.server_pools().values()))
     for name in prefill_names:
         counters.prompt_tokens += counter_delta(before[name], after[name], "sglang:prompt_tokens_total")
         counters.cached_tokens += counter_delta(before[name], after[name], "sglang:cached_tokens_total")
+    for server in system.servers():
+        counters.scheduler_cpu_s += counter_delta(before[server.name], after[server.name],
+                                                  "sglang:scheduler_process_cpu_seconds_total")
     for server in system.prefill_servers():
         counters.kv_bytes += counter_delta(before[server.name], after[server.name],
                                            "sglang:kv_transfer_total_mb_sum") * MIB
