@@ -28,7 +28,7 @@ from pfs_sglang.oracle import load_tokenizer
 
 SYSTEM_KEYS = {"ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "requests_per_s",
                "output_tokens_per_s", "prefill_tokens", "hit_ratio", "kv_bytes", "kv_gb_per_s", "peak_kv_tokens",
-               "errors", "requests"}
+               "scheduler_cpu_s", "errors", "requests"}
 RATIO_KEYS = {"p95_e2e_noshare_over_pfs", "throughput_pfs_over_noshare", "p95_e2e_sglang_over_pfs",
               "throughput_pfs_over_sglang", "p95_e2e_sglang_lora_over_unified", "throughput_unified_over_sglang_lora",
               "p95_e2e_sglang_over_unified", "throughput_unified_over_sglang"}
@@ -225,6 +225,7 @@ def test_run_on_the_demo_models(tmp_path):
         assert figures["requests"] == 2 * 2 and figures["errors"] == 0
         assert figures["kv_bytes"] > 0 and figures["ttft_p50_s"] <= figures["e2e_p50_s"]
         assert summary["floor_prefill_tokens"] <= figures["prefill_tokens"]
+        assert figures["scheduler_cpu_s"] > 0  # the servers' schedulers did the work
     assert summary["same_outputs_pfs_noshare"] is True
     pfs, noshare = summary["systems"]["pfs"], summary["systems"]["pfs-noshare"]
     assert pfs["prefill_tokens"] < noshare["prefill_tokens"]  # one shared prefix tree against one per model
