@@ -21,7 +21,7 @@ import pytest
 from pfs_sglang.bench import __main__ as cli
 from pfs_sglang.bench.metrics import RequestRecord, percentile, ratios, same_outputs, unique_prefix_tokens
 from pfs_sglang.bench.shapes import ModelSet
-from pfs_sglang.bench.systems import KVBudget, cpu_server_args, groups_of, stock_lora_command
+from pfs_sglang.bench.systems import KVBudget, cpu_server_args, groups_of, make_group, stock_lora_command
 from pfs_sglang.bench.workloads import Vocabulary, WorkloadConfig, build_sessions, react_sessions, reflexion_sessions
 from pfs_sglang.launch.server_commands import ServerPorts, prefill_server_command
 from pfs_sglang.oracle import load_tokenizer
@@ -81,6 +81,21 @@ def test_kv_budget_is_equal_across_systems_and_pd_splits_it_by_the_launchers_rul
         assert pools.prefill_tokens + models * pools.decode_tokens == budget.total(models) == models * 4096
     with pytest.raises(LaunchError, match="cannot serve a context of 1024"):
         KVBudget(per_model_tokens=1024, decode_context_tokens=1024).pd_pools(3)
+
+
+def test_the_pd_systems_are_the_launchers_deployment_with_its_budget_rule(demo_models, tmp_path):
+    """bench config -> Topology(kv_budget, --context-length, decode cache): the launcher's split."""
+    args = cli.build_parser().parse_args(["run", "--shape", "tiny", "--models", "extract,compute", "--no-decode-cache",
+                                          "--kv-tokens-per-model", "2048", "--out", str(tmp_path)])
+    config = cli.bench_config(args, 2)
+    assert config.decode_cache is False and config.budget.decode_context_tokens == 512  # the tiny shape's
+    models = ModelSet("tiny", demo_models.base, {name: demo_models.decode[name] for name in ("extract", "compute")})
+    pfs, noshare = make_group(("pfs", "pfs-noshare"), models, config.budget, "cpu", tmp_path, 60.0, config.decode_cache)
+    topology = pfs.deployment.topology
+    assert noshare.deployment is pfs.deployment and topology.kv_budget == 4096 and topology.decode_cache is False
+    assert topology.decode_args == ("--context-length", "512")
+    dry = pfs.deployment.dry_run()
+    assert "2 decode pool(s) of 1024" in dry and "1 prefill pool(s) of 2048" in dry
 
 
 def test_pfs_and_noshare_share_one_deployment():

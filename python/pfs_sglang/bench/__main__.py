@@ -82,6 +82,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                         help="context length of each PD decode server (default: the workload's longest request, "
                              "at least the shape's); its pool is that plus SGLang's decode reserve and the prefill "
                              "server gets the rest (the launcher's --kv-budget rule)")
+    parser.add_argument("--no-decode-cache", action="store_true",
+                        help="pfs and pfs-noshare: decode servers without the prefix cache of base KV (the launcher's "
+                             "--no-decode-cache), to measure the KV it saves moving")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "pfs_sglang" / "bench_models",
                         help="where the shape's models are written once and reused")
@@ -141,7 +144,8 @@ def bench_config(args: argparse.Namespace, sessions: int):
         budget.pd_pools(len(models))  # refuses a budget the PD split cannot serve before anything starts
     return BenchConfig(workload=workload, shape=args.shape, systems=systems, budget=budget,
                        device=args.device or default_device(), models_dir=args.models_dir, out=args.out,
-                       startup_timeout_s=args.startup_timeout, progress=not args.no_progress)
+                       startup_timeout_s=args.startup_timeout, progress=not args.no_progress,
+                       decode_cache=not args.no_decode_cache)
 
 
 def decode_context_tokens(workload: WorkloadConfig, asked: int | None, default: int) -> int:

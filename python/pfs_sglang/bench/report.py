@@ -82,7 +82,9 @@ def budget_line(workload: dict) -> str:
             f"per model: a stock server per model holds that; PD decode servers one context of "
             f"{workload.get('decode_context_tokens')} tokens plus SGLang's decode reserve each, the prefill server "
             "the rest, the launcher's --kv-budget rule; pfs-unified and sglang-lora one server of the whole budget). "
-            "Each CPU server runs an equal share of the cores as its threads.")
+            + ("PD decode servers without their prefix cache (--no-decode-cache). "
+               if workload.get("decode_cache") is False else "")
+            + "Each CPU server runs an equal share of the cores as its threads.")
 
 
 def write_point_report(summary: dict, details: dict, out: Path) -> None:

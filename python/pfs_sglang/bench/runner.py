@@ -60,6 +60,7 @@ class BenchConfig:
     out: Path
     startup_timeout_s: float = 600.0
     progress: bool = True
+    decode_cache: bool = True  # PD decode servers keep a prefix cache of base KV (the launcher's default)
 
 
 @dataclass
@@ -129,7 +130,7 @@ def started_group(config: BenchConfig, group: tuple[str, ...], models: ModelSet)
     taken meanwhile, is tried again once) and stopped when the block ends, however it ends."""
     for attempt in range(1, START_ATTEMPTS + 1):
         systems = make_group(group, models, config.budget, config.device, config.out / "logs" / f"attempt-{attempt}",
-                             config.startup_timeout_s)
+                             config.startup_timeout_s, config.decode_cache)
         try:
             _say(f"starting {' + '.join(group)} (logs in {config.out / 'logs' / f'attempt-{attempt}'})")
             started = time.monotonic()
@@ -219,7 +220,8 @@ def point_summary(config: BenchConfig, models: ModelSet, point: PointResult) -> 
                 "shape_description": describe(config.shape),
                 "kv_budget_tokens": config.budget.total(len(models.decode)),
                 "kv_per_model_tokens": config.budget.per_model_tokens,
-                "decode_context_tokens": config.budget.decode_context_tokens, "device": config.device}
+                "decode_context_tokens": config.budget.decode_context_tokens, "decode_cache": config.decode_cache,
+                "device": config.device}
     summary = {"workload": workload, "floor_prefill_tokens": floors.get(reference), "systems": systems,
                "ratios": ratios(systems), "same_outputs_pfs_noshare": same}
     details = {

@@ -184,13 +184,15 @@ class PrefillShareSystem(BenchSystem):
                 for child in self.deployment.children}
 
 
-def pd_deployment(models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float) -> Deployment:
-    """One shared prefill server and a decode server per model, the budget split by the launcher's rule."""
+def pd_deployment(models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float,
+                  decode_cache: bool = True) -> Deployment:
+    """One shared prefill server and a decode server per model, the budget split by the launcher's rule;
+    ``decode_cache``: the decode servers' prefix cache of base KV (the launcher's ``--no-decode-cache``)."""
     return Deployment(Topology(
         base_model=models.base,
         decode_models=tuple(DecodeModelSpec(name, path) for name, path in models.decode.items()),
         port=free_port(), device=device, kv_budget=budget.total(len(models.decode)),
-        decode_args=("--context-length", str(budget.decode_context_tokens)),
+        decode_args=("--context-length", str(budget.decode_context_tokens)), decode_cache=decode_cache,
         log_dir=log_dir, startup_timeout_s=startup_timeout_s,
     ))
 
@@ -342,7 +344,7 @@ def groups_of(names: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, device: str, log_dir: Path,
-               startup_timeout_s: float) -> list[BenchSystem]:
+               startup_timeout_s: float, decode_cache: bool = True) -> list[BenchSystem]:
     """Fresh systems (new ports) of one group; starting or stopping the first starts or stops them all."""
     if group == ("sglang",):
         return [StockSGLangSystem(models, budget, device, Path(log_dir) / "sglang", startup_timeout_s)]
@@ -350,5 +352,5 @@ def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, devic
         return [UnifiedSystem(models, budget, device, Path(log_dir) / "unified", startup_timeout_s)]
     if group == ("sglang-lora",):
         return [StockLoRASystem(models, budget, device, Path(log_dir) / "sglang-lora", startup_timeout_s)]
-    deployment = pd_deployment(models, budget, device, Path(log_dir) / "pd", startup_timeout_s)
+    deployment = pd_deployment(models, budget, device, Path(log_dir) / "pd", startup_timeout_s, decode_cache)
     return [PrefillShareSystem(name, deployment, budget, share=name == "pfs") for name in group]
