@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-decode-cache", action="store_true",
                         help="pfs and pfs-noshare: decode servers without the prefix cache of base KV (the launcher's "
                              "--no-decode-cache), to measure the KV it saves moving")
+    parser.add_argument("--prefill-args", default="",
+                        help='pfs and pfs-noshare: extra SGLang arguments of the prefill server (the launcher\'s '
+                             '--prefill-args), e.g. "--optimistic-prefill-attempts 1"')
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--models-dir", type=Path, default=Path.home() / ".cache" / "pfs_sglang" / "bench_models",
                         help="where the shape's models are written once and reused")
@@ -145,7 +149,7 @@ def bench_config(args: argparse.Namespace, sessions: int):
     return BenchConfig(workload=workload, shape=args.shape, systems=systems, budget=budget,
                        device=args.device or default_device(), models_dir=args.models_dir, out=args.out,
                        startup_timeout_s=args.startup_timeout, progress=not args.no_progress,
-                       decode_cache=not args.no_decode_cache)
+                       decode_cache=not args.no_decode_cache, prefill_args=tuple(shlex.split(args.prefill_args)))
 
 
 def decode_context_tokens(workload: WorkloadConfig, asked: int | None, default: int) -> int:

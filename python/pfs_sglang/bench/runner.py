@@ -61,6 +61,7 @@ class BenchConfig:
     startup_timeout_s: float = 600.0
     progress: bool = True
     decode_cache: bool = True  # PD decode servers keep a prefix cache of base KV (the launcher's default)
+    prefill_args: tuple[str, ...] = ()  # extra SGLang arguments of the PD prefill server (the launcher's --prefill-args)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def started_group(config: BenchConfig, group: tuple[str, ...], models: ModelSet)
     taken meanwhile, is tried again once) and stopped when the block ends, however it ends."""
     for attempt in range(1, START_ATTEMPTS + 1):
         systems = make_group(group, models, config.budget, config.device, config.out / "logs" / f"attempt-{attempt}",
-                             config.startup_timeout_s, config.decode_cache)
+                             config.startup_timeout_s, config.decode_cache, config.prefill_args)
         try:
             _say(f"starting {' + '.join(group)} (logs in {config.out / 'logs' / f'attempt-{attempt}'})")
             started = time.monotonic()
@@ -221,6 +222,7 @@ def point_summary(config: BenchConfig, models: ModelSet, point: PointResult) -> 
                 "kv_budget_tokens": config.budget.total(len(models.decode)),
                 "kv_per_model_tokens": config.budget.per_model_tokens,
                 "decode_context_tokens": config.budget.decode_context_tokens, "decode_cache": config.decode_cache,
+                "prefill_args": " ".join(config.prefill_args),
                 "device": config.device}
     summary = {"workload": workload, "floor_prefill_tokens": floors.get(reference), "systems": systems,
                "ratios": ratios(systems), "same_outputs_pfs_noshare": same}

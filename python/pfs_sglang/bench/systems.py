@@ -185,14 +185,16 @@ class PrefillShareSystem(BenchSystem):
 
 
 def pd_deployment(models: ModelSet, budget: KVBudget, device: str, log_dir: Path, startup_timeout_s: float,
-                  decode_cache: bool = True) -> Deployment:
+                  decode_cache: bool = True, prefill_args: tuple[str, ...] = ()) -> Deployment:
     """One shared prefill server and a decode server per model, the budget split by the launcher's rule;
-    ``decode_cache``: the decode servers' prefix cache of base KV (the launcher's ``--no-decode-cache``)."""
+    ``decode_cache``: the decode servers' prefix cache of base KV (the launcher's ``--no-decode-cache``);
+    ``prefill_args``: the prefill server's extra SGLang arguments (the launcher's ``--prefill-args``)."""
     return Deployment(Topology(
         base_model=models.base,
         decode_models=tuple(DecodeModelSpec(name, path) for name, path in models.decode.items()),
         port=free_port(), device=device, kv_budget=budget.total(len(models.decode)),
         decode_args=("--context-length", str(budget.decode_context_tokens)), decode_cache=decode_cache,
+        prefill_args=prefill_args,
         log_dir=log_dir, startup_timeout_s=startup_timeout_s,
     ))
 
@@ -344,7 +346,8 @@ def groups_of(names: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, device: str, log_dir: Path,
-               startup_timeout_s: float, decode_cache: bool = True) -> list[BenchSystem]:
+               startup_timeout_s: float, decode_cache: bool = True, prefill_args: tuple[str, ...] = ()
+               ) -> list[BenchSystem]:
     """Fresh systems (new ports) of one group; starting or stopping the first starts or stops them all."""
     if group == ("sglang",):
         return [StockSGLangSystem(models, budget, device, Path(log_dir) / "sglang", startup_timeout_s)]
@@ -352,5 +355,6 @@ def make_group(group: tuple[str, ...], models: ModelSet, budget: KVBudget, devic
         return [UnifiedSystem(models, budget, device, Path(log_dir) / "unified", startup_timeout_s)]
     if group == ("sglang-lora",):
         return [StockLoRASystem(models, budget, device, Path(log_dir) / "sglang-lora", startup_timeout_s)]
-    deployment = pd_deployment(models, budget, device, Path(log_dir) / "pd", startup_timeout_s, decode_cache)
+    deployment = pd_deployment(models, budget, device, Path(log_dir) / "pd", startup_timeout_s, decode_cache,
+                               prefill_args)
     return [PrefillShareSystem(name, deployment, budget, share=name == "pfs") for name in group]
