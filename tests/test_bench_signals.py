@@ -32,7 +32,8 @@ class Stalled(StockSGLangSystem):
             process.command = ["sh", "-c", f"sleep {MARK} & sleep {MARK}; true"]
 
 
-runner.make_group = lambda group, *args: [Stalled(*args)]
+runner.make_group = lambda group, models, budget, device, log_dir, startup_timeout_s, *pd_options: [
+    Stalled(models, budget, device, log_dir, startup_timeout_s)]
 sys.argv = ["pfs_sglang.bench", *sys.argv[1:]]
 runpy.run_module("pfs_sglang.bench", run_name="__main__", alter_sys=True)
 '''
