@@ -84,6 +84,8 @@ def budget_line(workload: dict) -> str:
             "the rest, the launcher's --kv-budget rule; pfs-unified and sglang-lora one server of the whole budget). "
             + ("PD decode servers without their prefix cache (--no-decode-cache). "
                if workload.get("decode_cache") is False else "")
+            + (f"PD prefill server with --prefill-args \"{workload['prefill_args']}\". "
+               if workload.get("prefill_args") else "")
             + "Each CPU server runs an equal share of the cores as its threads.")
 
 
