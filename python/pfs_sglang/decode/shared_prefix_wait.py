@@ -23,14 +23,17 @@ the same threshold of 32 tokens) applied to the decode pool.
 
 It changes when a request is preallocated, never what KV it holds (invariant-neutral;
 invariant 1 is the tree's). It never stalls a request: a request waits only on one that
-is further along (in flight, or ahead of it in the FIFO queue), and each of those is
-inserted, fails or is aborted within its own deadline; an aborted or rebootstrapped
-request never waits. Only the plain case is touched: one scheduler (no pipeline
+is further along and not finished (in flight, or ahead of it in the FIFO queue), an
+aborted or rebootstrapped request never waits, and no request waits longer than
+``MAX_WAIT_S`` in all (a prefix that never reaches the tree, e.g. evicted at once from a
+full pool, costs that much once, not a stall). Only the plain case is touched: one scheduler (no pipeline
 parallelism) and no ``rids_to_check`` from the caller (DP attention, which the launcher
 refuses with the decode cache).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -38,7 +41,9 @@ from pfs_sglang.decode.prompt_split import prefill_module_len
 from pfs_sglang.decode.prompt_tail_extend import in_flight_tail_extends
 
 MIN_SHARED_TOKENS = 32  # SGLang's IN_BATCH_PREFIX_CACHING_CHECK_THRESHOLD
+MAX_WAIT_S = 2.0  # the longest a request is held back for another's prefix
 _PROMPT_HEAD = "pfs_prompt_head"  # the request's prompt[:floor_page(k)] as an array, computed once
+_WAITING_SINCE = "pfs_shared_prefix_waiting_since"  # monotonic time it was first held back
 
 
 def _prompt_head(req, page_size: int) -> np.ndarray:
@@ -71,8 +76,18 @@ def _tree_hit(tree, req) -> int:
 
 def _in_flight(prealloc_queue) -> list:
     """Requests preallocated on this decode server whose prompt KV is not in its tree yet."""
-    transferring = [decode_req.req for decode_req in prealloc_queue.transfer_queue.queue]
+    transferring = [decode_req.req for decode_req in prealloc_queue.transfer_queue.queue
+                    if not decode_req.req.finished()]
     return transferring + in_flight_tail_extends(prealloc_queue.scheduler)
+
+
+def _may_still_wait(req) -> bool:
+    """Whether the request has been held back for less than ``MAX_WAIT_S`` (the clock starts now if not yet)."""
+    since = getattr(req, _WAITING_SINCE, None)
+    if since is None:
+        setattr(req, _WAITING_SINCE, time.monotonic())
+        return True
+    return time.monotonic() - since < MAX_WAIT_S
 
 
 def _is_aborted(req) -> bool:
@@ -93,7 +108,8 @@ def waiting_on_shared_prefix(prealloc_queue) -> set[str]:
         head = _prompt_head(req, page_size)
         shared = max((common_prefix_len(head, other) for other in ahead), default=0)
         shared = shared // page_size * page_size
-        if shared >= MIN_SHARED_TOKENS and shared - _tree_hit(prealloc_queue.tree_cache, req) >= MIN_SHARED_TOKENS:
+        if (shared >= MIN_SHARED_TOKENS and shared - _tree_hit(prealloc_queue.tree_cache, req) >= MIN_SHARED_TOKENS
+                and _may_still_wait(req)):
             waiting.add(req.rid)
         else:
             ahead.append(head)
