@@ -143,7 +143,7 @@ def in_flight_tail_extends(scheduler) -> list:
     """Requests whose prompt KV arrived but may not be in the decode tree yet: queued for
     their tail extend, or in the tail-extend batch that ran last (under overlap scheduling
     its result, and with it the checkpoint, comes one step later). A finished request is
-    not among them: whatever it inserts, it has (an idle scheduler keeps its last batch)."""
+    not among them: whatever it inserts, it has."""
     queued = [req for req in scheduler.waiting_queue if getattr(req, _NEEDS_TAIL_EXTEND, False)]
     last_batch = scheduler.last_batch
     last = [req for req in last_batch.reqs if not req.finished()] if _is_unmerged_tail_extend(last_batch) else []
