@@ -26,9 +26,9 @@ invariant 1 is the tree's). It never stalls a request: a request waits only on o
 is further along and not finished (in flight, or ahead of it in the FIFO queue), an
 aborted or rebootstrapped request never waits, and no request waits longer than
 ``MAX_WAIT_S`` in all (a prefix that never reaches the tree, e.g. evicted at once from a
-full pool, costs that much once, not a stall). Only the plain case is touched: one scheduler (no pipeline
-parallelism) and no ``rids_to_check`` from the caller (DP attention, which the launcher
-refuses with the decode cache).
+full pool, costs that much once, not a stall). Only the plain case is touched: one
+scheduler (no pipeline parallelism) and no ``rids_to_check`` from the caller (DP
+attention, which the launcher refuses with the decode cache).
 """
 
 from __future__ import annotations
