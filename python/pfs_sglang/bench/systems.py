@@ -42,7 +42,7 @@ import requests
 
 from pfs_sglang.bench.shapes import ModelSet
 from pfs_sglang.launch import DecodeModelSpec, Deployment, Topology
-from pfs_sglang.launch.pool_sizing import PDPools, plan_server_pools, split_pd_budget
+from pfs_sglang.launch.pool_sizing import PDPools, split_pd_budget
 from pfs_sglang.launch.processes import ManagedProcess, free_port, stop_all, wait_until_healthy
 from pfs_sglang.launch.server_commands import (
     RADIX_CACHE_BACKEND,
@@ -179,7 +179,7 @@ class PrefillShareSystem(BenchSystem):
         return [self.deployment.url]
 
     def server_pools(self) -> dict[str, int]:
-        pools = plan_server_pools(self.deployment.topology)
+        pools = self.deployment.pools  # the launcher's plan, made when it started
         return {child.name: pools.prefill_tokens if child.name.startswith("prefill-") else pools.decode_tokens
                 for child in self.deployment.children}
 

@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from pfs_sglang.decode.admission import floor_page
 from pfs_sglang.decode.prompt_split import prefill_module_len
 from pfs_sglang.decode.prompt_tail_extend import in_flight_tail_extends
 
@@ -50,8 +51,7 @@ def _prompt_head(req, page_size: int) -> np.ndarray:
     """The prompt tokens whose KV the request will insert into the decode tree."""
     head = getattr(req, _PROMPT_HEAD, None)
     if head is None:
-        k = prefill_module_len(req) // page_size * page_size
-        head = np.asarray(req.origin_input_ids[:k], dtype=np.int64)
+        head = np.asarray(req.origin_input_ids[:floor_page(prefill_module_len(req), page_size)], dtype=np.int64)
         setattr(req, _PROMPT_HEAD, head)
     return head
 
@@ -106,8 +106,7 @@ def waiting_on_shared_prefix(prealloc_queue) -> set[str]:
         if decode_req.is_rebootstrap or _is_aborted(req):
             continue
         head = _prompt_head(req, page_size)
-        shared = max((common_prefix_len(head, other) for other in ahead), default=0)
-        shared = shared // page_size * page_size
+        shared = floor_page(max((common_prefix_len(head, other) for other in ahead), default=0), page_size)
         if (shared >= MIN_SHARED_TOKENS and shared - _tree_hit(prealloc_queue.tree_cache, req) >= MIN_SHARED_TOKENS
                 and _may_still_wait(req)):
             waiting.add(req.rid)

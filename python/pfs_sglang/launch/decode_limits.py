@@ -56,10 +56,11 @@ class PlannedDecodeLimit:
         return self.limit.describe() + (" (--context-length set)" if self.context_args else "")
 
 
-def planned_limit(topology: Topology, spec: DecodeServerSpec) -> PlannedDecodeLimit:
-    """The decode server's pool limit, from its arguments as SGLang reads them and its model's config."""
+def planned_limit(topology: Topology, spec: DecodeServerSpec, decode_pool_tokens: int) -> PlannedDecodeLimit:
+    """The decode server's pool limit, from its arguments as SGLang reads them (over ``decode_pool_tokens``,
+    the launcher's CPU pool) and its model's config."""
     t = topology
-    pool = ("--max-total-tokens", str(plan_server_pools(t).decode_tokens)) if t.device == "cpu" else ()
+    pool = ("--max-total-tokens", str(decode_pool_tokens)) if t.device == "cpu" else ()
     ns = sglang_args((*pool, *t.decode_args_of(spec)), f"decode server '{spec.name}' --decode-args")
     if ns.max_total_tokens is None:
         return PlannedDecodeLimit(None, ns.context_length)
@@ -76,8 +77,9 @@ def check_decode_limits(topology: Topology) -> dict[str, PlannedDecodeLimit]:
     if t.deployment_mode().unified:  # one server, no hand-off: SGLang's own admission (no decode reserve)
         return {}
     plans: dict[str, PlannedDecodeLimit] = {}
+    decode_pool_tokens = plan_server_pools(t).decode_tokens
     for spec in t.local_decode_servers():
-        plan = plans[spec.name] = planned_limit(t, spec)
+        plan = plans[spec.name] = planned_limit(t, spec, decode_pool_tokens)
         limit, asked = plan.limit, plan.asked
         if limit is None:
             continue

@@ -73,7 +73,7 @@ from pfs_sglang.identity import (
     write_fingerprint_handoff,
 )
 from pfs_sglang.launch.decode_limits import PlannedDecodeLimit, check_decode_limits
-from pfs_sglang.launch.pool_sizing import plan_server_pools
+from pfs_sglang.launch.pool_sizing import ServerPools, plan_server_pools
 from pfs_sglang.launch.guards import check_guards
 from pfs_sglang.launch.placement import ServerPlacement, plan_placement
 from pfs_sglang.launch.processes import (
@@ -242,6 +242,7 @@ class Deployment:
         self.servers: list[PlannedServer] = []
         self.remote_servers = _remote_servers(topology)
         self.decode_limits: dict[str, PlannedDecodeLimit] = {}  # PD decode server name -> its context length
+        self.pools: ServerPools | None = None  # each kind of server's KV pool on this host (planned in _plan)
         self._router_server: uvicorn.Server | None = None
         self._router_thread: threading.Thread | None = None
 
@@ -287,6 +288,7 @@ class Deployment:
     def _plan(self, fingerprint_file: Path) -> None:
         """Choose every server's ports and build its command line and environment."""
         t = self.topology
+        self.pools = plan_server_pools(t)
         threads = cpu_server_env(len(self.placements)) if t.device == "cpu" else {}
         handoff = {FINGERPRINT_FILE_ENV: str(fingerprint_file)}
         unified = t.deployment_mode().unified
@@ -316,7 +318,7 @@ class Deployment:
         bootstrap = (t.prefill_bootstrap_port if fixed else free.pop(0)) if prefill else None
         server.ports = ServerPorts(http=http, bootstrap=bootstrap, nccl=free.pop(0) if t.device == "cuda" else None)
         auth_file = self.log_dir / SERVER_AUTH_FILE if t.api_key else None
-        pools = plan_server_pools(t)
+        pools = self.pools
         if server.unified:
             spec = server.decode_server
             server.child.command = unified_server_command(
@@ -389,7 +391,7 @@ class Deployment:
         t = self.topology
         if t.role.kind != "router":
             self._plan(self.check())
-        lines = [f"# KV pools: {plan_server_pools(t).rule}"] if t.role.kind != "router" and t.device == "cpu" else []
+        lines = [f"# KV pools: {self.pools.rule}"] if t.role.kind != "router" and t.device == "cpu" else []
         for child in self.children:
             server = next(s for s in self.servers if s.child is child)
             lines.append(f"# {child.name}: {self.placements[child.name].describe()}; log {child.log_path}"

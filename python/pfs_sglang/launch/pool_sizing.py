@@ -69,7 +69,7 @@ def default_context_tokens(budget: int, decode_servers: int, model_context: int,
                            reserved_decode_tokens: int = SGLANG_RESERVED_DECODE_TOKENS, page_size: int = 1) -> int:
     """The longest context for which the decode pools take at most half the budget (at most the model's)."""
     per_pool = floor_page(budget // (2 * decode_servers), page_size)
-    fitting = floor_page(per_pool - -(-reserved_decode_tokens // page_size) * page_size, page_size)
+    fitting = floor_page(per_pool - pool_tokens_for(0, reserved_decode_tokens, page_size), page_size)
     return min(model_context, fitting)
 
 
